@@ -1,0 +1,53 @@
+"""Multi-head attention: *what* is computed. The kernel (kernels.py) decides *how*.
+
+Separate Q, K, V and output projections (Vaswani et al. 2017). ``n_kv_heads`` < ``n_heads`` shares each
+K/V head between a group of query heads: grouped-query attention (Ainslie et al. 2023), down to one
+K/V head, multi-query attention (Shazeer 2019). K/V are never repeated in memory: the cache stores
+K heads and the kernels broadcast over the groups.
+
+Shape legend: B batch, T new tokens, S keys so far, C d_model, H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from attnlab.attention.kernels import get_kernel
+from attnlab.config import ModelConfig
+from attnlab.layers.position import apply_rope
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, causal: bool) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.causal = causal
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.kernel_name = cfg.attention_kernel
+        self.kernel = get_kernel(cfg.attention_kernel)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        key_mask: Tensor | None = None,
+        cache=None,
+        layer: int = 0,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
+        out, _ = self.kernel(q, k, v, causal=self.causal, mask=key_mask, scale=None)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.dropout(self.o_proj(out))

@@ -1,0 +1,26 @@
+"""Benchmarks: each module exposes ``main(argv) -> int`` and returns/prints rows; run as ``attnlab bench NAME``.
+
+Speed and memory claims live here, measured side by side in one run, never in timed unit tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> module implementing ``main(argv: list[str]) -> int``
+BENCHES: dict[str, str] = {
+    "decode": "attnlab.bench.decode",
+    "attention": "attnlab.bench.attention",
+}
+
+
+def run_bench(name: str, argv: list[str]) -> int:
+    if name not in BENCHES:
+        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHES))}")
+    try:
+        module = importlib.import_module(BENCHES[name])
+    except ModuleNotFoundError as exc:
+        if exc.name == BENCHES[name]:
+            raise ValueError(f"benchmark {name!r} is not available in this version of attnlab") from None
+        raise
+    return int(module.main(argv) or 0)

@@ -1,0 +1,198 @@
+"""ModelConfig: one flat, validated, JSON-serialisable description of a model.
+
+Every strategy of the field guide is one field here (see docs/architecture.md): swapping MHA for GQA,
+LayerNorm for RMSNorm, Pre-Norm for Post-Norm or one attention kernel for another is a config change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("decoder", "encoder", "seq2seq", "rwkv")
+FFNS = ("relu", "gelu", "gelu_tanh", "swiglu")
+NORMS = ("layer", "rms")
+NORM_POSITIONS = ("pre", "post")
+POSITIONS = ("learned", "sinusoidal", "rope", "none")
+ATTENTION_KERNELS = ("naive", "sdpa", "flash", "ring")
+ATTENTION_MECHANISMS = ("softmax", "infini")
+MEMORY_UPDATES = ("linear", "delta")
+# Families whose implementation has landed; the others are valid names that `validate` refuses clearly.
+IMPLEMENTED_FAMILIES = ("decoder",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model, described by strings and numbers only.
+
+    ``n_kv_heads`` chooses the attention variant: ``n_heads`` is multi-head attention (MHA), ``1`` is
+    multi-query attention (MQA), anything in between that divides ``n_heads`` is grouped-query attention
+    (GQA). ``None`` for ``n_kv_heads``, ``head_dim`` or ``d_ff`` means "derive it" (MHA,
+    ``d_model // n_heads``, and ``4 * d_model`` or ``8/3 * d_model`` rounded up to 64 for SwiGLU).
+    """
+
+    family: str = "decoder"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int | None = None
+    ffn: str = "swiglu"
+    norm: str = "rms"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    residual: bool = True  # False removes the skip connections (an experiment, not a model to use)
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    max_seq_len: int = 1024
+    attn_qkv_bias: bool = False
+    attn_out_bias: bool = False
+    ffn_bias: bool = False
+    norm_bias: bool = True  # LayerNorm only; RMSNorm has no bias
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attention_kernel: str = "sdpa"
+    attention_mechanism: str = "softmax"
+    segment_len: int = 0
+    memory_update: str = "linear"
+    rwkv_version: int = 4
+    init_std: float = 0.02
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        # Derive the optional sizes so that the serialised config is always explicit.
+        if self.n_kv_heads is None and isinstance(self.n_heads, int):
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None and isinstance(self.d_model, int) and isinstance(self.n_heads, int):
+            if self.n_heads > 0:
+                object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.d_ff is None and isinstance(self.d_model, int):
+            if self.ffn == "swiglu":
+                d_ff = int(8 * self.d_model / 3)
+                d_ff = 64 * ((d_ff + 63) // 64)
+            else:
+                d_ff = 4 * self.d_model
+            object.__setattr__(self, "d_ff", d_ff)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> ModelConfig:
+        """Raise ``ValueError`` naming the field, the bad value and what is allowed."""
+        _choice("family", self.family, FAMILIES)
+        if self.family not in IMPLEMENTED_FAMILIES:
+            raise ValueError(
+                f"family={self.family!r} is a valid name but is not implemented in this version of attnlab; "
+                f"available families: {', '.join(IMPLEMENTED_FAMILIES)}"
+            )
+        _choice("ffn", self.ffn, FFNS)
+        _choice("norm", self.norm, NORMS)
+        _choice("norm_position", self.norm_position, NORM_POSITIONS)
+        _choice("position", self.position, POSITIONS)
+        _choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
+        _choice("attention_mechanism", self.attention_mechanism, ATTENTION_MECHANISMS)
+        _choice("memory_update", self.memory_update, MEMORY_UPDATES)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                     "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: each KV head "
+                f"serves a whole group of query heads. Choose n_kv_heads among the divisors of n_heads: "
+                f"{_divisors(self.n_heads)} ({self.n_heads} = MHA, 1 = MQA, in between = GQA)"
+            )
+        if self.position == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(f"position='rope' needs an even head_dim, got head_dim={self.head_dim}")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if float(self.norm_eps) <= 0:
+            raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
+        if float(self.rope_theta) <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
+        if float(self.init_std) <= 0:
+            raise ValueError(f"init_std={self.init_std} must be > 0")
+        if self.attention_mechanism != "softmax":
+            raise ValueError(
+                f"attention_mechanism={self.attention_mechanism!r} is not implemented in this version; "
+                f"available: 'softmax'"
+            )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                raise ValueError(f"{name}={value!r} must be a token id in [0, vocab_size={self.vocab_size})")
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per KV head (1 for MHA, n_heads for MQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_cache_bytes_per_token(self, bytes_per_element: int = 4) -> int:
+        """K and V of every layer for one token (what the KV cache stores per position)."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_element
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a model config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig field(s) {unknown}; known fields are: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> ModelConfig:
+        """Load from a JSON file path or a JSON string."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.exists():
+                raise FileNotFoundError(f"config file not found: {path}")
+            text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(repr, allowed))}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -1,0 +1,1 @@
+"""Inference: caches, sampling, generation."""

@@ -1,0 +1,103 @@
+"""KV cache: preallocated, sized by ``n_kv_heads``, written in place, with ``crop`` for rollback.
+
+Shape legend: L layers, B batch, K kv heads, S cache capacity (max_len), T new tokens, D head dim.
+
+The cache stores K/V once per *KV head*: a GQA model with K = H/4 needs a quarter of an MHA cache,
+and ``nbytes()`` measures exactly that from the allocated buffers. When a batch has padding (left-padded
+prompts, or rows of a speculative batch that accepted fewer tokens) a per-position key mask marks the
+slots that hold no real token; it is allocated only then, so a padding-free cache holds K/V alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if batch <= 0 or max_len <= 0:
+            raise ValueError(f"a cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, K, S, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_mask: Tensor | None = None  # (B, S) bool, True = a real token; None = all real
+        self.seen = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row
+        self.length = 0
+        self.max_len = max_len
+        self.batch_size = batch
+
+    # ---------------------------------------------------------------- protocol
+    def nbytes(self) -> int:
+        """Bytes actually allocated for the cache's tensors (K, V, and the key mask if any)."""
+        total = self.k.nbytes + self.v.nbytes
+        if self.key_mask is not None:
+            total += self.key_mask.nbytes
+        return total
+
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` positions (speculative decoding rolls rejected tokens back this way)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {n}")
+        self.length = n
+        if self.key_mask is not None:
+            self.seen = self.key_mask[:, :n].sum(dim=1)
+        else:
+            self.seen.fill_(n)
+
+    def reset(self) -> None:
+        self.crop(0)
+
+    # ---------------------------------------------------------------- used by the model
+    def begin(self, n_new: int, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Register ``n_new`` incoming tokens; return their positions (B, T) and the key mask to use.
+
+        ``attention_mask`` (B, T) marks real (1) and padding (0) tokens among the new ones.
+        """
+        if self.length + n_new > self.max_len:
+            raise ValueError(
+                f"the KV cache holds {self.max_len} positions and already has {self.length}; "
+                f"{n_new} more do not fit. Create the cache with a larger max_len "
+                f"(model.new_cache(batch, max_len)) or generate fewer tokens"
+            )
+        start, end = self.length, self.length + n_new
+        if attention_mask is not None:
+            new_mask = attention_mask.to(device=self.k.device, dtype=torch.bool)
+            if self.key_mask is None and not bool(new_mask.all()):
+                self.key_mask = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=self.k.device)
+        else:
+            new_mask = None
+        if self.key_mask is not None:
+            self.key_mask[:, start:end] = True if new_mask is None else new_mask
+        if new_mask is None:
+            positions = self.seen[:, None] + torch.arange(n_new, device=self.k.device)[None, :]
+        else:
+            positions = self.seen[:, None] + new_mask.long().cumsum(dim=1) - 1
+            positions = positions.clamp_min(0)
+        return positions, (None if self.key_mask is None else self.key_mask[:, :end])
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write (B, K, T, D) keys/values at the current length; return all keys/values so far."""
+        T = k.shape[2]
+        end = self.length + T
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, length + T, D)
+
+    def commit(self, n_new: int, attention_mask: Tensor | None) -> None:
+        """Advance past the tokens registered by ``begin`` once every layer has written them."""
+        self.length += n_new
+        if attention_mask is None:
+            self.seen += n_new
+        else:
+            self.seen += attention_mask.to(self.seen.device).long().sum(dim=1)

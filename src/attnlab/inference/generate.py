@@ -1,0 +1,111 @@
+"""``generate()``: one loop for every family, through the cache protocol.
+
+Prefill the prompt into a fresh cache, then feed one token per step. Batches of prompts of different
+lengths are left-padded with an ``attention_mask`` (1 = real token, 0 = padding).
+Shape legend: B batch, T prompt length, N new tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from attnlab.inference.sampling import (
+    apply_repetition_penalty,
+    check_sampling_args,
+    make_generator,
+    sample_next,
+)
+
+
+def as_batch(input_ids, device: torch.device) -> Tensor:
+    """Accept a list, a 1-D or a 2-D tensor of token ids; return (B, T) long."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device) if not isinstance(input_ids, Tensor) else input_ids
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty (B, T) batch of token ids, got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be integer token ids, got {ids.dtype}")
+    return ids.to(device=device, dtype=torch.long)
+
+
+def check_context(model, prompt_len: int, max_new_tokens: int) -> None:
+    ctx = model.config.max_seq_len
+    if prompt_len > ctx:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens but the model's context is {ctx} (max_seq_len); "
+            f"shorten the prompt to at most {ctx} tokens"
+        )
+    if prompt_len + max_new_tokens > ctx:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+            f"of {ctx} tokens; ask for at most {ctx - prompt_len} new tokens"
+        )
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    draft=None,
+    stream: Callable[[Tensor], None] | None = None,
+    attention_mask: Tensor | None = None,
+    repetition_penalty: float | None = None,
+) -> Tensor:
+    """Generate up to ``max_new_tokens`` after ``input_ids``; returns (B, T + new) token ids.
+
+    ``temperature=0.0`` is greedy. ``stream(tokens)`` is called with the (B,) tokens of every step.
+    Rows that produced ``eos_token_id`` keep emitting it; generation stops once every row has.
+    """
+    if draft is not None:
+        raise NotImplementedError("speculative decoding (draft=...) is not available in this version of attnlab")
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    device = model.device
+    ids = as_batch(input_ids, device)
+    B, T = ids.shape
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=device)
+        if attention_mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(ids.shape)}")
+    check_context(model, T, max_new_tokens)
+    if max_new_tokens == 0:
+        return ids
+    generator = make_generator(seed, device)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(B, T + max_new_tokens)
+        logits = model(ids, cache=cache, attention_mask=attention_mask)[:, -1]  # (B, V)
+        out = [ids]
+        history = ids
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            if repetition_penalty is not None and repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits.float(), history, repetition_penalty)
+            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                done |= token == eos_token_id
+            out.append(token[:, None])
+            if repetition_penalty is not None:
+                history = torch.cat([history, token[:, None]], dim=1)
+            if stream is not None:
+                stream(token)
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = model(token[:, None], cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,1 @@
+"""Building blocks shared by every family: norms, FFNs, positions and the residual block."""

@@ -1,0 +1,52 @@
+"""What every attnlab model shares: its config, initialisation, parameter count and saving."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attnlab.config import ModelConfig
+
+
+class AttnlabModel(nn.Module):
+    config: ModelConfig
+
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for weights, zeros for biases; residual output projections scaled by
+        1/sqrt(2 * n_layers) (GPT-2) so the residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1.0 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj", "down")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
+        seen: set[int] = set()
+        total = 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and "embed" in name):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` atomically into ``directory``."""
+        from attnlab.training.checkpoint import save_model
+
+        return save_model(self, directory, dtype=dtype)

@@ -1,0 +1,1 @@
+"""Training: corpus, tokenizer, data, trainer, checkpoints."""
