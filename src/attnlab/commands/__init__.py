@@ -1,0 +1,1 @@
+"""Small CLI commands (info, generate) that belong to no single subsystem."""
