@@ -1,0 +1,85 @@
+"""``attnlab generate``: stream a continuation of a prompt (text through the model's tokenizer, or ids)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from attnlab.cli import parser
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be integers separated by commas or spaces, got {text!r}") from None
+    if not ids:
+        raise ValueError("--prompt-ids is empty")
+    return ids
+
+
+def main(argv: list[str]) -> int:
+    p = parser("attnlab generate", "Generate a continuation of a prompt.")
+    p.add_argument("--model", required=True, help="model directory, .gguf file or shipped name (default, ...)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer.json in the model directory)")
+    src.add_argument("--prompt-ids", help="prompt token ids, e.g. '1,2,3' (for a model without a tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
+    args = p.parse_args(argv)
+
+    from attnlab.hub import from_pretrained, load_tokenizer
+    from attnlab.inference.generate import generate
+
+    model = from_pretrained(args.model)
+    tokenizer = None
+    if args.prompt is not None:
+        tokenizer = load_tokenizer(args.model)
+        ids = tokenizer.encode(args.prompt)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
+        if max(ids) >= model.config.vocab_size:
+            raise ValueError("the tokenizer produces ids outside the model's vocabulary: they do not belong together")
+    else:
+        ids = parse_ids(args.prompt_ids)
+        if max(ids) >= model.config.vocab_size or min(ids) < 0:
+            raise ValueError(f"--prompt-ids must be in [0, {model.config.vocab_size}) for this model")
+    eos = None
+    if not args.no_eos:
+        eos = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else model.config.eos_token_id
+
+    generated: list[int] = []
+    printed = ""
+    if tokenizer is not None:
+        sys.stdout.write(args.prompt)
+    else:
+        sys.stdout.write(" ".join(map(str, ids)))
+    sys.stdout.flush()
+
+    def on_token(token: torch.Tensor) -> None:
+        nonlocal printed
+        tok = int(token[0])
+        if eos is not None and tok == eos:
+            return
+        generated.append(tok)
+        if tokenizer is None:
+            sys.stdout.write(f" {tok}")
+        else:
+            text = tokenizer.decode(generated)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                return
+            sys.stdout.write(text[len(printed):])
+            printed = text
+        sys.stdout.flush()
+
+    generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed, eos_token_id=eos, stream=on_token,
+             repetition_penalty=args.repetition_penalty)
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,1 @@
+"""Checkpoint interop: Hugging Face directories and GGUF files."""
