@@ -85,16 +85,17 @@ def naive_attention(
     K, Tk = k.shape[1], k.shape[2]
     G = H // K
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qg = q.reshape(B, K, G, Tq, D)  # (B, K, G, Tq, D): query heads grouped by the KV head they share
-    scores = torch.matmul(qg.float(), k.float()[:, :, None].transpose(-1, -2)) * scale  # (B, K, G, Tq, Tk)
+    acc = torch.promote_types(q.dtype, torch.float32)  # accumulate in float32 at least (float64 stays)
+    qg = q.reshape(B, K, G, Tq, D).to(acc)  # (B, K, G, Tq, D): query heads grouped by the KV head they share
+    scores = torch.matmul(qg, k.to(acc)[:, :, None].transpose(-1, -2)) * scale  # (B, K, G, Tq, Tk)
     allowed = build_bool_mask(Tq, Tk, causal=causal, mask=mask, device=q.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))  # broadcast over (K, G)
     lse = torch.logsumexp(scores, dim=-1)  # (B, K, G, Tq)
     empty = torch.isneginf(lse)
     probs = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
-    out = torch.matmul(probs, v.float()[:, :, None])  # (B, K, G, Tq, D)
-    return out.reshape(B, H, Tq, D).to(q.dtype), lse.reshape(B, H, Tq)
+    out = torch.matmul(probs, v.to(acc)[:, :, None])  # (B, K, G, Tq, D)
+    return out.reshape(B, H, Tq, D).to(q.dtype), lse.reshape(B, H, Tq).float()
 
 
 @register_kernel("sdpa")

@@ -17,31 +17,40 @@ import torch
 from torch import Tensor, nn
 
 
-def sinusoidal_table(positions: Tensor, dim: int) -> Tensor:
-    """(B, T) integer positions -> (B, T, dim) float32 sin/cos features."""
+def sinusoidal_table(positions: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B, T) integer positions -> (B, T, dim) sin/cos features (computed in float32 or float64)."""
+    acc = torch.promote_types(dtype, torch.float32)
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    angles = positions.float()[..., None] * freqs  # (B, T, half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=acc) / half)
+    angles = positions.to(acc)[..., None] * freqs  # (B, T, half)
     table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
     if dim % 2:
         table = torch.nn.functional.pad(table, (0, 1))
-    return table
+    return table.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables for positions [0, max_seq_len), looked up by position id."""
+    """cos/sin of position x inverse frequency, computed per call from the position ids.
+
+    Angles are computed in float32 (float64 for a float64 model), as Llama checkpoints expect, and only
+    then cast: a bf16 model still gets accurate angles. The frequencies are not a buffer, so casting
+    the model never rounds them.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, D/2)
-        emb = torch.cat([angles, angles], dim=-1)  # (T, D)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(B, T) positions -> cos, sin of shape (B, 1, T, D) ready to broadcast over heads."""
-        return self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)
+        if dtype == torch.float64:
+            inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        else:
+            inv = self.inv_freq
+        angles = positions[..., None].to(inv.dtype) * inv.to(positions.device)  # (B, T, D/2)
+        emb = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -78,7 +78,7 @@ class DecoderLM(AttnlabModel):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         elif cfg.position == "sinusoidal":
-            x = x + sinusoidal_table(positions, cfg.d_model).to(x.dtype)
+            x = x + sinusoidal_table(positions, cfg.d_model, x.dtype)
         x = self.drop(x)
         rope = self.rope(positions, x.dtype) if self.rope is not None else None
         for i, block in enumerate(self.blocks):
