@@ -133,8 +133,8 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
     """Copy ``state`` into ``model``, naming any missing, unexpected or mis-shaped tensor."""
     own = model.state_dict()
     tied = getattr(model.config, "tie_embeddings", False)
-    expected = {k for k in own if not (tied and k == "lm_head.weight")}
-    missing = sorted(expected - set(state))
+    expected = [k for k in own if not (tied and k == "lm_head.weight")]  # in module order
+    missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing:
         raise ValueError(f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
