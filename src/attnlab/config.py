@@ -20,8 +20,7 @@ POSITIONS = ("learned", "sinusoidal", "rope", "none")
 ATTENTION_KERNELS = ("naive", "sdpa", "flash", "ring")
 ATTENTION_MECHANISMS = ("softmax", "infini")
 MEMORY_UPDATES = ("linear", "delta")
-# Families whose implementation has landed; the others are valid names that `validate` refuses clearly.
-IMPLEMENTED_FAMILIES = ("decoder",)
+RWKV_VERSIONS = (4, 7)
 
 
 @dataclass(frozen=True)
@@ -86,11 +85,8 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         """Raise ``ValueError`` naming the field, the bad value and what is allowed."""
         _choice("family", self.family, FAMILIES)
-        if self.family not in IMPLEMENTED_FAMILIES:
-            raise ValueError(
-                f"family={self.family!r} is a valid name but is not implemented in this version of attnlab; "
-                f"available families: {', '.join(IMPLEMENTED_FAMILIES)}"
-            )
+        if self.family == "rwkv" and self.rwkv_version not in RWKV_VERSIONS:
+            raise ValueError(f"rwkv_version={self.rwkv_version!r} is not valid; choose one of: 4, 7")
         _choice("ffn", self.ffn, FFNS)
         _choice("norm", self.norm, NORMS)
         _choice("norm_position", self.norm_position, NORM_POSITIONS)

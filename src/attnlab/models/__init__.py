@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
 from attnlab.config import ModelConfig
 from attnlab.models.base import AttnlabModel
 from attnlab.models.decoder import DecoderLM
 
-FAMILY_CLASSES: dict[str, type[AttnlabModel]] = {"decoder": DecoderLM}
+# family -> "module:Class"; a family whose module is absent is reported as not available.
+FAMILY_CLASSES: dict[str, str] = {
+    "decoder": "attnlab.models.decoder:DecoderLM",
+    "encoder": "attnlab.models.encoder:EncoderModel",
+    "seq2seq": "attnlab.models.seq2seq:Seq2SeqLM",
+    "rwkv": "attnlab.models.rwkv:RWKVLM",
+}
+
+
+def model_class(family: str) -> type[AttnlabModel]:
+    if family not in FAMILY_CLASSES:
+        raise ValueError(f"family={family!r} is not valid; choose one of: {sorted(FAMILY_CLASSES)}")
+    module_name, cls_name = FAMILY_CLASSES[family].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ValueError(f"family={family!r} is not available in this version of attnlab") from None
+        raise
+    return getattr(module, cls_name)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -16,9 +37,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"build_model expects an attnlab.ModelConfig, got {type(cfg).__name__}")
     cfg.validate()
-    if cfg.family not in FAMILY_CLASSES:
-        raise ValueError(f"family={cfg.family!r} has no model yet; available: {sorted(FAMILY_CLASSES)}")
-    return FAMILY_CLASSES[cfg.family](cfg)
+    return model_class(cfg.family)(cfg)
 
 
-__all__ = ["AttnlabModel", "DecoderLM", "FAMILY_CLASSES", "build_model"]
+__all__ = ["AttnlabModel", "DecoderLM", "FAMILY_CLASSES", "build_model", "model_class"]
