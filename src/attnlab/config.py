@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = ("decoder", "encoder", "seq2seq", "rwkv")
-FFNS = ("relu", "gelu", "gelu_tanh", "swiglu")
-NORMS = ("layer", "rms")
-NORM_POSITIONS = ("pre", "post")
+FFNS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu")
+NORMS = ("layer", "rms", "batch", "batch_naive")
+NORM_POSITIONS = ("pre", "post", "sandwich")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 ATTENTION_KERNELS = ("naive", "sdpa", "flash", "ring")
 ATTENTION_MECHANISMS = ("softmax", "infini")
@@ -44,7 +44,7 @@ class ModelConfig:
     ffn: str = "swiglu"
     norm: str = "rms"
     norm_eps: float = 1e-5
-    norm_position: str = "pre"
+    norm_position: str = "pre"  # "pre" | "post" | "sandwich" (norm before and after each sublayer)
     residual: bool = True  # False removes the skip connections (an experiment, not a model to use)
     position: str = "rope"
     rope_theta: float = 10000.0
@@ -61,6 +61,16 @@ class ModelConfig:
     memory_update: str = "linear"
     rwkv_version: int = 4
     init_std: float = 0.02
+    # encoder / encoder-decoder
+    n_encoder_layers: int | None = None  # seq2seq: encoder depth (None = n_layers)
+    type_vocab_size: int = 0  # encoder: token-type (segment) embeddings, 0 = none
+    embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
+    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Marian, Vaswani et al.)
+    share_embeddings: bool = True  # seq2seq: one token table for encoder and decoder
+    lm_head_bias: bool = False  # a bias on the output logits (BART/Marian final_logits_bias, BERT MLM)
+    mlm_head: bool = True  # encoder: a masked-LM head (dense + act + norm + tied projection) on top
+    pooler: bool = False  # encoder: a tanh-dense pooled output of the first token (BERT)
+    decoder_start_token_id: int | None = None  # seq2seq: the first decoder token
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -118,13 +128,26 @@ class ModelConfig:
                 f"attention_mechanism={self.attention_mechanism!r} is not implemented in this version; "
                 f"available: 'softmax'"
             )
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if self.n_encoder_layers is not None:
+            _positive_int("n_encoder_layers", self.n_encoder_layers)
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size={self.type_vocab_size!r} must be an integer >= 0")
+        if self.family in ("encoder", "seq2seq") and self.attention_mechanism != "softmax":
+            raise ValueError(f"attention_mechanism={self.attention_mechanism!r} is only for decoders")
+        if self.family == "encoder" and self.position == "none":
+            raise ValueError("an encoder needs positions: bidirectional attention cannot infer order "
+                             "(choose position='learned', 'sinusoidal' or 'rope')")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
                 raise ValueError(f"{name}={value!r} must be a token id in [0, vocab_size={self.vocab_size})")
         return self
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_layers if self.n_encoder_layers is None else self.n_encoder_layers
+
     @property
     def kv_groups(self) -> int:
         """Query heads per KV head (1 for MHA, n_heads for MQA)."""

@@ -5,7 +5,12 @@ K/V head between a group of query heads: grouped-query attention (Ainslie et al.
 K/V head, multi-query attention (Shazeer 2019). K/V are never repeated in memory: the cache stores
 K heads and the kernels broadcast over the groups.
 
-Shape legend: B batch, T new tokens, S keys so far, C d_model, H query heads, K kv heads, D head dim.
+Self-attention takes K/V from its own input (causal in a decoder, bidirectional in an encoder).
+Cross-attention (``cross=True``) takes queries from the decoder and K/V from the encoder's output — the
+"fusion" of an encoder-decoder; during generation those K/V are computed once and kept in the cache.
+
+Shape legend: B batch, T new tokens, S keys so far (or source length), C d_model, H query heads,
+K kv heads, D head dim.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from attnlab.layers.position import apply_rope
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, causal: bool) -> None:
+    def __init__(self, cfg: ModelConfig, *, causal: bool, cross: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.causal = causal
+        self.causal, self.cross = causal and not cross, cross
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
@@ -29,6 +34,12 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.kernel_name = cfg.attention_kernel
         self.kernel = get_kernel(cfg.attention_kernel)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, S, _ = x.shape
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, D)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, D)
+        return k, v
 
     def forward(
         self,
@@ -38,16 +49,22 @@ class MultiHeadAttention(nn.Module):
         key_mask: Tensor | None = None,
         cache=None,
         layer: int = 0,
+        memory: Tensor | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
+        if self.cross:
+            if cache is not None:  # computed on the first decode step, reused by every later one
+                k, v = cache.cross_kv(layer, lambda: self.project_kv(memory))
+            else:
+                k, v = self.project_kv(memory)  # (B, K, S, D) from the encoder output
+        else:
+            k, v = self.project_kv(x)  # (B, K, T, D)
+            if rope is not None:
+                cos, sin = rope
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
         out, _ = self.kernel(q, k, v, causal=self.causal, mask=key_mask, scale=None)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.dropout(self.o_proj(out))

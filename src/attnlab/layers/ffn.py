@@ -1,6 +1,6 @@
 """Position-wise feed-forward networks, chosen by ``ModelConfig.ffn``.
 
-Two linear layers with an activation between them (relu, gelu, gelu_tanh as GPT-2), or the gated
+Two linear layers with an activation between them (relu, gelu, gelu_tanh as GPT-2, silu as Marian), or the gated
 SwiGLU variant (Shazeer 2020) with a third, gating projection as Llama uses it.
 Shape legend: B batch, T time, C d_model, F d_ff.
 """
@@ -29,6 +29,8 @@ class FFN(nn.Module):
             h = F.relu(self.up(x))
         elif self.kind == "gelu":
             h = F.gelu(self.up(x))
+        elif self.kind == "silu":
+            h = F.silu(self.up(x))
         else:  # gelu_tanh
             h = F.gelu(self.up(x), approximate="tanh")
         return self.dropout(self.down(h))

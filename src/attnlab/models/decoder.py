@@ -10,13 +10,11 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
 from attnlab.inference.cache import KVCache
-from attnlab.layers.block import Block
-from attnlab.layers.norm import build_norm
-from attnlab.layers.position import RotaryEmbedding, sinusoidal_table
+from attnlab.layers.stack import Stack, check_length, positions_from_mask
 from attnlab.models.base import AttnlabModel
 
 
-class DecoderLM(AttnlabModel):
+class DecoderLM(Stack, AttnlabModel):
     """Token embedding -> N causal blocks -> (final norm) -> LM head.
 
     ``forward(input_ids, cache=None, attention_mask=None) -> logits (B, T, V)``. With a cache the new
@@ -24,18 +22,10 @@ class DecoderLM(AttnlabModel):
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
+        Stack.__init__(self, cfg, cfg.n_layers, causal=True)
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
-        self.rope = (
-            RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
-        )
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layers))
-        # Pre-Norm leaves the residual stream unnormalised, so a final norm precedes the head.
-        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias) if cfg.norm_position == "pre" else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -51,20 +41,11 @@ class DecoderLM(AttnlabModel):
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor:
         B, T = input_ids.shape
         cfg = self.config
+        token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
         if cache is None:
-            if T > cfg.max_seq_len:
-                raise ValueError(
-                    f"input of {T} tokens is longer than the model's context (max_seq_len={cfg.max_seq_len}); "
-                    f"truncate it to the last {cfg.max_seq_len} tokens"
-                )
-            if attention_mask is None:
-                positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-                key_mask = None
-            else:
-                key_mask = attention_mask.to(torch.bool)
-                positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
-                if bool(key_mask.all()):
-                    key_mask = None
+            check_length(T, cfg.max_seq_len)
+            positions = positions_from_mask(attention_mask, B, T, input_ids.device)
+            key_mask = None if token_mask is None or bool(token_mask.all()) else token_mask
         else:
             if cache.batch_size != B:
                 raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {B}")
@@ -73,18 +54,7 @@ class DecoderLM(AttnlabModel):
                 raise ValueError(
                     f"position {int(positions.max())} is beyond the model's context (max_seq_len={cfg.max_seq_len})"
                 )
-
-        x = self.embed(input_ids)  # (B, T, C)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
-        elif cfg.position == "sinusoidal":
-            x = x + sinusoidal_table(positions, cfg.d_model, x.dtype)
-        x = self.drop(x)
-        rope = self.rope(positions, x.dtype) if self.rope is not None else None
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, key_mask=key_mask, cache=cache, layer=i)
+        x = self.run_stack(self.embed(input_ids), positions, key_mask=key_mask, token_mask=token_mask, cache=cache)
         if cache is not None:
             cache.commit(T, attention_mask)
-        if self.norm is not None:
-            x = self.norm(x)
         return self.lm_head(x)  # (B, T, V)

@@ -1,0 +1,80 @@
+"""A stack of residual blocks with what surrounds it: positions, an optional embedding norm, the final norm.
+
+Shared by the decoder LM, the encoder, and both halves of the encoder-decoder. The token embedding
+itself lives in the model (an encoder-decoder shares one table between its two stacks).
+
+Shape legend: B batch, T time, S source length, C d_model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.config import ModelConfig
+from attnlab.layers.block import Block
+from attnlab.layers.norm import build_norm
+from attnlab.layers.position import RotaryEmbedding, sinusoidal_table
+
+
+class Stack(nn.Module):
+    """positions -> (embedding norm) -> dropout -> N blocks -> (final norm, for pre/sandwich placement)."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, *, causal: bool, cross: bool = False) -> None:
+        super().__init__()
+        self.cfg_position = cfg.position
+        self.embed_multiplier = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
+        self.embed_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias) if cfg.embed_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, causal=causal, cross=cross) for _ in range(n_layers))
+        # Pre-Norm (and sandwich) leave the residual stream unnormalised, so a final norm closes the stack.
+        self.norm = (build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
+                     if cfg.norm_position != "post" else None)
+
+    def run_stack(
+        self,
+        tok: Tensor,
+        positions: Tensor,
+        *,
+        key_mask: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        cache=None,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        extra: Tensor | None = None,
+    ) -> Tensor:
+        """``tok`` (B, T, C) token embeddings (``extra`` is added too, e.g. token types) -> (B, T, C)."""
+        x = tok * self.embed_multiplier if self.embed_multiplier != 1.0 else tok
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        elif self.cfg_position == "sinusoidal":
+            x = x + sinusoidal_table(positions, x.shape[-1], x.dtype)
+        if extra is not None:
+            x = x + extra
+        if self.embed_norm is not None:
+            x = self.embed_norm(x, token_mask)
+        x = self.drop(x)
+        rope = self.rope(positions, x.dtype) if self.rope is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, key_mask=key_mask, token_mask=token_mask, cache=cache, layer=i,
+                      memory=memory, memory_mask=memory_mask)
+        return self.norm(x, token_mask) if self.norm is not None else x
+
+
+def check_length(T: int, max_seq_len: int, what: str = "input") -> None:
+    if T > max_seq_len:
+        raise ValueError(
+            f"{what} of {T} tokens is longer than the model's context (max_seq_len={max_seq_len}); "
+            f"truncate it to at most {max_seq_len} tokens"
+        )
+
+
+def positions_from_mask(attention_mask: Tensor | None, B: int, T: int, device: torch.device) -> Tensor:
+    """(B, T) positions counting real tokens only (left padding gets position 0)."""
+    if attention_mask is None:
+        return torch.arange(T, device=device)[None].expand(B, T)
+    return (attention_mask.long().cumsum(1) - 1).clamp_min(0)
