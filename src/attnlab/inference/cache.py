@@ -58,6 +58,15 @@ class KVCache:
     def reset(self) -> None:
         self.crop(0)
 
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search keeps the cache of each surviving beam)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.seen = self.seen.index_select(0, index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+        self.batch_size = int(index.numel())
+
     # ---------------------------------------------------------------- used by the model
     def begin(self, n_new: int, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Register ``n_new`` incoming tokens; return their positions (B, T) and the key mask to use.

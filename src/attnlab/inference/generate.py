@@ -64,6 +64,9 @@ def generate(
 ) -> Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids``; returns (B, T + new) token ids.
 
+    For an encoder-decoder, ``input_ids`` is the source and the result is the decoder's sequence
+    (start token + new tokens).
+
     ``temperature=0.0`` is greedy. ``stream(tokens)`` is called with the (B,) tokens of every step.
     Rows that produced ``eos_token_id`` keep emitting it; generation stops once every row has.
     """
@@ -79,17 +82,17 @@ def generate(
         attention_mask = torch.as_tensor(attention_mask, device=device)
         if attention_mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(ids.shape)}")
-    check_context(model, T, max_new_tokens)
-    if max_new_tokens == 0:
-        return ids
     generator = make_generator(seed, device)
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(B, T + max_new_tokens)
-        logits = model(ids, cache=cache, attention_mask=attention_mask)[:, -1]  # (B, V)
-        out = [ids]
-        history = ids
+        # a decoder feeds its prompt; an encoder-decoder encodes it and starts from its start token
+        cache, prompt, prompt_mask = model.begin_generation(ids, attention_mask, max_new_tokens)
+        if max_new_tokens == 0:
+            return prompt
+        logits = model(prompt, cache=cache, attention_mask=prompt_mask)[:, -1]  # (B, V)
+        out = [prompt]
+        history = prompt
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             if repetition_penalty is not None and repetition_penalty != 1.0:

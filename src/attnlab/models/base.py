@@ -45,6 +45,18 @@ class AttnlabModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def begin_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int):
+        """Start a generation: return (cache, prompt to feed first, its attention mask).
+
+        A decoder feeds the prompt itself into a cache sized for prompt + new tokens; an encoder-decoder
+        overrides this to encode the source and start the decoder from its start token.
+        """
+        from attnlab.inference.generate import check_context
+
+        B, T = input_ids.shape
+        check_context(self, T, max_new_tokens)
+        return self.new_cache(B, T + max_new_tokens), input_ids, attention_mask
+
     def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` atomically into ``directory``."""
         from attnlab.training.checkpoint import save_model
