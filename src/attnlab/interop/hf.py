@@ -7,6 +7,7 @@ a directory holding only ``pytorch_model.bin`` gets an error saying how to conve
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Callable
@@ -63,7 +64,7 @@ GPT2_NAMES: dict[str, str] = {
 }
 
 # HF tensors that carry no weights (buffers some versions save).
-IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$)")
+IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$|position_ids$)")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -76,7 +77,7 @@ def _rope_theta(hf: dict) -> float:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def _llama_config(hf: dict, model_type: str) -> ModelConfig:
+def _llama_config(hf: dict, model_type: str, keys: set[str]) -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act={act!r} is not supported for {model_type} (expected 'silu')")
@@ -113,7 +114,7 @@ def _llama_config(hf: dict, model_type: str) -> ModelConfig:
     )
 
 
-def _gpt2_config(hf: dict, model_type: str) -> ModelConfig:
+def _gpt2_config(hf: dict, model_type: str, keys: set[str]) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
     if act not in acts:
@@ -154,12 +155,23 @@ def _token(hf: dict, key: str) -> int | None:
     return int(value)
 
 
-FAMILIES: dict[str, tuple[Callable[[dict, str], ModelConfig], dict[str, str]]] = {
+FAMILIES: dict[str, tuple[Callable[[dict, str, set[str]], ModelConfig], dict[str, str]]] = {
     "llama": (_llama_config, LLAMA_NAMES),
     "qwen2": (_llama_config, LLAMA_NAMES),
     "mistral": (_llama_config, LLAMA_NAMES),
     "gpt2": (_gpt2_config, GPT2_NAMES),
 }
+# model_type -> module with its own FAMILIES table (same shape) or a ``load_hf(directory, dtype)`` function
+OTHER_MODULES = {
+    "bert": "attnlab.interop.hf_encdec",
+    "bart": "attnlab.interop.hf_encdec",
+    "marian": "attnlab.interop.hf_encdec",
+    "rwkv": "attnlab.interop.hf_rwkv",
+}
+
+
+def supported() -> list[str]:
+    return sorted(set(FAMILIES) | set(OTHER_MODULES))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -170,11 +182,11 @@ def read_hf_config(directory: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
     model_type = hf.get("model_type")
-    if model_type not in FAMILIES:
+    if model_type not in FAMILIES and model_type not in OTHER_MODULES:
         arch = hf.get("architectures")
         raise ValueError(
             f"{directory}: unsupported architecture model_type={model_type!r} (architectures={arch}); "
-            f"attnlab loads: {', '.join(sorted(FAMILIES))}"
+            f"attnlab loads: {', '.join(supported())}"
         )
     return hf
 
@@ -198,28 +210,45 @@ def read_hf_weights(directory: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{directory}: no model.safetensors (or sharded index) found")
 
 
-def _expand(pattern: str, n_layers: int) -> list[tuple[int | None, str]]:
-    if "{i}" not in pattern:
-        return [(None, pattern)]
-    return [(i, pattern.replace("{i}", str(i))) for i in range(n_layers)]
+def _expand(hf_pattern: str, ours_pattern: str, cfg: ModelConfig) -> list[tuple[str, str]]:
+    """Instantiate a table row for every layer: ``{i}`` decoder (or only) layers, ``{e}`` encoder layers."""
+    for key, count in (("{i}", cfg.n_layers), ("{e}", cfg.encoder_layers)):
+        if key in hf_pattern:
+            return [(hf_pattern.replace(key, str(n)), ours_pattern.replace(key, str(n))) for n in range(count)]
+    return [(hf_pattern, ours_pattern)]
+
+
+def normalise_names(hf_state: dict[str, Tensor], names: dict[str, str]) -> dict[str, Tensor]:
+    """Undo the prefixes that differ between a bare model and its LM-head wrapper."""
+    if names is GPT2_NAMES and not any(k.startswith("transformer.") for k in hf_state):
+        # GPT2Model (no LM head) saves names without the "transformer." prefix.
+        return {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in hf_state.items()}
+    if any(k.startswith("bert.") for k in hf_state):  # BertForMaskedLM wraps BertModel as "bert."
+        return {(k[len("bert."):] if k.startswith("bert.") else k): v for k, v in hf_state.items()}
+    return hf_state
 
 
 def convert_state(hf_state: dict[str, Tensor], cfg: ModelConfig, names: dict[str, str]) -> dict[str, Tensor]:
-    """Rename (and split / transpose where the table says so) HF tensors into attnlab names."""
-    # GPT2Model (no LM head) saves names without the "transformer." prefix.
-    if names is GPT2_NAMES and not any(k.startswith("transformer.") for k in hf_state):
-        hf_state = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in hf_state.items()}
+    """Rename (and split / transpose / trim where the table says so) HF tensors into attnlab names."""
+    hf_state = normalise_names(hf_state, names)
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for hf_pattern, ours_pattern in names.items():
-        for i, hf_name in _expand(hf_pattern, cfg.n_layers):
+        for hf_name, ours in _expand(hf_pattern, ours_pattern, cfg):
             if hf_name not in hf_state:
                 continue
             used.add(hf_name)
             tensor = hf_state[hf_name]
-            ours = ours_pattern if i is None else ours_pattern.replace("{i}", str(i))
+            if ours.startswith("SKIP:"):  # recomputed by attnlab (e.g. a fixed sinusoidal table)
+                continue
             if ours.startswith("T:"):
                 tensor, ours = tensor.t(), ours[2:]
+            elif ours.startswith("OFF2:"):  # BART reserves two position rows before position 0
+                tensor, ours = tensor[2:], ours[5:]
+            elif ours.startswith("ROW:"):
+                tensor, ours = tensor.reshape(-1), ours[4:]
+            if ours.startswith("decoder_embed.") and getattr(cfg, "share_embeddings", True):
+                continue  # the decoder's copy of a shared table
             if "{q,k,v}" in ours:  # a fused QKV tensor: split along the output dimension
                 sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
                 if tensor.shape[0] != sum(sizes):
@@ -240,9 +269,17 @@ def load_hf(directory: str | Path, *, dtype: torch.dtype | None = None) -> torch
 
     directory = Path(directory)
     hf = read_hf_config(directory)
-    make_config, names = FAMILIES[hf["model_type"]]
-    cfg = make_config(hf, hf["model_type"])
-    state = convert_state(read_hf_weights(directory), cfg, names)
+    model_type = hf["model_type"]
+    if model_type in FAMILIES:
+        make_config, names = FAMILIES[model_type]
+    else:
+        module = importlib.import_module(OTHER_MODULES[model_type])
+        if hasattr(module, "load_hf"):
+            return module.load_hf(directory, dtype=dtype)
+        make_config, names = module.FAMILIES[model_type]
+    hf_state = read_hf_weights(directory)
+    cfg = make_config(hf, model_type, set(normalise_names(hf_state, names)))
+    state = convert_state(hf_state, cfg, names)
     model = build_model(cfg).to(torch.float32 if dtype is None else dtype)
     load_state_checked(model, state, f"{directory} (Hugging Face {hf['model_type']})")
     return model.eval()
