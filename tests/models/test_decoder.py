@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from attnlab import ModelConfig, build_model
 
-NORMS, PLACES, FFNS, POSITIONS, KV = ("layer", "rms"), ("pre", "post"), ("relu", "gelu", "gelu_tanh", "swiglu"), \
-    ("learned", "sinusoidal", "rope", "none"), (4, 2, 1)
+NORMS, PLACES, FFNS, POSITIONS, KV = ("layer", "rms", "batch"), ("pre", "post", "sandwich"), \
+    ("relu", "gelu", "gelu_tanh", "silu", "swiglu"), ("learned", "sinusoidal", "rope", "none"), (4, 2, 1)
 MATRIX = list(itertools.product(NORMS, PLACES, FFNS, POSITIONS, KV))
 
 
@@ -82,7 +82,10 @@ def test_prompt_longer_than_context_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------- float64 reference
-def ref_norm(x, w, b, kind, eps):
+def ref_norm(x, w, b, kind, eps, running=None):
+    if kind == "batch":  # evaluation mode: the running statistics
+        mean, var = running
+        return (x - mean) / torch.sqrt(var + eps) * w + b
     if kind == "layer":
         mu = x.mean(-1, keepdim=True)
         var = ((x - mu) ** 2).mean(-1, keepdim=True)
@@ -118,9 +121,10 @@ def ref_forward(sd, cfg, ids):
         return y + sd[name + ".bias"] if name + ".bias" in sd else y
 
     def norm(name, v):
-        return ref_norm(v, sd[name + ".weight"], sd.get(name + ".bias", 0.0), cfg.norm, cfg.norm_eps)
+        running = (sd.get(name + ".running_mean"), sd.get(name + ".running_var"))
+        return ref_norm(v, sd[name + ".weight"], sd.get(name + ".bias", 0.0), cfg.norm, cfg.norm_eps, running)
 
-    act = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
+    act = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "silu": F.silu}
     for i in range(cfg.n_layers):
         p = f"blocks.{i}."
 
@@ -145,10 +149,13 @@ def ref_forward(sd, cfg, ids):
         if cfg.norm_position == "pre":
             x = x + attn(norm(p + "attn_norm", x))
             x = x + ffn(norm(p + "ffn_norm", x))
+        elif cfg.norm_position == "sandwich":
+            x = x + norm(p + "attn_post_norm", attn(norm(p + "attn_norm", x)))
+            x = x + norm(p + "ffn_post_norm", ffn(norm(p + "ffn_norm", x)))
         else:
             x = norm(p + "attn_norm", x + attn(x))
             x = norm(p + "ffn_norm", x + ffn(x))
-    if cfg.norm_position == "pre":
+    if cfg.norm_position != "post":
         x = norm("norm", x)
     return x @ sd["embed.weight"].T if cfg.tie_embeddings else x @ sd["lm_head.weight"].T
 
@@ -156,12 +163,17 @@ def ref_forward(sd, cfg, ids):
 @pytest.mark.parametrize("norm, place, ffn, position", list(itertools.product(NORMS, PLACES, FFNS, POSITIONS)))
 def test_matches_float64_reference(norm, place, ffn, position):
     cfg = tiny(norm=norm, norm_position=place, ffn=ffn, position=position, n_kv_heads=2,
-               attn_qkv_bias=True, attn_out_bias=True, ffn_bias=True, tie_embeddings=place == "pre")
+               attn_qkv_bias=True, attn_out_bias=True, ffn_bias=True, tie_embeddings=place != "post")
     model = build_model(cfg).double().eval()
-    with torch.no_grad():  # random norm gains and biases so that every parameter matters
+    with torch.no_grad():  # random norm gains, biases and running statistics so that every value matters
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn_like(b) * 0.3)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand_like(b) + 0.5)
     ids = torch.randint(0, cfg.vocab_size, (1, 11))
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[0], ref_forward(model.state_dict(), cfg, ids), rtol=1e-10, atol=1e-10)
