@@ -58,6 +58,38 @@ class KVCache:
     def reset(self) -> None:
         self.crop(0)
 
+    def drop_slots(self, keep: Tensor) -> None:
+        """Mark the last ``keep.shape[1]`` slots of each row as kept (True) or holes (False).
+
+        A batched speculative step accepts a different number of tokens per row: the rejected ones
+        become holes that attention skips; positions keep counting real tokens only.
+        """
+        n = keep.shape[1]
+        if n > self.length:
+            raise ValueError(f"cannot drop {n} slots from a cache of length {self.length}")
+        if self.key_mask is None:
+            if bool(keep.all()):
+                return
+            self.key_mask = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=self.k.device)
+        self.key_mask[:, self.length - n:self.length] &= keep.to(self.key_mask.device)
+        self.seen = self.key_mask[:, :self.length].sum(dim=1)
+
+    def compact(self) -> None:
+        """Squeeze out holes: each row's real slots move to the end of a left-padded layout."""
+        if self.key_mask is None:
+            return
+        real = self.key_mask[:, :self.length]  # (B, S)
+        counts = real.sum(dim=1)
+        width = int(counts.max())
+        # order each row's slots so that holes come first (stable), then take the last `width`
+        order = torch.argsort(real.to(torch.int8), dim=1, stable=True)[:, self.length - width:]  # (B, width)
+        idx = order[None, :, None, :, None].expand(self.k.shape[0], -1, self.k.shape[2], -1, self.k.shape[4])
+        self.k[:, :, :, :width] = torch.gather(self.k[:, :, :, :self.length], 3, idx)
+        self.v[:, :, :, :width] = torch.gather(self.v[:, :, :, :self.length], 3, idx)
+        self.key_mask[:, :width] = torch.gather(real, 1, order)
+        self.key_mask[:, width:] = True
+        self.length = width
+
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search keeps the cache of each surviving beam)."""
         self.k = self.k.index_select(1, index)

@@ -61,6 +61,8 @@ def generate(
     stream: Callable[[Tensor], None] | None = None,
     attention_mask: Tensor | None = None,
     repetition_penalty: float | None = None,
+    gamma: int = 4,
+    adaptive: bool = False,
 ) -> Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids``; returns (B, T + new) token ids.
 
@@ -68,10 +70,18 @@ def generate(
     (start token + new tokens).
 
     ``temperature=0.0`` is greedy. ``stream(tokens)`` is called with the (B,) tokens of every step.
+    ``draft`` (a model sharing the tokenizer, a Drafter, or ``"prompt_lookup"``) switches to speculative
+    decoding with ``gamma`` drafted tokens per step (``adaptive=True`` tunes it on the fly).
     Rows that produced ``eos_token_id`` keep emitting it; generation stops once every row has.
     """
-    if draft is not None:
-        raise NotImplementedError("speculative decoding (draft=...) is not available in this version of attnlab")
+    if draft is not None:  # speculative decoding: same greedy output, same sampling distribution, faster
+        if repetition_penalty not in (None, 1.0):
+            raise ValueError("repetition_penalty is not supported with speculative decoding (draft=...)")
+        from attnlab.inference.speculative import speculative_generate
+
+        return speculative_generate(model, draft, input_ids, max_new_tokens, gamma=gamma, adaptive=adaptive,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                    eos_token_id=eos_token_id, attention_mask=attention_mask, stream=stream)
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")

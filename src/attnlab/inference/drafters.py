@@ -1,0 +1,150 @@
+"""Drafters for speculative decoding: who proposes the next γ tokens.
+
+Every drafter has the same three calls, so new ones plug in:
+
+    start(prompt, attention_mask, capacity)    once, with the (left-padded) prompt
+    propose(gamma, sampling, generator, rows)  -> tokens (B, γ), probs (B, γ, V) or None; ``rows`` (B,)
+                                               long mask of rows still generating (None = all)
+    commit(accepted, new_tokens)               how many of the proposals each row kept, and the token
+                                               the target added after them
+
+``probs`` is the distribution each proposal was drawn from (needed by the exact sampling rule); ``None``
+means the proposals are deterministic (greedy draft, prompt lookup): q is one-hot on the proposal.
+
+Shape legend: B batch, G γ (draft length), V vocab, T tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.inference.sampling import logits_to_probs
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class ModelDrafter:
+    """A (small) model drafts autoregressively with its own cache; rejected tokens are rolled back with
+    ``crop`` (and, in a batch whose rows accept different counts, turned into cache holes)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        self.max_seq_len = model.config.max_seq_len
+
+    def start(self, prompt: Tensor, attention_mask: Tensor | None, capacity: int) -> None:
+        B, T = prompt.shape
+        if T + 1 > self.max_seq_len:
+            raise ValueError(f"the prompt ({T} tokens) does not fit the draft model's context ({self.max_seq_len})")
+        self.cache = self.model.new_cache(B, min(capacity, self.max_seq_len))
+        if T > 1:
+            self.model(prompt[:, :-1], cache=self.cache,
+                       attention_mask=None if attention_mask is None else attention_mask[:, :-1])
+        self.pending, self.pending_mask = prompt[:, -1:], None  # committed but not yet fed to the draft
+        self.proposals: Tensor | None = None
+
+    def _room(self, needed: int) -> None:
+        if self.cache.max_len - self.cache.length < needed:
+            if not hasattr(self.cache, "compact"):
+                raise ValueError("the draft's cache cannot make room (no compact()); use batch size 1")
+            self.cache.compact()
+
+    def propose(self, gamma: int, sampling: Sampling, generator: torch.Generator | None,
+                rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        self._room(self.pending.shape[1] + gamma)
+        mask = self.pending_mask
+        if rows is not None:  # finished rows are fed as holes: their positions stop advancing
+            mask = rows[:, None] * (torch.ones_like(self.pending) if mask is None else mask)
+        logits = self.model(self.pending, cache=self.cache, attention_mask=mask)[:, -1]  # (B, V)
+        step_mask = None if rows is None else rows[:, None]
+        tokens, probs = [], []
+        for i in range(gamma):
+            if sampling.greedy:
+                tok = logits.argmax(dim=-1)
+            else:
+                p = logits_to_probs(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+                tok = torch.multinomial(p, 1, generator=generator).squeeze(-1)
+                probs.append(p)
+            tokens.append(tok)
+            if i < gamma - 1:
+                logits = self.model(tok[:, None], cache=self.cache, attention_mask=step_mask)[:, -1]
+        self.proposals = torch.stack(tokens, dim=1)  # (B, G)
+        return self.proposals, (torch.stack(probs, dim=1) if probs else None)
+
+    def commit(self, accepted: Tensor, new_tokens: Tensor) -> None:
+        G = self.proposals.shape[1]
+        fed = G - 1  # d_1 .. d_{G-1} went through the draft; d_G did not
+        kept = accepted.clamp(max=fed)  # (B,)
+        k_max = int(kept.max())
+        self.cache.crop(self.cache.length - fed + k_max)
+        if k_max:
+            keep = torch.arange(k_max, device=kept.device)[None, :] < kept[:, None]  # (B, k_max)
+            self.cache.drop_slots(keep)
+        all_in = accepted == G  # rows that kept d_G must feed it before the new token
+        if bool(all_in.any()):
+            self.pending = torch.stack([self.proposals[:, -1], new_tokens], dim=1)  # (B, 2)
+            self.pending_mask = None if bool(all_in.all()) else torch.stack([all_in, torch.ones_like(all_in)], 1).long()
+        else:
+            self.pending, self.pending_mask = new_tokens[:, None], None
+
+
+class PromptLookupDrafter:
+    """Prompt lookup (n-gram) drafting: no draft model at all.
+
+    Find the most recent earlier occurrence of the last n tokens (n from ``max_ngram`` down to
+    ``min_ngram``) in the prompt and the text generated so far, and propose the tokens that followed it.
+    Input-grounded tasks (editing, summarising, code rewriting) repeat long spans, so the target often
+    accepts several tokens per call. Proposals are deterministic (q is one-hot).
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.vocab_size = None  # any vocabulary
+
+    def start(self, prompt: Tensor, attention_mask: Tensor | None, capacity: int) -> None:
+        rows = prompt.tolist()
+        if attention_mask is not None:
+            rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(rows, attention_mask.tolist())]
+        self.history = rows
+        self.device = prompt.device
+
+    def _lookup(self, seq: list[int], gamma: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
+            tail = seq[-n:]
+            for start in range(len(seq) - n - 1, -1, -1):  # most recent match first
+                if seq[start:start + n] == tail:
+                    follow = seq[start + n:start + n + gamma]
+                    if follow:
+                        return follow
+        return []
+
+    def propose(self, gamma: int, sampling: Sampling, generator: torch.Generator | None,
+                rows: Tensor | None = None) -> tuple[Tensor, None]:
+        out = []
+        for seq in self.history:
+            follow = self._lookup(seq, gamma)
+            # no match: repeat the last token (cheap to verify, usually rejected)
+            follow = follow + [follow[-1] if follow else seq[-1]] * (gamma - len(follow))
+            out.append(follow)
+        self.proposals = torch.tensor(out, dtype=torch.long, device=self.device)
+        return self.proposals, None
+
+    def commit(self, accepted: Tensor, new_tokens: Tensor) -> None:
+        for b, seq in enumerate(self.history):
+            n = int(accepted[b])
+            seq.extend(self.proposals[b, :n].tolist())
+            seq.append(int(new_tokens[b]))

@@ -1,0 +1,243 @@
+"""Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a drafter proposes γ tokens, the target
+scores all of them in one forward pass over its cache, and the longest acceptable prefix is kept.
+
+Acceptance rule, for proposal d_i drawn from the draft's q_i, with the target's p_i (both after the same
+temperature / top-k / top-p):
+  - greedy: accept while d_i == argmax p_i; the target's argmax at the first mismatch is the next token.
+  - sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection sample the
+    next token from norm(max(0, p_i - q_i)); if all γ are accepted, sample a bonus token from p_{γ+1}.
+    The output is then distributed exactly as sampling from the target alone.
+Rejected tokens are rolled back in both caches with ``crop`` (in a batch, rows that accepted fewer
+tokens than the longest get cache holes, so each row stays exact).
+
+Adaptive γ: after each call, with α the running (exponential average) acceptance rate per proposed token
+and c the measured cost of one draft step relative to one target call, the next γ maximises the expected
+tokens per unit of time, (1 - α^(γ+1)) / ((1 - α)(1 + c·γ)), over 1..gamma_max.
+
+Shape legend: B batch, G γ, V vocab, T prompt length, N new tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from attnlab.inference.drafters import ModelDrafter, PromptLookupDrafter, Sampling
+from attnlab.inference.generate import as_batch, check_context
+from attnlab.inference.sampling import check_sampling_args, logits_to_probs, make_generator
+
+
+@dataclass
+class SpecStats:
+    target_calls: int = 0
+    proposed: int = 0  # draft tokens proposed (summed over rows)
+    accepted: int = 0  # of which accepted
+    generated: int = 0  # tokens committed (summed over rows)
+    target_time: float = 0.0
+    draft_time: float = 0.0
+    gammas: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_call(self) -> float:
+        """Mean tokens committed per row per target forward pass."""
+        rows_calls = self.target_calls * max(1, self._rows)
+        return self.generated / rows_calls if rows_calls else 0.0
+
+    _rows: int = 1
+
+    def as_dict(self) -> dict:
+        return {"target_calls": self.target_calls, "proposed": self.proposed, "accepted": self.accepted,
+                "generated": self.generated, "acceptance_rate": self.acceptance_rate,
+                "tokens_per_call": self.tokens_per_call, "target_time": self.target_time,
+                "draft_time": self.draft_time, "mean_gamma": sum(self.gammas) / max(1, len(self.gammas))}
+
+
+def expected_tokens_per_call(alpha: float, gamma: int) -> float:
+    """(1 - α^(γ+1)) / (1 - α): tokens per target call when each proposal is accepted with probability α."""
+    if alpha >= 1.0:
+        return float(gamma + 1)
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def choose_gamma(alpha: float, cost_ratio: float, gamma_max: int) -> int:
+    """The γ in 1..gamma_max maximising expected tokens per unit of time (see the module docstring)."""
+    alpha = min(max(alpha, 0.01), 0.99)
+    return max(range(1, gamma_max + 1),
+               key=lambda g: expected_tokens_per_call(alpha, g) / (1 + cost_ratio * g))
+
+
+def as_drafter(draft, target):
+    if isinstance(draft, str):
+        if draft in ("prompt_lookup", "prompt-lookup"):
+            return PromptLookupDrafter()
+        raise ValueError(f"draft={draft!r}: give a model, a Drafter, or 'prompt_lookup'")
+    if hasattr(draft, "propose") and hasattr(draft, "commit"):
+        return draft
+    if hasattr(draft, "new_cache") and hasattr(draft, "config"):
+        if draft.config.vocab_size != target.config.vocab_size:
+            raise ValueError(
+                f"the draft's vocabulary ({draft.config.vocab_size} tokens) differs from the target's "
+                f"({target.config.vocab_size}): a draft must share the target's tokenizer"
+            )
+        for name in ("eos_token_id", "bos_token_id"):
+            a, b = getattr(draft.config, name), getattr(target.config, name)
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"draft and target disagree on {name} ({a} vs {b}): they use different tokenizers")
+        if getattr(draft.config, "family", "decoder") in ("encoder", "seq2seq"):
+            raise ValueError("an encoder or encoder-decoder cannot draft for a decoder")
+        return ModelDrafter(draft)
+    raise ValueError(f"cannot use {type(draft).__name__} as a draft: give a model, a Drafter or 'prompt_lookup'")
+
+
+def _verify(logits: Tensor, drafts: Tensor, q: Tensor | None, sampling: Sampling,
+            generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Target logits (B, G+1, V) vs proposals (B, G) -> (accepted count (B,), next token (B,))."""
+    B, G = drafts.shape
+    if sampling.greedy:
+        best = logits.argmax(dim=-1)  # (B, G+1)
+        accepted = (drafts == best[:, :G]).long().cumprod(dim=1).sum(dim=1)  # (B,)
+        return accepted, best.gather(1, accepted[:, None]).squeeze(1)
+    p = logits_to_probs(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    if q is None:  # deterministic proposals: q is one-hot on each proposal
+        q = torch.zeros_like(p[:, :G]).scatter_(-1, drafts[..., None], 1.0)
+    p_d = p[:, :G].gather(-1, drafts[..., None]).squeeze(-1)  # (B, G)
+    q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
+    u = torch.rand(B, G, generator=generator, device=logits.device)
+    ok = u < torch.clamp(p_d / q_d.clamp_min(1e-30), max=1.0)  # accept with prob min(1, p/q)
+    accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,)
+    rows = torch.arange(B, device=logits.device)
+    p_next = p[rows, accepted]  # (B, V): p at the first rejection, or p_{G+1} for the bonus token
+    q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # q_{G+1} = 0: the bonus samples from p itself
+    residual = torch.clamp(p_next - q_pad[rows, accepted], min=0.0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
+    return accepted, torch.multinomial(residual, 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target,
+    draft,
+    input_ids,
+    max_new_tokens: int,
+    *,
+    gamma: int = 4,
+    adaptive: bool = False,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    attention_mask: Tensor | None = None,
+    stream: Callable[[Tensor], None] | None = None,
+    return_stats: bool = False,
+):
+    """Generate like ``attnlab.generate`` (same output for greedy, same distribution for sampling), faster.
+
+    ``draft``: a model sharing the target's tokenizer, a Drafter, or ``"prompt_lookup"``. ``gamma`` is the
+    draft length (the maximum when ``adaptive``). Returns (B, T + new) ids, and ``SpecStats`` if asked.
+    """
+    if not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"gamma={gamma!r} must be an integer >= 1 (the number of drafted tokens per step)")
+    check_sampling_args(temperature, top_k, top_p)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    drafter = as_drafter(draft, target)
+    device = target.device
+    ids = as_batch(input_ids, device)
+    B, T = ids.shape
+    check_context(target, T, max_new_tokens)
+    if isinstance(drafter, ModelDrafter) and T + max_new_tokens > drafter.max_seq_len:
+        raise ValueError(f"prompt + max_new_tokens ({T + max_new_tokens}) is longer than the draft model's "
+                         f"context ({drafter.max_seq_len}); use a draft with a longer context or fewer tokens")
+    mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=device).long()
+    stats = SpecStats(_rows=B)
+    if max_new_tokens == 0:
+        return (ids, stats) if return_stats else ids
+    sampling = Sampling(temperature, top_k, top_p)
+    generator = make_generator(seed, device)
+    ctx = target.config.max_seq_len
+    capacity = min(T + max_new_tokens + gamma + 1, ctx)
+    was = (target.training, getattr(drafter, "model", target).training)
+    target.eval()
+    getattr(drafter, "model", target).eval()
+    try:
+        cache = target.new_cache(B, capacity)
+        if T > 1:
+            target(ids[:, :-1], cache=cache, attention_mask=None if mask is None else mask[:, :-1])
+        last = ids[:, -1]  # committed, not yet fed to the target
+        t0 = time.perf_counter()
+        drafter.start(ids, mask, capacity)
+        stats.draft_time += time.perf_counter() - t0
+        generated: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B  # produced EOS
+        streamed, g, alpha, cost = 0, gamma, 0.7, 0.1
+        while True:
+            active_rows = [b for b in range(B) if not done[b] and len(generated[b]) < max_new_tokens]
+            if not active_rows:
+                break
+            active = torch.zeros(B, dtype=torch.bool, device=device)
+            active[active_rows] = True
+            longest = max(len(generated[b]) for b in active_rows)
+            shortest = min(len(generated[b]) for b in active_rows)
+            room = ctx - T - longest  # the drafts' positions must stay inside the context
+            g_round = max(1, min(g, room, max_new_tokens - shortest))
+            row_mask = None if bool(active.all()) else active.long()  # finished rows are fed as holes
+            t0 = time.perf_counter()
+            drafts, q = drafter.propose(g_round, sampling, generator, row_mask)  # (B, G), (B, G, V) | None
+            t1 = time.perf_counter()
+            if cache.max_len - cache.length < g_round + 1:
+                cache.compact()
+            feed_mask = None if row_mask is None else row_mask[:, None].expand(B, g_round + 1)
+            logits = target(torch.cat([last[:, None], drafts], dim=1), cache=cache, attention_mask=feed_mask)
+            accepted, new = _verify(logits, drafts, q, sampling, generator)  # (B,), (B,)
+            accepted = torch.where(active, accepted, torch.zeros_like(accepted))
+            keep_n = int(accepted.max())
+            cache.crop(cache.length - g_round + keep_n)  # drop proposals no row accepted
+            if keep_n:
+                cache.drop_slots(torch.arange(keep_n, device=device)[None, :] < accepted[:, None])
+            t2 = time.perf_counter()
+            drafter.commit(accepted, new)
+            stats.draft_time += (t1 - t0) + (time.perf_counter() - t2)
+            stats.target_time += t2 - t1
+            stats.target_calls += 1
+            stats.gammas.append(g_round)
+            for b in active_rows:
+                n = int(accepted[b])
+                row = drafts[b, :n].tolist() + [int(new[b])]
+                stats.proposed += g_round
+                stats.accepted += n
+                if eos_token_id is not None and eos_token_id in row:
+                    row = row[: row.index(eos_token_id) + 1]
+                    done[b] = True
+                generated[b].extend(row)
+                stats.generated += len(row)
+            last = torch.where(active, new, last)
+            if stream is not None:
+                ready = min(max_new_tokens if done[b] else min(len(generated[b]), max_new_tokens) for b in range(B))
+                for i in range(streamed, ready):
+                    stream(torch.tensor([r[i] if i < len(r) else eos_token_id for r in generated], device=device))
+                streamed = ready
+            if adaptive:
+                rate = float(accepted[active].float().mean()) / g_round
+                alpha = 0.8 * alpha + 0.2 * rate
+                step_cost = (t1 - t0) / g_round / max(t2 - t1, 1e-9)
+                cost = 0.8 * cost + 0.2 * step_cost
+                g = choose_gamma(alpha, cost, gamma)
+        # as plain generation: rows that ended pad with EOS; stop at the longest row when all ended
+        width = max_new_tokens if not all(done) else min(max_new_tokens, max(len(r) for r in generated))
+        fill = eos_token_id if eos_token_id is not None else 0
+        new_tokens = torch.tensor([(r + [fill] * width)[:width] for r in generated], dtype=torch.long, device=device)
+        out = torch.cat([ids, new_tokens], dim=1)
+        return (out, stats) if return_stats else out
+    finally:
+        target.train(was[0])
+        getattr(drafter, "model", target).train(was[1])

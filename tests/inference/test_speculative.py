@@ -1,0 +1,135 @@
+"""Speculative decoding: greedy output identical to plain greedy; sampling distributed as the target."""
+
+import itertools
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import ModelConfig, build_model
+from attnlab.inference.sampling import logits_to_probs
+from attnlab.inference.speculative import choose_gamma, expected_tokens_per_call
+
+
+def make(seed, vocab=40, layers=2, std=0.6, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=layers, n_heads=4, n_kv_heads=2, max_seq_len=96,
+                      init_std=std, **kw)
+    return build_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make(0)
+
+
+@pytest.fixture(scope="module")
+def drafts(target):
+    close = make(0)  # a "real" draft: the target's weights, perturbed (accepts some, rejects some)
+    with torch.no_grad():
+        for p in close.parameters():
+            p.add_(torch.randn_like(p) * 0.15)
+    return {"self": target, "random": make(1, layers=1), "close": close, "lookup": "prompt_lookup"}
+
+
+@pytest.mark.parametrize("kind", ["self", "random", "close", "lookup"])
+@pytest.mark.parametrize("gamma", [1, 2, 5, 8])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_is_identical_to_plain_greedy(target, drafts, kind, gamma, batch):
+    gen = torch.Generator().manual_seed(gamma * 10 + batch)
+    for _ in range(3):
+        ids = torch.randint(0, 40, (batch, int(torch.randint(1, 12, (1,), generator=gen))), generator=gen)
+        expected = attnlab.generate(target, ids, 30)
+        out, stats = attnlab.speculative_generate(target, drafts[kind], ids, 30, gamma=gamma, return_stats=True)
+        assert torch.equal(out, expected)
+        if kind == "self":
+            assert stats.acceptance_rate == 1.0
+
+
+def test_acceptance_differs_per_row_and_stays_exact(target, drafts):
+    ids = torch.randint(0, 40, (6, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[4, :5] = 0
+    expected = attnlab.generate(target, ids, 40, attention_mask=mask)
+    out, stats = attnlab.speculative_generate(target, drafts["close"], ids, 40, gamma=4, attention_mask=mask,
+                                              return_stats=True)
+    assert torch.equal(out, expected)
+    assert 0.0 < stats.acceptance_rate < 1.0
+
+
+def test_eos_and_adaptive_gamma(target, drafts):
+    ids = torch.randint(0, 40, (2, 5))
+    plain = attnlab.generate(target, ids, 30)
+    eos = int(plain[0, 5 + 7])
+    expected = attnlab.generate(target, ids, 30, eos_token_id=eos)
+    for draft in (drafts["close"], drafts["self"]):
+        got = attnlab.generate(target, ids, 30, eos_token_id=eos, draft=draft, gamma=6, adaptive=True)
+        assert torch.equal(got, expected)
+
+
+def test_stream_receives_the_same_tokens(target, drafts):
+    ids = torch.randint(0, 40, (2, 4))
+    seen = []
+    out = attnlab.generate(target, ids, 20, draft=drafts["close"], stream=lambda t: seen.append(t.tolist()))
+    assert torch.tensor(seen).T.tolist() == out[:, 4:].tolist()
+
+
+def exact_two_token_distribution(model, prompt, **sampling):
+    """P(t1, t2 | prompt) under the model with the given sampling filters, by enumeration."""
+    V = model.config.vocab_size
+    with torch.no_grad():
+        p1 = logits_to_probs(model(prompt)[0, -1], **sampling)
+        seqs = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
+        p2 = logits_to_probs(model(seqs)[:, -1], **sampling)  # (V, V)
+    return p1[:, None] * p2
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.8, top_k=4),
+                                      dict(temperature=1.2, top_p=0.7)])
+def test_sampling_matches_the_target_distribution(sampling):
+    target, draft = make(3, vocab=6, std=0.8), make(4, vocab=6, layers=1, std=0.8)
+    prompt = torch.tensor([[1, 4, 2]])
+    exact = exact_two_token_distribution(target, prompt, **sampling)
+    n = 20000
+    out = attnlab.speculative_generate(target, draft, prompt.repeat(n, 1), 2, gamma=3, seed=0, **sampling)
+    counts = torch.zeros(6, 6)
+    counts.index_put_((out[:, 3], out[:, 4]), torch.ones(n), accumulate=True)
+    tv = 0.5 * (counts / n - exact).abs().sum()
+    assert tv < 0.03, f"total variation {tv:.3f} between speculative samples and the target's distribution"
+    # the same test rejects the draft's own distribution: it has teeth
+    wrong = exact_two_token_distribution(draft, prompt, **sampling)
+    assert 0.5 * (counts / n - wrong).abs().sum() > 0.1
+
+
+def test_prompt_lookup_sampling_is_exact_too():
+    target = make(5, vocab=6, std=0.8)
+    prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    exact = exact_two_token_distribution(target, prompt, temperature=1.0)
+    n = 20000
+    out = attnlab.speculative_generate(target, "prompt_lookup", prompt.repeat(n, 1), 2, gamma=2, seed=1,
+                                       temperature=1.0)
+    counts = torch.zeros(6, 6)
+    counts.index_put_((out[:, 5], out[:, 6]), torch.ones(n), accumulate=True)
+    assert 0.5 * (counts / n - exact).abs().sum() < 0.03
+
+
+def test_expected_tokens_formula_and_gamma_choice():
+    assert expected_tokens_per_call(0.0, 5) == 1.0
+    assert expected_tokens_per_call(1.0, 5) == 6.0
+    assert abs(expected_tokens_per_call(0.5, 2) - 1.75) < 1e-12
+    assert choose_gamma(0.95, 0.01, 8) == 8  # cheap, accurate draft: draft long
+    assert choose_gamma(0.2, 0.5, 8) == 1  # expensive, poor draft: draft short
+
+
+def test_bad_inputs(target):
+    other_vocab = make(0, vocab=41)
+    with pytest.raises(ValueError, match="vocabulary .*41 tokens.* differs"):
+        attnlab.speculative_generate(target, other_vocab, [[1, 2]], 5)
+    with pytest.raises(ValueError, match="gamma=0 must be an integer >= 1"):
+        attnlab.speculative_generate(target, target, [[1, 2]], 5, gamma=0)
+    short = build_model(target.config.replace(max_seq_len=16)).eval()
+    with pytest.raises(ValueError, match="longer than the draft model's context"):
+        attnlab.speculative_generate(target, short, [[1, 2, 3]], 20)
+    with pytest.raises(ValueError, match="cannot use"):
+        attnlab.speculative_generate(target, 42, [[1, 2]], 5)
