@@ -68,3 +68,15 @@ def test_garbled_checkpoint_from_the_console_script(model_dir):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "norm='batchy' is not valid" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_speculative_with_stats(model_dir, capsys):
+    plain_args = ["generate", "--model", str(model_dir), "--prompt-ids", "1,2,3,1,2", "--max-new-tokens", "12"]
+    assert main(plain_args) == 0
+    plain = capsys.readouterr().out
+    assert main(plain_args + ["--draft", str(model_dir), "--gamma", "3", "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "acceptance 1.00" in captured.err
+    assert main(plain_args + ["--prompt-lookup", "--adaptive", "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "tokens per target call" in captured.err

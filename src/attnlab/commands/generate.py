@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -32,10 +33,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft", help="speculative decoding with this draft model (same tokenizer)")
+    spec.add_argument("--prompt-lookup", action="store_true", help="speculative decoding by prompt lookup")
+    p.add_argument("--gamma", type=int, default=4, help="drafted tokens per step (max, with --adaptive)")
+    p.add_argument("--adaptive", action="store_true", help="tune gamma from the running acceptance rate")
+    p.add_argument("--stats", action="store_true", help="print speed (and speculative statistics) at the end")
     args = p.parse_args(argv)
 
     from attnlab.hub import from_pretrained, load_tokenizer
     from attnlab.inference.generate import generate
+    from attnlab.inference.speculative import speculative_generate
 
     model = from_pretrained(args.model)
     tokenizer = None
@@ -78,8 +86,28 @@ def main(argv: list[str]) -> int:
             printed = text
         sys.stdout.flush()
 
-    generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, seed=args.seed, eos_token_id=eos, stream=on_token,
-             repetition_penalty=args.repetition_penalty)
+    draft = from_pretrained(args.draft) if args.draft else ("prompt_lookup" if args.prompt_lookup else None)
+    start = time.perf_counter()
+    if draft is None:
+        stats = None
+        generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, seed=args.seed, eos_token_id=eos, stream=on_token,
+                 repetition_penalty=args.repetition_penalty)
+    else:
+        if args.repetition_penalty not in (None, 1.0):
+            raise ValueError("--repetition-penalty cannot be combined with --draft/--prompt-lookup")
+        _, stats = speculative_generate(model, draft, torch.tensor([ids]), args.max_new_tokens, gamma=args.gamma,
+                                        adaptive=args.adaptive, temperature=args.temperature, top_k=args.top_k,
+                                        top_p=args.top_p, seed=args.seed, eos_token_id=eos, stream=on_token,
+                                        return_stats=True)
+    seconds = time.perf_counter() - start
     sys.stdout.write("\n")
+    if args.stats:
+        print(f"[{len(generated)} tokens in {seconds:.2f} s: {len(generated) / max(seconds, 1e-9):.1f} tok/s]",
+              file=sys.stderr)
+        if stats is not None:
+            s = stats.as_dict()
+            print(f"[speculative: acceptance {s['acceptance_rate']:.2f}, {s['tokens_per_call']:.2f} tokens per "
+                  f"target call, mean gamma {s['mean_gamma']:.1f}, target {s['target_time']:.2f} s, "
+                  f"draft {s['draft_time']:.2f} s]", file=sys.stderr)
     return 0
