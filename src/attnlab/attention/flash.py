@@ -1,0 +1,297 @@
+"""FlashAttention in plain PyTorch: exact attention, tile by tile, without the (Tq, Tk) score matrix.
+
+Forward (Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness";
+loop order and backward of Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+Partitioning"): for each tile of queries, walk over the tiles of keys keeping per row a running maximum
+``m``, a running softmax denominator ``l`` and an unnormalised output ``acc``. A new key tile with scores
+``s`` updates them by the online-softmax rescaling (Milakov & Gimelshein 2018)::
+
+    m' = max(m, rowmax(s));  p = exp(s - m');  alpha = exp(m - m')
+    l' = alpha * l + rowsum(p);  acc' = alpha * acc + p @ v
+
+and at the end ``out = acc / l``, ``lse = m + log l``. This is the same identity as ``merge_partials``
+(merge.py), applied to an unnormalised accumulator so each tile costs one rescale.
+
+Backward recomputes the scores of each tile from Q, K and the saved log-sum-exp instead of storing the
+probabilities, so training memory is O(T)::
+
+    p = exp(s - lse);  dV += p^T dO;  dP = dO V^T;  dS = p * (dP - Delta);  dQ += dS K;  dK += dS^T Q
+    with Delta = rowsum(dO * O) - dlse   (dlse: the gradient reaching the returned lse, usually 0)
+
+Grouped-query / multi-query attention: the query heads sharing a K/V head are folded into the rows of a
+query tile (row = query * G + group member), so one matmul against the shared K/V tile serves the whole
+group and K/V are never repeated; dK/dV sum over the group for free in ``p^T dO`` and ``dS^T Q``.
+
+Shape legend: B batch, H query heads, K key/value heads, G = H // K query heads per K/V head,
+Tq queries, Tk keys, D head dim, R = bq * G rows of a query tile, bq/bk queries/keys per tile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from attnlab.attention.kernels import check_shapes, register_kernel
+from attnlab.attention.merge import merge_partials
+
+__all__ = ["default_block_sizes", "flash_attention", "flash_kernel", "merge_partials"]
+
+_NEG_INF = float("-inf")
+# exp2 is markedly faster than exp on CPU (about 3x here), so tiles work in base 2: q is pre-scaled by
+# log2(e), 2^(s * log2 e) = e^s, and the lse is converted back to base e (times ln 2) on the way out.
+_LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
+# One (key tile, needs a causal mask) entry per visited key tile of a query tile.
+TilePlan = list[tuple[int, int, list[tuple[int, int, bool]]]]
+
+
+def default_block_sizes(tq: int, tk: int, groups: int = 1) -> tuple[int, int]:
+    """Tile sizes (queries, keys) for a sequence length.
+
+    Sequences up to the tile size are one tile; longer ones use big tiles (256 queries x 512 keys), which
+    amortise the Python cost of each tile (a handful of tensor ops) while one score tile,
+    ``B * H * bq * bk`` floats, stays a constant independent of T. With GQA the G query heads of a group
+    share a tile's rows (R = bq * G), so query tiles shrink with G; 512 rows measured best for G > 1
+    (``attnlab bench attention``, 2-core CPU).
+    """
+    groups = max(1, groups)
+    block_k = min(tk, 512)
+    block_q = min(tq, 256 if groups == 1 else max(16, 512 // groups))
+    return max(1, block_q), max(1, block_k)
+
+
+def _tile_plan(tq: int, tk: int, bq: int, bk: int, causal: bool) -> TilePlan:
+    """For each query tile [i0, i1): the key tiles [j0, j1) it must visit and whether a mask is needed.
+
+    Causal (bottom-right aligned): query i sits at absolute position ``tk - tq + i`` and sees keys at
+    positions <= its own. Key tiles entirely in the future of a query tile are skipped; tiles entirely in
+    its past need no mask; only the tiles straddling the diagonal are masked. A single query (decode step)
+    sits at the last position and sees every key, as in kernels.build_bool_mask.
+    """
+    causal = causal and tq > 1
+    offset = tk - tq
+    plan: TilePlan = []
+    for i0 in range(0, tq, bq):
+        i1 = min(i0 + bq, tq)
+        first, last = offset + i0, offset + i1 - 1  # absolute positions of the tile's first and last query
+        tiles: list[tuple[int, int, bool]] = []
+        for j0 in range(0, tk, bk):
+            j1 = min(j0 + bk, tk)
+            if causal and j0 > last:
+                break  # this and every later key tile is in the future of all the tile's queries
+            if causal:
+                j1 = min(j1, last + 1)  # trim the keys in the future of every query of the tile
+            tiles.append((j0, j1, causal and j1 - 1 > first))
+        plan.append((i0, i1, tiles))
+    return plan
+
+
+def _to_rows(x: Tensor, kv_heads: int) -> Tensor:
+    """(B, H, T, ...) -> (B, K, T * G, ...): the G query heads of each K/V head folded query-major into rows."""
+    B, H, T = x.shape[:3]
+    G = H // kv_heads
+    rest = x.shape[3:]
+    if G == 1:
+        return x
+    x = x.reshape(B, kv_heads, G, T, *rest).transpose(2, 3)  # (B, K, T, G, ...)
+    return x.reshape(B, kv_heads, T * G, *rest)
+
+
+def _from_rows(x: Tensor, groups: int) -> Tensor:
+    """Inverse of ``_to_rows``: (B, K, T * G, ...) -> (B, K * G, T, ...)."""
+    if groups == 1:
+        return x
+    B, K, TG = x.shape[:3]
+    rest = x.shape[3:]
+    x = x.reshape(B, K, TG // groups, groups, *rest).transpose(2, 3)  # (B, K, G, T, ...)
+    return x.reshape(B, K * groups, TG // groups, *rest)
+
+
+def _causal_allowed(i0: int, i1: int, j0: int, j1: int, offset: int, groups: int, device: torch.device) -> Tensor:
+    """(R, bk) bool, True where row (query i0 + r // G) may see key j0 + c under the causal rule."""
+    qpos = torch.arange(offset + i0, offset + i1, device=device).repeat_interleave(groups)  # (R,)
+    kpos = torch.arange(j0, j1, device=device)  # (bk,)
+    return kpos[None, :] <= qpos[:, None]
+
+
+def _masked_scores(
+    qt: Tensor, kt: Tensor, *, diag: bool, pad: Tensor | None, i0: int, i1: int, j0: int, j1: int, offset: int, groups: int
+) -> Tensor:
+    """Scaled scores of one tile, -inf where masked: (B, K, R, D) x (B, K, bk, D) -> (B, K, R, bk)."""
+    s = torch.matmul(qt, kt.transpose(-1, -2))  # (B, K, R, bk); q was pre-scaled
+    if diag:
+        allowed = _causal_allowed(i0, i1, j0, j1, offset, groups, s.device)  # (R, bk)
+        s.masked_fill_(~allowed, _NEG_INF)
+    if pad is not None:
+        s.masked_fill_(~pad[:, None, None, :], _NEG_INF)  # pad: (B, bk) -> broadcast over (K, R)
+    return s
+
+
+def _key_tile_padding(mask: Tensor | None, j0: int, j1: int) -> tuple[bool, Tensor | None]:
+    """(skip, pad): skip a key tile no row may attend to; pad is None when every key of the tile is allowed."""
+    if mask is None:
+        return False, None
+    tile = mask[:, j0:j1]  # (B, bk)
+    if bool(tile.all()):
+        return False, None
+    return (not bool(tile.any())), tile
+
+
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float, bq: int, bk: int
+) -> tuple[Tensor, Tensor]:
+    """Tiled online-softmax forward. Returns out (B, H, Tq, D) in q.dtype and lse (B, H, Tq) float32+."""
+    B, H, Tq, D = q.shape
+    K, Tk = k.shape[1], k.shape[2]
+    G = H // K
+    acc = torch.promote_types(q.dtype, torch.float32)  # accumulate in float32 at least
+    offset = Tk - Tq
+    qs = _to_rows(q.to(acc) * (scale * _LOG2E), K).contiguous()  # (B, K, Tq*G, D): scores in base 2
+    kf, vf = k.to(acc), v.to(acc)  # (B, K, Tk, D); no copy for float32 inputs
+    out = torch.zeros(B, K, Tq * G, D, dtype=acc, device=q.device)  # (B, K, Tq*G, D)
+    lse = torch.full((B, K, Tq * G), _NEG_INF, dtype=acc, device=q.device)  # (B, K, Tq*G)
+    for i0, i1, tiles in _tile_plan(Tq, Tk, bq, bk, causal):
+        r0, r1 = i0 * G, i1 * G
+        qt = qs[:, :, r0:r1]  # (B, K, R, D)
+        o = out[:, :, r0:r1]  # (B, K, R, D) view: the unnormalised accumulator of this query tile
+        m = torch.full(qt.shape[:-1], _NEG_INF, dtype=acc, device=q.device)  # (B, K, R) running max
+        l = torch.zeros_like(m)  # (B, K, R) running denominator
+        for j0, j1, diag in tiles:
+            skip, pad = _key_tile_padding(mask, j0, j1)
+            if skip:
+                continue
+            s = _masked_scores(qt, kf[:, :, j0:j1], diag=diag, pad=pad, i0=i0, i1=i1, j0=j0, j1=j1, offset=offset, groups=G)
+            m_new = torch.maximum(m, s.amax(dim=-1))  # (B, K, R)
+            m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)  # rows with no key so far: exp(-inf - 0) = 0
+            alpha = torch.exp2(m - m_safe)  # (B, K, R) rescale of what was accumulated before
+            p = s.sub_(m_safe[..., None]).exp2_()  # (B, K, R, bk), in place: the scores are not needed again
+            l = l * alpha + p.sum(dim=-1)
+            o.mul_(alpha[..., None]).add_(torch.matmul(p, vf[:, :, j0:j1]))  # (B, K, R, D)
+            m = m_new
+        empty = l == 0  # rows that saw no key: zeros and lse = -inf
+        o.div_(l.masked_fill(empty, 1.0)[..., None])
+        lse[:, :, r0:r1] = ((m + torch.log2(l)) * _LN2).masked_fill(empty, _NEG_INF)  # back to base e
+    return _from_rows(out, G).to(q.dtype), _from_rows(lse, G)  # (B, H, Tq, D), (B, H, Tq)
+
+
+def _backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
+    mask: Tensor | None, causal: bool, scale: float, bq: int, bk: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FlashAttention-2 backward: recompute each tile's probabilities from the saved lse."""
+    B, H, Tq, D = q.shape
+    K, Tk = k.shape[1], k.shape[2]
+    G = H // K
+    acc = torch.promote_types(q.dtype, torch.float32)
+    offset = Tk - Tq
+    qs = _to_rows(q.to(acc) * (scale * _LOG2E), K).contiguous()  # (B, K, Tq*G, D): scores in base 2
+    do = _to_rows(dout.to(acc), K).contiguous()  # (B, K, Tq*G, D)
+    delta = (do * _to_rows(out.to(acc), K)).sum(dim=-1)  # (B, K, Tq*G): rowsum(dO * O)
+    if dlse is not None:
+        delta = delta - _to_rows(dlse.to(acc), K)  # d lse / d s = p, so dlse enters dS like -Delta
+    lse_r = _to_rows(lse.to(acc) * _LOG2E, K)  # (B, K, Tq*G) in base 2
+    lse_r = lse_r.masked_fill(torch.isneginf(lse_r), float("inf"))  # empty rows: p = 2^(s - inf) = 0
+    kf, vf = k.to(acc), v.to(acc)  # (B, K, Tk, D)
+    dq = torch.zeros_like(qs)  # (B, K, Tq*G, D), gradient w.r.t. the pre-scaled q
+    dk = torch.zeros(B, K, Tk, D, dtype=acc, device=q.device)
+    dv = torch.zeros_like(dk)
+    for i0, i1, tiles in _tile_plan(Tq, Tk, bq, bk, causal):
+        r0, r1 = i0 * G, i1 * G
+        qt, dot = qs[:, :, r0:r1], do[:, :, r0:r1]  # (B, K, R, D)
+        lt, deltat = lse_r[:, :, r0:r1, None], delta[:, :, r0:r1, None]  # (B, K, R, 1)
+        dqt = dq[:, :, r0:r1]  # (B, K, R, D) view
+        for j0, j1, diag in tiles:
+            skip, pad = _key_tile_padding(mask, j0, j1)
+            if skip:
+                continue
+            kt, vt = kf[:, :, j0:j1], vf[:, :, j0:j1]  # (B, K, bk, D)
+            s = _masked_scores(qt, kt, diag=diag, pad=pad, i0=i0, i1=i1, j0=j0, j1=j1, offset=offset, groups=G)
+            p = s.sub_(lt).exp2_()  # (B, K, R, bk) the forward's probabilities, recomputed
+            dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), dot)  # (B, K, bk, D), summed over the group
+            ds = torch.matmul(dot, vt.transpose(-1, -2))  # dP: (B, K, R, bk)
+            ds.sub_(deltat).mul_(p)  # dS = P * (dP - Delta)
+            dqt += torch.matmul(ds, kt)  # (B, K, R, D)
+            dk[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), qt)  # (B, K, bk, D)
+    # s = scale * q k^T while qs = q * scale * log2(e): dQ = scale * dS K, dK = scale * dS^T Q = dS^T qs * ln 2
+    dq = _from_rows(dq * scale, G)  # (B, H, Tq, D)
+    return dq.to(q.dtype), (dk * _LN2).to(k.dtype), dv.to(v.dtype)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Autograd wrapper: saves Q, K, V, O and the lse (O(T) memory), recomputes the scores in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float, bq: int, bk: int
+    ) -> tuple[Tensor, Tensor]:
+        out, lse = _forward(q, k, v, mask, causal, scale, bq, bk)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale, ctx.bq, ctx.bk = causal, scale, bq, bk  # type: ignore[attr-defined]
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, out, lse, mask = ctx.saved_tensors  # type: ignore[attr-defined]
+        dq, dk, dv = _backward(
+            q, k, v, out, lse, dout, dlse, mask, ctx.causal, ctx.scale, ctx.bq, ctx.bk  # type: ignore[attr-defined]
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block_q: int | None, block_k: int | None) -> None:
+    check_shapes(q, k, v, mask)
+    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one floating point dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask is not None and mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but q is on {q.device}")
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"{name} must be a positive int or None; got {size!r}")
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact softmax attention computed tile by tile (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023).
+
+    Args:
+        q: (B, H, Tq, D) queries.
+        k, v: (B, K, Tk, D) keys and values; H must be a multiple of K (MHA, GQA, MQA). K/V are not repeated.
+        causal: query i (at absolute position Tk - Tq + i, bottom-right aligned) sees keys at positions <= its own.
+        key_padding_mask: (B, Tk) bool, True where a key may be attended.
+        scale: score scale, default 1 / sqrt(D).
+        block_q, block_k: queries and keys per tile; default ``default_block_sizes(Tq, Tk, H // K)``.
+
+    Returns:
+        ``(out, lse)``: out (B, H, Tq, D) in q's dtype (accumulated in float32), lse (B, H, Tq) float32
+        (float64 for float64 inputs), the log-sum-exp of each row's scaled scores. A row with no key to
+        attend to gives zeros and lse = -inf. Both are differentiable (backward recomputes the tiles).
+    """
+    _check(q, k, v, key_padding_mask, block_q, block_k)
+    Tq, D = q.shape[2], q.shape[3]
+    K, Tk = k.shape[1], k.shape[2]
+    default_q, default_k = default_block_sizes(Tq, Tk, q.shape[1] // K)
+    bq, bk = block_q or default_q, block_k or default_k
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    mask = None if key_padding_mask is None or bool(key_padding_mask.all()) else key_padding_mask
+    return _FlashAttention.apply(q, k, v, mask, causal, scale, bq, bk)
+
+
+@register_kernel("flash")
+def flash_kernel(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Tensor | None = None, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """The registry entry (``attention_kernel="flash"``): ``mask`` is the (B, Tk) bool key padding mask."""
+    return flash_attention(q, k, v, causal=causal, key_padding_mask=mask, scale=scale)
