@@ -57,8 +57,9 @@ class ModelConfig:
     dropout: float = 0.0
     attention_kernel: str = "sdpa"
     attention_mechanism: str = "softmax"
-    segment_len: int = 0
-    memory_update: str = "linear"
+    segment_len: int = 0  # infini: tokens per segment (local attention window)
+    memory_update: str = "linear"  # infini: "linear" or "delta" memory writes
+    infini_bptt_segments: int = 0  # infini: detach the memory every k segments in training (0 = never)
     rwkv_version: int = 4
     init_std: float = 0.02
     # encoder / encoder-decoder
@@ -123,11 +124,16 @@ class ModelConfig:
             raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
         if float(self.init_std) <= 0:
             raise ValueError(f"init_std={self.init_std} must be > 0")
-        if self.attention_mechanism != "softmax":
-            raise ValueError(
-                f"attention_mechanism={self.attention_mechanism!r} is not implemented in this version; "
-                f"available: 'softmax'"
-            )
+        if self.attention_mechanism == "infini":
+            if self.family != "decoder":
+                raise ValueError("attention_mechanism='infini' is for decoders (family='decoder')")
+            if not isinstance(self.segment_len, int) or self.segment_len <= 0:
+                raise ValueError(f"attention_mechanism='infini' needs segment_len > 0, got {self.segment_len!r}")
+            if self.position not in ("rope", "none"):
+                raise ValueError(f"attention_mechanism='infini' streams unbounded input: position must be 'rope' "
+                                 f"(applied within each segment) or 'none', not {self.position!r}")
+            if not isinstance(self.infini_bptt_segments, int) or self.infini_bptt_segments < 0:
+                raise ValueError(f"infini_bptt_segments={self.infini_bptt_segments!r} must be an integer >= 0")
         if self.n_encoder_layers is not None:
             _positive_int("n_encoder_layers", self.n_encoder_layers)
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:

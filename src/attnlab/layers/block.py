@@ -41,7 +41,12 @@ class Block(nn.Module):
             return build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
 
         self.attn_norm = norm()
-        self.attn = MultiHeadAttention(cfg, causal=causal)
+        if cfg.attention_mechanism == "infini":
+            from attnlab.attention.infini import InfiniAttention
+
+            self.attn = InfiniAttention(cfg, causal=causal)
+        else:
+            self.attn = MultiHeadAttention(cfg, causal=causal)
         self.attn_post_norm = norm() if sandwich else None
         self.cross_norm = norm() if cross else None
         self.cross_attn = MultiHeadAttention(cfg, causal=False, cross=True) if cross else None

@@ -32,6 +32,11 @@ class DecoderLM(Stack, AttnlabModel):
 
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.config
+        if cfg.attention_mechanism == "infini":  # constant-size state, whatever the length
+            from attnlab.inference.infini_state import InfiniState
+
+            layers = [b.attn.new_state(batch, dtype or self.dtype, self.device) for b in self.blocks]
+            return InfiniState(layers, batch, cfg.segment_len)
         max_len = cfg.max_seq_len if max_len is None else max_len
         if max_len > cfg.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds the model's context max_seq_len={cfg.max_seq_len}")
@@ -42,15 +47,17 @@ class DecoderLM(Stack, AttnlabModel):
         B, T = input_ids.shape
         cfg = self.config
         token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        unbounded = cfg.attention_mechanism == "infini"
         if cache is None:
-            check_length(T, cfg.max_seq_len)
+            if not unbounded:
+                check_length(T, cfg.max_seq_len)
             positions = positions_from_mask(attention_mask, B, T, input_ids.device)
             key_mask = None if token_mask is None or bool(token_mask.all()) else token_mask
         else:
             if cache.batch_size != B:
                 raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {B}")
             positions, key_mask = cache.begin(T, attention_mask)
-            if int(positions.max()) >= cfg.max_seq_len:
+            if not unbounded and int(positions.max()) >= cfg.max_seq_len:
                 raise ValueError(
                     f"position {int(positions.max())} is beyond the model's context (max_seq_len={cfg.max_seq_len})"
                 )
