@@ -60,7 +60,7 @@ def check_against_reference(q, k, v, *, causal, mask, block_q, block_k, tol, sca
     torch.testing.assert_close(finite(lse).double(), finite(ref_lse), **tol)
 
     g = torch.Generator().manual_seed(1)
-    d_out = torch.randn(out.shape, generator=g)
+    d_out = torch.randn(out.shape, generator=g).to(out.dtype).float()  # the gradient reaching out has its dtype
     d_lse = torch.randn(lse.shape, generator=g)
     grads = torch.autograd.grad((out.float() * d_out).sum() + (finite(lse) * d_lse).sum(), (q, k, v))
     ref_grads = torch.autograd.grad((ref_out * d_out.double()).sum() + (finite(ref_lse) * d_lse.double()).sum(), (q, k, v))
