@@ -57,6 +57,7 @@ class ModelConfig:
     dropout: float = 0.0
     attention_kernel: str = "sdpa"
     attention_mechanism: str = "softmax"
+    ring_layout: str = "zigzag"  # ring kernel: how the sequence is sharded ("zigzag" | "contiguous")
     segment_len: int = 0  # infini: tokens per segment (local attention window)
     memory_update: str = "linear"  # infini: "linear" or "delta" memory writes
     infini_bptt_segments: int = 0  # infini: detach the memory every k segments in training (0 = never)
@@ -105,6 +106,7 @@ class ModelConfig:
         _choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         _choice("attention_mechanism", self.attention_mechanism, ATTENTION_MECHANISMS)
         _choice("memory_update", self.memory_update, MEMORY_UPDATES)
+        _choice("ring_layout", self.ring_layout, ("zigzag", "contiguous"))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                      "max_seq_len"):
             _positive_int(name, getattr(self, name))

@@ -1,6 +1,5 @@
 """Speculative decoding: greedy output identical to plain greedy; sampling distributed as the target."""
 
-import itertools
 
 import pytest
 import torch

@@ -128,7 +128,7 @@ def ref_forward(sd, cfg, ids):
     for i in range(cfg.n_layers):
         p = f"blocks.{i}."
 
-        def attn(v):
+        def attn(v, p=p):
             q, k, vv = lin(p + "attn.q_proj", v), lin(p + "attn.k_proj", v), lin(p + "attn.v_proj", v)
             heads = []
             for h in range(H):
@@ -141,7 +141,7 @@ def ref_forward(sd, cfg, ids):
                 heads.append(torch.softmax(s, -1) @ vh)
             return lin(p + "attn.o_proj", torch.cat(heads, -1))
 
-        def ffn(v):
+        def ffn(v, p=p):
             if cfg.ffn == "swiglu":
                 return lin(p + "ffn.down", F.silu(lin(p + "ffn.gate", v)) * lin(p + "ffn.up", v))
             return lin(p + "ffn.down", act[cfg.ffn](lin(p + "ffn.up", v)))

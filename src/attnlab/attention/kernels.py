@@ -39,6 +39,10 @@ def get_kernel(name: str) -> Kernel:
         # Kernels living in their own modules register on import.
         if name == "flash":
             from attnlab.attention import flash  # noqa: F401
+        elif name == "ring":
+            from attnlab.attention.ring import ring_kernel
+
+            KERNELS["ring"] = ring_kernel
     if name not in KERNELS:
         raise ValueError(f"attention kernel {name!r} is not available; choose one of: {sorted(KERNELS)}")
     return KERNELS[name]

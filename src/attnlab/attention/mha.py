@@ -15,6 +15,8 @@ K kv heads, D head dim.
 
 from __future__ import annotations
 
+import functools
+
 from torch import Tensor, nn
 
 from attnlab.attention.kernels import get_kernel
@@ -34,6 +36,8 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.kernel_name = cfg.attention_kernel
         self.kernel = get_kernel(cfg.attention_kernel)
+        if cfg.attention_kernel == "ring":  # the layout the sequence was sharded with
+            self.kernel = functools.partial(self.kernel, layout=cfg.ring_layout)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, S, _ = x.shape

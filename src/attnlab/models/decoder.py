@@ -43,7 +43,9 @@ class DecoderLM(Stack, AttnlabModel):
         return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, max_len,
                        dtype=dtype or self.dtype, device=self.device)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        """``position_ids`` (B, T) or (T,) overrides the positions (e.g. a context-parallel shard's global ones)."""
         B, T = input_ids.shape
         cfg = self.config
         token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
@@ -61,6 +63,8 @@ class DecoderLM(Stack, AttnlabModel):
                 raise ValueError(
                     f"position {int(positions.max())} is beyond the model's context (max_seq_len={cfg.max_seq_len})"
                 )
+        if position_ids is not None:
+            positions = torch.as_tensor(position_ids, device=input_ids.device).expand(B, T)
         x = self.run_stack(self.embed(input_ids), positions, key_mask=key_mask, token_mask=token_mask, cache=cache)
         if cache is not None:
             cache.commit(T, attention_mask)
