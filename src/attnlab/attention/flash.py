@@ -118,26 +118,31 @@ def _causal_allowed(i0: int, i1: int, j0: int, j1: int, offset: int, groups: int
 
 
 def _masked_scores(
-    qt: Tensor, kt: Tensor, *, diag: bool, pad: Tensor | None, i0: int, i1: int, j0: int, j1: int, offset: int, groups: int
+    qt: Tensor, kt: Tensor, *, diag: bool, pad: Tensor | None, i0: int, i1: int, j0: int, offset: int, groups: int
 ) -> Tensor:
-    """Scaled scores of one tile, -inf where masked: (B, K, R, D) x (B, K, bk, D) -> (B, K, R, bk)."""
-    s = torch.matmul(qt, kt.transpose(-1, -2))  # (B, K, R, bk); q was pre-scaled
+    """Scores of one tile, -inf where masked: (BK, R, D) x (BK, bk, D) -> (BK, R, bk)."""
+    s = torch.bmm(qt, kt.transpose(1, 2))  # (BK, R, bk); q was pre-scaled
     if diag:
-        allowed = _causal_allowed(i0, i1, j0, j1, offset, groups, s.device)  # (R, bk)
+        allowed = _causal_allowed(i0, i1, j0, j0 + kt.shape[1], offset, groups, s.device)  # (R, bk)
         s.masked_fill_(~allowed, _NEG_INF)
     if pad is not None:
-        s.masked_fill_(~pad[:, None, None, :], _NEG_INF)  # pad: (B, bk) -> broadcast over (K, R)
+        s.masked_fill_(~pad, _NEG_INF)  # pad: (BK, 1, bk), broadcast over the rows
     return s
 
 
-def _key_tile_padding(mask: Tensor | None, j0: int, j1: int) -> tuple[bool, Tensor | None]:
-    """(skip, pad): skip a key tile no row may attend to; pad is None when every key of the tile is allowed."""
+def _key_tile_padding(mask: Tensor | None, j0: int, j1: int, kv_heads: int) -> tuple[bool, Tensor | None]:
+    """(skip, pad): skip a key tile no row may attend to; pad (BK, 1, bk) is None if every key is allowed."""
     if mask is None:
         return False, None
     tile = mask[:, j0:j1]  # (B, bk)
     if bool(tile.all()):
         return False, None
-    return (not bool(tile.any())), tile
+    return (not bool(tile.any())), tile.repeat_interleave(kv_heads, dim=0)[:, None, :]  # (B*K, 1, bk)
+
+
+def _flat(x: Tensor, acc: torch.dtype) -> Tensor:
+    """(B, K, T, D) -> (B*K, T, D) in the accumulation dtype (a view when it already is)."""
+    return x.to(acc).reshape(-1, x.shape[2], x.shape[3])
 
 
 def _forward(
@@ -149,32 +154,33 @@ def _forward(
     G = H // K
     acc = torch.promote_types(q.dtype, torch.float32)  # accumulate in float32 at least
     offset = Tk - Tq
-    qs = _to_rows(q.to(acc) * (scale * _LOG2E), K).contiguous()  # (B, K, Tq*G, D): scores in base 2
-    kf, vf = k.to(acc), v.to(acc)  # (B, K, Tk, D); no copy for float32 inputs
-    out = torch.zeros(B, K, Tq * G, D, dtype=acc, device=q.device)  # (B, K, Tq*G, D)
-    lse = torch.full((B, K, Tq * G), _NEG_INF, dtype=acc, device=q.device)  # (B, K, Tq*G)
+    qs = _flat(_to_rows(q.to(acc) * (scale * _LOG2E), K), acc)  # (BK, Tq*G, D): scores come out in base 2
+    kf, vf = _flat(k, acc), _flat(v, acc)  # (BK, Tk, D); no copy for contiguous float32 inputs
+    out = torch.zeros(B * K, Tq * G, D, dtype=acc, device=q.device)  # (BK, Tq*G, D)
+    lse = torch.full((B * K, Tq * G), _NEG_INF, dtype=acc, device=q.device)  # (BK, Tq*G)
     for i0, i1, tiles in _tile_plan(Tq, Tk, bq, bk, causal):
         r0, r1 = i0 * G, i1 * G
-        qt = qs[:, :, r0:r1]  # (B, K, R, D)
-        o = out[:, :, r0:r1]  # (B, K, R, D) view: the unnormalised accumulator of this query tile
-        m = torch.full(qt.shape[:-1], _NEG_INF, dtype=acc, device=q.device)  # (B, K, R) running max
-        l = torch.zeros_like(m)  # (B, K, R) running denominator
+        qt = qs[:, r0:r1]  # (BK, R, D)
+        o = out[:, r0:r1]  # (BK, R, D) view: the unnormalised accumulator of this query tile
+        m = torch.full(qt.shape[:-1], _NEG_INF, dtype=acc, device=q.device)  # (BK, R) running max
+        l = torch.zeros_like(m)  # (BK, R) running denominator
         for j0, j1, diag in tiles:
-            skip, pad = _key_tile_padding(mask, j0, j1)
+            skip, pad = _key_tile_padding(mask, j0, j1, K)
             if skip:
                 continue
-            s = _masked_scores(qt, kf[:, :, j0:j1], diag=diag, pad=pad, i0=i0, i1=i1, j0=j0, j1=j1, offset=offset, groups=G)
-            m_new = torch.maximum(m, s.amax(dim=-1))  # (B, K, R)
-            m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)  # rows with no key so far: exp(-inf - 0) = 0
-            alpha = torch.exp2(m - m_safe)  # (B, K, R) rescale of what was accumulated before
-            p = s.sub_(m_safe[..., None]).exp2_()  # (B, K, R, bk), in place: the scores are not needed again
+            s = _masked_scores(qt, kf[:, j0:j1], diag=diag, pad=pad, i0=i0, i1=i1, j0=j0, offset=offset, groups=G)
+            m_new = torch.maximum(m, s.amax(dim=-1))  # (BK, R)
+            m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)  # rows with no key so far: 2^(-inf - 0) = 0
+            alpha = torch.exp2(m - m_safe)  # (BK, R) rescale of what was accumulated before
+            p = s.sub_(m_safe[..., None]).exp2_()  # (BK, R, bk), in place: the scores are not needed again
             l = l * alpha + p.sum(dim=-1)
-            o.mul_(alpha[..., None]).add_(torch.matmul(p, vf[:, :, j0:j1]))  # (B, K, R, D)
+            o.mul_(alpha[..., None]).baddbmm_(p, vf[:, j0:j1])  # acc' = alpha * acc + p @ v: (BK, R, D)
             m = m_new
         empty = l == 0  # rows that saw no key: zeros and lse = -inf
         o.div_(l.masked_fill(empty, 1.0)[..., None])
-        lse[:, :, r0:r1] = ((m + torch.log2(l)) * _LN2).masked_fill(empty, _NEG_INF)  # back to base e
-    return _from_rows(out, G).to(q.dtype), _from_rows(lse, G)  # (B, H, Tq, D), (B, H, Tq)
+        lse[:, r0:r1] = ((m + torch.log2(l)) * _LN2).masked_fill(empty, _NEG_INF)  # back to base e
+    out4 = _from_rows(out.view(B, K, Tq * G, D), G)  # (B, H, Tq, D)
+    return out4.to(q.dtype), _from_rows(lse.view(B, K, Tq * G), G)  # (B, H, Tq, D), (B, H, Tq)
 
 
 def _backward(
@@ -187,37 +193,36 @@ def _backward(
     G = H // K
     acc = torch.promote_types(q.dtype, torch.float32)
     offset = Tk - Tq
-    qs = _to_rows(q.to(acc) * (scale * _LOG2E), K).contiguous()  # (B, K, Tq*G, D): scores in base 2
-    do = _to_rows(dout.to(acc), K).contiguous()  # (B, K, Tq*G, D)
-    delta = (do * _to_rows(out.to(acc), K)).sum(dim=-1)  # (B, K, Tq*G): rowsum(dO * O)
+    qs = _flat(_to_rows(q.to(acc) * (scale * _LOG2E), K), acc)  # (BK, Tq*G, D): scores in base 2
+    do = _flat(_to_rows(dout.to(acc), K), acc)  # (BK, Tq*G, D)
+    delta = (do * _flat(_to_rows(out.to(acc), K), acc)).sum(dim=-1)  # (BK, Tq*G): rowsum(dO * O)
     if dlse is not None:
-        delta = delta - _to_rows(dlse.to(acc), K)  # d lse / d s = p, so dlse enters dS like -Delta
-    lse_r = _to_rows(lse.to(acc) * _LOG2E, K)  # (B, K, Tq*G) in base 2
+        delta = delta - _to_rows(dlse.to(acc), K).reshape(B * K, Tq * G)  # d lse / d s = p: dlse enters as -Delta
+    lse_r = _to_rows(lse.to(acc) * _LOG2E, K).reshape(B * K, Tq * G)  # (BK, Tq*G) in base 2
     lse_r = lse_r.masked_fill(torch.isneginf(lse_r), float("inf"))  # empty rows: p = 2^(s - inf) = 0
-    kf, vf = k.to(acc), v.to(acc)  # (B, K, Tk, D)
-    dq = torch.zeros_like(qs)  # (B, K, Tq*G, D), gradient w.r.t. the pre-scaled q
-    dk = torch.zeros(B, K, Tk, D, dtype=acc, device=q.device)
+    kf, vf = _flat(k, acc), _flat(v, acc)  # (BK, Tk, D)
+    dq = torch.zeros_like(qs)  # (BK, Tq*G, D), gradient w.r.t. the pre-scaled q
+    dk = torch.zeros(B * K, Tk, D, dtype=acc, device=q.device)  # (BK, Tk, D)
     dv = torch.zeros_like(dk)
     for i0, i1, tiles in _tile_plan(Tq, Tk, bq, bk, causal):
         r0, r1 = i0 * G, i1 * G
-        qt, dot = qs[:, :, r0:r1], do[:, :, r0:r1]  # (B, K, R, D)
-        lt, deltat = lse_r[:, :, r0:r1, None], delta[:, :, r0:r1, None]  # (B, K, R, 1)
-        dqt = dq[:, :, r0:r1]  # (B, K, R, D) view
+        qt, dot, dqt = qs[:, r0:r1], do[:, r0:r1], dq[:, r0:r1]  # (BK, R, D)
+        lt, deltat = lse_r[:, r0:r1, None], delta[:, r0:r1, None]  # (BK, R, 1)
         for j0, j1, diag in tiles:
-            skip, pad = _key_tile_padding(mask, j0, j1)
+            skip, pad = _key_tile_padding(mask, j0, j1, K)
             if skip:
                 continue
-            kt, vt = kf[:, :, j0:j1], vf[:, :, j0:j1]  # (B, K, bk, D)
-            s = _masked_scores(qt, kt, diag=diag, pad=pad, i0=i0, i1=i1, j0=j0, j1=j1, offset=offset, groups=G)
-            p = s.sub_(lt).exp2_()  # (B, K, R, bk) the forward's probabilities, recomputed
-            dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), dot)  # (B, K, bk, D), summed over the group
-            ds = torch.matmul(dot, vt.transpose(-1, -2))  # dP: (B, K, R, bk)
+            kt, vt = kf[:, j0:j1], vf[:, j0:j1]  # (BK, bk, D)
+            s = _masked_scores(qt, kt, diag=diag, pad=pad, i0=i0, i1=i1, j0=j0, offset=offset, groups=G)
+            p = s.sub_(lt).exp2_()  # (BK, R, bk) the forward's probabilities, recomputed
+            dv[:, j0:j1].baddbmm_(p.transpose(1, 2), dot)  # dV += P^T dO: (BK, bk, D), summed over the group
+            ds = torch.bmm(dot, vt.transpose(1, 2))  # dP = dO V^T: (BK, R, bk)
             ds.sub_(deltat).mul_(p)  # dS = P * (dP - Delta)
-            dqt += torch.matmul(ds, kt)  # (B, K, R, D)
-            dk[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), qt)  # (B, K, bk, D)
+            dqt.baddbmm_(ds, kt)  # (BK, R, D)
+            dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), qt)  # (BK, bk, D)
     # s = scale * q k^T while qs = q * scale * log2(e): dQ = scale * dS K, dK = scale * dS^T Q = dS^T qs * ln 2
-    dq = _from_rows(dq * scale, G)  # (B, H, Tq, D)
-    return dq.to(q.dtype), (dk * _LN2).to(k.dtype), dv.to(v.dtype)
+    dq4 = _from_rows((dq * scale).view(B, K, Tq * G, D), G)  # (B, H, Tq, D)
+    return dq4.to(q.dtype), (dk * _LN2).view(B, K, Tk, D).to(k.dtype), dv.view(B, K, Tk, D).to(v.dtype)
 
 
 class _FlashAttention(torch.autograd.Function):
