@@ -11,6 +11,12 @@ import importlib
 BENCHES: dict[str, str] = {
     "decode": "attnlab.bench.decode",
     "attention": "attnlab.bench.attention",
+    "ring": "attnlab.bench.ring",
+    "speculative": "attnlab.bench.speculative",
+    "rwkv": "attnlab.bench.rwkv",
+    "norms": "attnlab.bench.norms",
+    "infini": "attnlab.bench.infini",
+    "gqa": "attnlab.bench.gqa",
 }
 
 
