@@ -44,6 +44,24 @@ def timed(fn: Callable[[], object], *, repeats: int = 3, warmup: int = 1) -> tup
     return best, result
 
 
+def timed_pair(a: Callable[[], object], b: Callable[[], object], *, repeats: int = 3,
+               warmup: int = 1) -> tuple[float, object, float, object]:
+    """Best wall times of ``a`` and ``b`` run alternately (a, b, a, b, ...), so that load from other
+    processes hits both alike. Returns (seconds_a, result_a, seconds_b, result_b)."""
+    ra = rb = None
+    for _ in range(warmup):
+        ra, rb = a(), b()
+    best_a = best_b = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ra = a()
+        best_a = min(best_a, time.perf_counter() - start)
+        start = time.perf_counter()
+        rb = b()
+        best_b = min(best_b, time.perf_counter() - start)
+    return best_a, ra, best_b, rb
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v: object) -> str:
         if isinstance(v, float):

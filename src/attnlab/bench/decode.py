@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from attnlab.bench.common import machine, markdown_table, timed, write_json
+from attnlab.bench.common import machine, markdown_table, timed_pair, write_json
 from attnlab.cli import parser
 
 SHAPES = {
@@ -49,8 +49,7 @@ def run(shape: str = "smollm2-135m", prompt_len: int = 32, new_tokens: int = 64,
     def run_ours():
         return attnlab.generate(ours, ids, new_tokens)
 
-    t_hf, out_hf = timed(run_hf, repeats=repeats)
-    t_ours, out_ours = timed(run_ours, repeats=repeats)
+    t_hf, out_hf, t_ours, out_ours = timed_pair(run_hf, run_ours, repeats=repeats)
     same = torch.equal(out_hf, out_ours)
     rows = [
         {"impl": "transformers " + transformers.__version__, "tok_per_s": batch * new_tokens / t_hf, "seconds": t_hf},
