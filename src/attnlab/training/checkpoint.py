@@ -161,3 +161,47 @@ def load_model(directory: str | Path, *, dtype: torch.dtype | None = None) -> to
     model.to(torch.float32 if dtype is None else dtype)  # weights stored in 16 bits are widened by default
     load_state_checked(model, state, str(directory / WEIGHTS_NAME))
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- training state
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as tensors (safetensors) + JSON scalars — no pickling."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars["state"].setdefault(str(idx), {})[key] = value
+    return tensors, scalars
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, t in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for idx, extra in scalars.get("state", {}).items():
+        state.setdefault(int(idx), {}).update(extra)
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+def save_training_state(directory: Path, *, optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor],
+                        state: dict) -> None:
+    """Write optimizer.safetensors, rng.safetensors and trainer_state.json into ``directory``."""
+    opt_tensors, opt_scalars = _flatten_optimizer(optimizer)
+    save_file(opt_tensors, str(directory / "optimizer.safetensors"))
+    save_file({k: v.contiguous() for k, v in rng.items()}, str(directory / "rng.safetensors"))
+    (directory / "trainer_state.json").write_text(json.dumps({**state, "optimizer": opt_scalars}, indent=1) + "\n")
+
+
+def load_training_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(optimizer state_dict, rng tensors, trainer state) from a training checkpoint directory."""
+    needed = ["optimizer.safetensors", "rng.safetensors", "trainer_state.json", CONFIG_NAME, WEIGHTS_NAME]
+    missing = [n for n in needed if not (directory / n).is_file()]
+    if missing:
+        raise ValueError(f"{directory} is not a complete training checkpoint (missing {missing})")
+    state = json.loads((directory / "trainer_state.json").read_text())
+    opt = _unflatten_optimizer(read_weights(directory / "optimizer.safetensors"), state.pop("optimizer"))
+    return opt, read_weights(directory / "rng.safetensors"), state

@@ -1,0 +1,240 @@
+"""``attnlab train``: a model config (``--preset``, ``--config FILE`` and ``--set key=value`` overrides),
+data (the built-in corpus, ``--data PATH`` or a built-in ``--task``), and a training budget.
+
+Examples::
+
+    attnlab train --preset default --out runs/target --max-time 2700
+    attnlab train --preset default-draft --tokenizer runs/target --out runs/draft
+    attnlab train --config my.yaml --set n_kv_heads=2 --steps 2000 --out runs/gqa
+    attnlab train --out runs/target --resume
+    torchrun --nproc-per-node 2 -m attnlab train --preset tiny --out runs/ddp
+    torchrun --nproc-per-node 2 -m attnlab train --preset tiny --context-parallel 2 --out runs/cp
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from attnlab.cli import parser
+from attnlab.config import ModelConfig
+
+# model fields and training settings of the named presets (vocab_size comes from the tokenizer)
+PRESETS: dict[str, dict] = {
+    "default": {"model": dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=1024, max_seq_len=1024),
+                "train": dict(steps=4000, batch_size=16, lr=1e-3, warmup=200, seq_len=256, vocab_size=8192,
+                              save_dtype="bfloat16", eval_every=250, save_every=250)},
+    "default-draft": {"model": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=384, max_seq_len=1024),
+                      "train": dict(steps=3000, batch_size=16, lr=2e-3, warmup=100, seq_len=256, vocab_size=8192,
+                                    save_dtype="bfloat16", eval_every=250, save_every=250)},
+    "tiny": {"model": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256),
+             "train": dict(steps=50, batch_size=8, lr=3e-3, warmup=5, seq_len=64, vocab_size=512, eval_every=25,
+                           save_every=25, eval_windows=8)},
+}
+TRAIN_KEYS = {f.name for f in fields(__import__("attnlab.training.trainer", fromlist=["TrainConfig"]).TrainConfig)}
+EXTRA_KEYS = {"seq_len", "vocab_size"}
+
+
+def _load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml and json raise different errors
+        raise ValueError(f"--config {path} cannot be parsed: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping (model fields and training settings)")
+    return data
+
+
+def _split_settings(flat: dict) -> tuple[dict, dict]:
+    """Split a flat or {"model": ..., "train": ...} mapping into model fields and training settings."""
+    model = dict(flat.get("model", {}))
+    train = dict(flat.get("train", {}))
+    model_keys = {f.name for f in fields(ModelConfig)}
+    for k, v in flat.items():
+        if k in ("model", "train"):
+            continue
+        if k in model_keys:
+            model[k] = v
+        elif k in TRAIN_KEYS | EXTRA_KEYS:
+            train[k] = v
+        else:
+            raise ValueError(f"unknown setting {k!r}: neither a ModelConfig field nor a training setting "
+                             f"({', '.join(sorted(TRAIN_KEYS | EXTRA_KEYS))})")
+    return model, train
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: write key=value, e.g. --set n_kv_heads=2")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare string such as norm=layer
+    return out
+
+
+def build_parser():
+    p = parser("attnlab train", "Train a model (see docs/training.md).")
+    p.add_argument("--out", required=True, help="output model directory (also holds checkpoints/ and metrics)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named model size and training recipe")
+    p.add_argument("--config", help="JSON or YAML file: model fields and training settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument("--data", help="text file, folder of text files, or JSONL with a 'text' field (default: stdlib)")
+    p.add_argument("--task", help="a built-in seq2seq task instead of text: numbers, digits, dates")
+    p.add_argument("--tokenizer", help="reuse the tokenizer.json of this model directory (e.g. a draft for a target)")
+    p.add_argument("--init", help="start from this model directory's weights (e.g. after attnlab convert)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    for name, typ in (("steps", int), ("batch-size", int), ("grad-accum", int), ("seq-len", int), ("lr", float),
+                      ("warmup", int), ("vocab-size", int), ("seed", int), ("eval-every", int), ("save-every", int),
+                      ("max-time", float), ("keep-last", int), ("context-parallel", int)):
+        p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward/backward")
+    p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--max-files", type=int, default=None, help="use only the first N files of the default corpus")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_settings(args) -> tuple[dict, dict]:
+    model, train = {}, {}
+    if args.preset:
+        model.update(PRESETS[args.preset]["model"])
+        train.update(PRESETS[args.preset]["train"])
+    if args.config:
+        m, t = _split_settings(_load_config_file(args.config))
+        model.update(m)
+        train.update(t)
+    m, t = _split_settings(_parse_set(args.set))
+    model.update(m)
+    train.update(t)
+    for key in ("steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup", "vocab_size", "seed", "eval_every",
+                "save_every", "max_time", "keep_last", "save_dtype"):
+        value = getattr(args, key)
+        if value is not None:
+            train[key] = value
+    if args.bf16:
+        train["bf16"] = True
+    return model, train
+
+
+def main(argv: list[str]) -> int:
+    from attnlab.training.distributed import DistContext
+    from attnlab.training.trainer import TrainConfig, Trainer
+
+    args = build_parser().parse_args(argv)
+    model_fields, train = resolve_settings(args)
+    out = Path(args.out)
+    if args.resume and not (out / "checkpoints").is_dir():
+        raise ValueError(f"--resume: nothing to resume in {out} (no checkpoints/); start without --resume")
+    if not args.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out "
+                         f"(nothing was overwritten)")
+    dist_ctx = DistContext.from_env(args.context_parallel or 1)
+    if args.context_parallel and args.context_parallel > 1:
+        model_fields.update(attention_kernel="ring", ring_layout="zigzag")
+    seq_len = int(train.pop("seq_len", 256))
+    vocab_size = int(train.pop("vocab_size", 8192))
+
+    if args.task:
+        from attnlab.tasks.seq2seq_data import build_task_run
+
+        task, model_fields, extra_files, info = build_task_run(args.task, model_fields, seed=train.get("seed", 0))
+    else:
+        task, model_fields, extra_files, info = _text_run(args, model_fields, seq_len, vocab_size, out, dist_ctx)
+
+    cfg = _model_config(model_fields, args)
+    torch.manual_seed(int(train.get("seed", 0)))  # initialisation (and dropout) are reproducible from --seed
+    model = _build(cfg, args)
+    tcfg = TrainConfig(**{k: v for k, v in train.items() if k in TRAIN_KEYS})
+    if dist_ctx.is_main:
+        print(f"model: {cfg.family}, {model.num_parameters():,} parameters; {info}", file=sys.stderr)
+    start = time.time()
+    trainer = Trainer(model, task, tcfg, out, extra_files=extra_files, dist_ctx=dist_ctx, progress=not args.quiet)
+    summary = trainer.fit(resume=args.resume)
+    if dist_ctx.is_main:
+        record = {"command": "attnlab train " + " ".join(argv), "steps": summary["step"],
+                  "best_val_loss": summary["best_val_loss"], "wall_seconds": round(time.time() - start, 1),
+                  "parameters": model.num_parameters(), "info": info, "processes": dist_ctx.world,
+                  "last_eval": next((r for r in reversed(trainer.history) if r.get("split") == "validation"), None)}
+        (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps(record), file=sys.stderr)
+    return 0
+
+
+def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path, dist_ctx):
+    from attnlab.training.corpus import load_corpus
+    from attnlab.training.data import TokenWindows, build_shards
+    from attnlab.training.losses import LMTask
+    from attnlab.training.tokenizer import eos_id, save_tokenizer, train_tokenizer
+
+    corpus = load_corpus(args.data, max_files=args.max_files)
+    tok_source = args.tokenizer or (out if args.resume else None)
+    if tok_source is not None:
+        from tokenizers import Tokenizer
+
+        path = Path(tok_source) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {tok_source}")
+        tok = Tokenizer.from_file(str(path))
+    else:
+        tok = train_tokenizer(corpus.documents["train"], vocab_size)
+    shards = build_shards(corpus, tok)
+    train_bytes = corpus.n_bytes("train")
+    bytes_per_token = train_bytes / max(1, shards["train"].size)
+    task = LMTask(TokenWindows(shards["train"], seq_len, name="train"),
+                  TokenWindows(shards["validation"], seq_len, name="validation"), bytes_per_token=bytes_per_token)
+    model_fields = {**model_fields, "vocab_size": tok.get_vocab_size(), "eos_token_id": eos_id(tok)}
+    model_fields.setdefault("max_seq_len", max(seq_len, 256))
+    if seq_len > model_fields["max_seq_len"]:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_fields['max_seq_len']}")
+
+    def extra_files(directory: Path) -> None:
+        save_tokenizer(tok, directory)
+
+    info = (f"corpus {corpus.name}: {train_bytes / 1e6:.1f} MB train, {shards['train'].size:,} tokens "
+            f"({bytes_per_token:.2f} bytes/token), vocab {tok.get_vocab_size()}")
+    return task, model_fields, extra_files, info
+
+
+def _model_config(model_fields: dict, args) -> ModelConfig:
+    if args.init:
+        from attnlab.training.checkpoint import read_config
+
+        base = read_config(args.init)
+        return base.replace(**{k: v for k, v in model_fields.items() if k in ("dropout", "attention_kernel",
+                                                                                  "ring_layout")})
+    return ModelConfig(**model_fields)
+
+
+def _build(cfg: ModelConfig, args) -> torch.nn.Module:
+    from attnlab.models import build_model
+
+    model = build_model(cfg)
+    if args.init:
+        from attnlab.training.checkpoint import load_state_checked, read_weights
+
+        load_state_checked(model, read_weights(Path(args.init) / "model.safetensors"), str(args.init))
+        for extra in ("tokenizer.json", "special_tokens.json"):
+            src = Path(args.init) / extra
+            if src.is_file() and not Path(args.out, extra).exists():
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, Path(args.out) / extra)
+    return model

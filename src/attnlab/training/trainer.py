@@ -1,0 +1,330 @@
+"""The trainer: AdamW with weight-decay groups, linear warmup + cosine decay, gradient clipping and
+accumulation, optional bf16 autocast, periodic evaluation, progress bar, metrics JSONL and a loss plot,
+atomic checkpoints with bit-exact resume, DDP and context parallelism under torchrun.
+
+It knows nothing about the model: a *task* (``training/losses.py``) hands it batches and a loss.
+
+Layout of ``out``: ``config.json`` + ``model.safetensors`` (+ tokenizer files) — always a loadable model
+directory, refreshed at every save — ``checkpoints/step-NNNNNNN/`` (full training state, the last
+``keep_last`` kept), ``best/`` (the best validation loss so far), ``metrics.jsonl``, ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attnlab.training.checkpoint import (
+    atomic_write_dir,
+    load_state_checked,
+    load_training_state,
+    model_state,
+    read_config,
+    read_weights,
+    save_model,
+    save_training_state,
+)
+from attnlab.training.distributed import DistContext
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0
+    bf16: bool = False
+    eval_every: int = 200
+    eval_windows: int = 32
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    seed: int = 0
+    max_time: float | None = None  # seconds; stop cleanly (with a checkpoint) when exceeded
+    save_dtype: str = "float32"
+
+    def validate(self) -> TrainConfig:
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every", "save_every", "keep_last"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0 or self.clip < 0:
+            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup >= 0 and clip >= 0")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"save_dtype={self.save_dtype!r}: choose float32, bfloat16 or float16")
+        return self
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on biases, norm gains, embeddings or per-head scalars."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 and "embed" not in name
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, task, cfg: TrainConfig, out: str | Path, *,
+                 extra_files: Callable[[Path], None] | None = None, dist_ctx: DistContext | None = None,
+                 progress: bool = True) -> None:
+        self.cfg = cfg.validate()
+        self.model, self.task, self.out = model, task, Path(out)
+        self.extra_files = extra_files
+        self.dist = dist_ctx or DistContext.single()
+        self.progress = progress and self.dist.is_main
+        self.net = self.dist.wrap(model)
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                     fused=False, foreach=False)
+        self.step = 0
+        self.best = float("inf")
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.dist.data_rank)
+        self.stop_requested = False
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_dirs(self) -> list[Path]:
+        root = self.out / "checkpoints"
+        return sorted(root.glob("step-*")) if root.is_dir() else []
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        mine = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
+        return {f"{k}.{r}": v for k, v in mine.items() for r, v in enumerate(self.dist.gather_tensor(v))}
+
+    def save(self) -> None:
+        rng = self._rng_state()  # collective: every rank takes part
+        if not self.dist.is_main:
+            return
+        dtype = getattr(torch, self.cfg.save_dtype)
+        state = {"step": self.step, "best": self.best, "train_config": asdict(self.cfg), "world": self.dist.world}
+
+        def extra(tmp: Path) -> None:
+            save_training_state(tmp, optimizer=self.opt, rng=rng, state=state)
+            if self.extra_files:
+                self.extra_files(tmp)
+
+        ckpt = self.out / "checkpoints" / f"step-{self.step:07d}"
+        save_model(self.model, ckpt, extra_files=extra)  # full precision, atomic
+        for old in self.checkpoint_dirs()[:-self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._refresh_model_dir(dtype)
+
+    def _refresh_model_dir(self, dtype: torch.dtype) -> None:
+        """Keep ``out`` itself a loadable model directory (each file replaced atomically)."""
+        from safetensors.torch import save_file
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg_text = json.dumps({**self.model.config.to_dict(), "_attnlab_format": 1}, indent=2, sort_keys=True) + "\n"
+        _write_file_atomically(self.out / "config.json", lambda p: p.write_text(cfg_text))
+        _write_file_atomically(self.out / "model.safetensors",
+                               lambda p: save_file(model_state(self.model, dtype), str(p), metadata={"format": "pt"}))
+        if self.extra_files:
+            self.extra_files(self.out)
+
+    def resume(self) -> None:
+        dirs = self.checkpoint_dirs()
+        if not dirs:
+            raise ValueError(f"--resume: nothing to resume in {self.out} (no checkpoints/step-*); start without --resume")
+        latest = dirs[-1]
+        saved_cfg = read_config(latest)
+        if saved_cfg != self.model.config:
+            diff = {k: (v, getattr(self.model.config, k)) for k, v in saved_cfg.to_dict().items()
+                    if getattr(self.model.config, k) != v}
+            raise ValueError(f"--resume: the checkpoint in {latest} was trained with a different model config "
+                             f"(saved vs requested: {diff}); use the same config or another --out")
+        opt_state, rng, state = load_training_state(latest)
+        if state.get("world", 1) != self.dist.world:
+            raise ValueError(f"--resume: the checkpoint was written by {state.get('world', 1)} processes, this run "
+                             f"has {self.dist.world}; resume with the same number of processes")
+        load_state_checked(self.model, read_weights(latest / "model.safetensors"), str(latest))
+        self.opt.load_state_dict(opt_state)
+        torch.set_rng_state(rng[f"torch.{self.dist.rank}"])
+        self.generator.set_state(rng[f"data.{self.dist.rank}"])
+        self.step, self.best = int(state["step"]), float(state["best"])
+
+    # ------------------------------------------------------------------ loop
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.cfg.bf16 else torch.autocast("cpu", enabled=False)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.task.eval_batches(self.cfg.eval_windows):
+            with self._autocast():
+                loss, n = self.task.loss(self.model, batch, context_parallel=self.dist.cp)
+            total += self.dist.cp_sum(loss.detach().float()).item() * (n * (self.dist.cp.size if self.dist.cp else 1))
+            count += n * (self.dist.cp.size if self.dist.cp else 1)
+        self.model.train()
+        return self.task.metrics(total / max(count, 1))
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = self.task.train_batch(cfg.batch_size, self.generator)
+            with self._autocast():
+                loss, _ = self.task.loss(self.net, batch, context_parallel=self.dist.cp)
+            (loss / cfg.grad_accum).backward()
+            total += loss.detach().float().item() / cfg.grad_accum
+        self.dist.reduce_context_parallel_grads(self.model)
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.opt.step()
+        self.step += 1
+        return self.dist.cp_sum(torch.tensor(total)).item()
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def fit(self, *, resume: bool = False, on_step: Callable[[Trainer], None] | None = None) -> dict:
+        """Train until ``steps`` (or ``max_time``, or SIGINT/SIGTERM: a checkpoint is saved first)."""
+        from tqdm import tqdm
+
+        if resume:
+            self.resume()
+        elif self.checkpoint_dirs():
+            raise ValueError(f"{self.out} already holds a training run; pass --resume to continue it or choose "
+                             f"another --out (nothing was overwritten)")
+        handlers = self._install_signal_handlers()
+        start, t0 = self.step, time.perf_counter()
+        tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.dist.data_world * self.task_seq_len()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        self.model.train()
+        try:
+            while self.step < self.cfg.steps:
+                loss = self.train_step()
+                elapsed = time.perf_counter() - t0
+                tok_s = tokens_per_step * (self.step - start) / max(elapsed, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                if self.step % self.cfg.log_every == 0:
+                    self._log({"step": self.step, "lr": lr_at(self.step - 1, self.cfg), "train_loss": loss,
+                               "tokens_per_s": tok_s, "elapsed_s": elapsed})
+                last = self.step == self.cfg.steps
+                if self.step % self.cfg.eval_every == 0 or last:
+                    metrics = self.evaluate()
+                    self._log({"step": self.step, "split": "validation", **metrics})
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    if metrics["loss"] < self.best:
+                        self.best = metrics["loss"]
+                        if self.dist.is_main:
+                            atomic_write_dir(self.out / "best", self._write_best)
+                if on_step is not None:
+                    on_step(self)
+                over_time = self.cfg.max_time is not None and elapsed > self.cfg.max_time
+                stop = self.dist.any_flag(self.stop_requested or over_time)
+                if self.step % self.cfg.save_every == 0 or last or stop:
+                    self.save()
+                if stop:
+                    bar.write(f"stopping at step {self.step} ({'time budget' if over_time else 'signal'}); "
+                              f"continue with --resume")
+                    break
+        finally:
+            bar.close()
+            self._restore_signal_handlers(handlers)
+        if self.dist.is_main:
+            self.plot()
+        return {"step": self.step, "best_val_loss": self.best, "seconds": time.perf_counter() - t0}
+
+    def _write_best(self, tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        dtype = getattr(torch, self.cfg.save_dtype)
+        (tmp / "config.json").write_text(json.dumps({**self.model.config.to_dict(), "_attnlab_format": 1}, indent=2,
+                                                    sort_keys=True) + "\n")
+        save_file(model_state(self.model, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if self.extra_files:
+            self.extra_files(tmp)
+
+    def task_seq_len(self) -> int:
+        return int(getattr(getattr(self.task, "train", None), "seq_len", 1))
+
+    # ------------------------------------------------------------------ signals, plot
+    def _install_signal_handlers(self):
+        if threading_main() is False:
+            return None
+
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        return {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signal_handlers(handlers) -> None:
+        for s, h in (handlers or {}).items():
+            signal.signal(s, h)
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = []
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+        val = [(r["step"], r["loss"]) for r in records if r.get("split") == "validation"]
+        if not train and not val:
+            return
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        if train:
+            ax.plot(*zip(*train), label="train", lw=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.out / "loss.png", dpi=110)
+        plt.close(fig)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
