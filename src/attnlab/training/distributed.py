@@ -99,6 +99,14 @@ class DistContext:
         dist.all_reduce(t, group=self.cp.group)
         return t
 
+    def mean_over_data(self, value: float) -> float:
+        """The mean of a per-replica scalar (e.g. the loss) over the data-parallel replicas."""
+        if self.data_world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.dp_group)
+        return float(t.item()) / self.data_world
+
     def reduce_context_parallel_grads(self, model: nn.Module) -> None:
         """Each rank's loss covers its shard only: the full gradient is the sum over the context group."""
         if self.cp is None:

@@ -208,7 +208,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.opt.step()
         self.step += 1
-        return self.dist.cp_sum(torch.tensor(total)).item()
+        return self.dist.mean_over_data(self.dist.cp_sum(torch.tensor(total)).item())
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
