@@ -188,8 +188,11 @@ class Trainer:
                 loss, n = self.task.loss(self.model, batch, context_parallel=self.dist.cp)
             total += self.dist.cp_sum(loss.detach().float()).item() * (n * (self.dist.cp.size if self.dist.cp else 1))
             count += n * (self.dist.cp.size if self.dist.cp else 1)
+        metrics = self.task.metrics(total / max(count, 1))
+        if hasattr(self.task, "evaluate_extra"):  # e.g. exact-match accuracy of a seq2seq task
+            metrics.update(self.task.evaluate_extra(self.model))
         self.model.train()
-        return self.task.metrics(total / max(count, 1))
+        return metrics
 
     def train_step(self) -> float:
         cfg = self.cfg
