@@ -1,0 +1,167 @@
+"""``attnlab bench speculative``: plain greedy decoding vs speculative decoding, side by side.
+
+On the target + draft models (default: the shipped ``default`` and ``default-draft``) and prompts cut
+from the default corpus's *test* split, it times plain greedy decoding, speculative decoding with a fixed
+γ = 1..8, adaptive γ, and prompt lookup, alternating the runs prompt by prompt so that machine load hits
+them alike. Every speculative output is compared with the plain output: a speed-up is reported only for
+identical tokens. It also compares the measured tokens per target call with (1 − α^(γ+1)) / (1 − α) for the
+measured per-token acceptance rate α, and times prompt lookup on input-grounded prompts (a function from
+the test split, then a request to repeat it).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.cli import parser
+
+
+def test_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts of ``length`` tokens from the test split of the default corpus (deterministic)."""
+    from attnlab.training.corpus import load_corpus
+
+    docs = [d for d in load_corpus().documents["test"] if len(d) > 8 * length]
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for i in torch.randperm(len(docs), generator=g)[:n].tolist():
+        ids = tokenizer.encode(docs[i])
+        start = int(torch.randint(0, max(1, len(ids) - length), (1,), generator=g))
+        prompts.append(ids[start:start + length])
+    return prompts
+
+
+def grounded_prompts(tokenizer, n: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    """Input-grounded prompts: a function from the test split, then the start of a verbatim copy."""
+    import re
+
+    from attnlab.training.corpus import load_corpus
+
+    funcs = []
+    for doc in load_corpus().documents["test"]:
+        for m in re.finditer(r"\n(def [^\n]+\n(?:    [^\n]*\n|\n){4,30})", doc):
+            funcs.append(m.group(1))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in torch.randperm(len(funcs), generator=g).tolist():
+        f = funcs[i]
+        ids = tokenizer.encode(f"# original\n{f}\n# the same function, unchanged\n{f.splitlines()[0]}\n")
+        if len(ids) <= max_len:
+            out.append(ids)
+        if len(out) == n:
+            break
+    return out
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_tokens: int,
+        gammas: list[int], repeats: int = 2) -> tuple[list[dict], list[dict]]:
+    from attnlab.hub import from_pretrained, load_tokenizer
+    from attnlab.inference.generate import generate
+    from attnlab.inference.speculative import expected_tokens_per_call, speculative_generate
+
+    target, draft = from_pretrained(target_name), from_pretrained(draft_name)
+    tok = load_tokenizer(target_name)
+    variants = [("plain", None, None)] + [(f"draft γ={g}", draft, g) for g in gammas]
+    variants += [("draft adaptive", draft, max(gammas)), ("prompt lookup γ=4", "prompt_lookup", 4)]
+    prompt_sets = {"test split": test_prompts(tok, n_prompts, prompt_len),
+                   "input-grounded": grounded_prompts(tok, n_prompts, target.config.max_seq_len - new_tokens)}
+    rows, formula = [], []
+    for set_name, prompts in prompt_sets.items():
+        totals = {name: [0.0, 0, 0, 0, 0, 0] for name, _, _ in variants}  # secs, tokens, calls, prop, acc, same
+        for ids in prompts:
+            x = torch.tensor([ids])
+            plain = generate(target, x, new_tokens)  # also the warm-up
+            best: dict[str, tuple[float, object]] = {}
+            for _ in range(repeats):  # every variant once per round: load spikes hit them alike; keep the best
+                for name, d, g in variants:
+                    if d is None:
+                        secs, res = _timed(lambda: (generate(target, x, new_tokens), None))
+                    else:
+                        secs, res = _timed(lambda d=d, g=g, a=name.endswith("adaptive"): speculative_generate(
+                            target, d, x, new_tokens, gamma=g, adaptive=a, return_stats=True))
+                    if name not in best or secs < best[name][0]:
+                        best[name] = (secs, res)
+            for name, _, _ in variants:
+                secs, (out, st) = best[name]
+                tot = totals[name]
+                tot[0] += secs
+                tot[1] += new_tokens
+                if st is not None:
+                    tot[2] += st.target_calls
+                    tot[3] += st.proposed
+                    tot[4] += st.accepted
+                    tot[5] += int(torch.equal(out, plain))
+        base = totals["plain"][1] / totals["plain"][0]
+        for name, d, g in variants:
+            secs, toks, calls, prop, acc, same = totals[name]
+            row = {"prompts": set_name, "method": name, "tok_per_s": toks / secs}
+            if name != "plain":
+                alpha = acc / max(prop, 1)
+                identical = same == len(prompts)
+                row.update(acceptance=alpha, tokens_per_call=toks / max(calls, 1), identical=identical,
+                           speedup=(toks / secs) / base if identical else "outputs differ")
+                if d is not None and not name.endswith("adaptive") and d != "prompt_lookup":
+                    formula.append({"prompts": set_name, "gamma": g, "alpha": alpha,
+                                    "measured_tokens_per_call": toks / max(calls, 1),
+                                    "formula_tokens_per_call": expected_tokens_per_call(alpha, g)})
+            rows.append(row)
+    return rows, formula
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for set_name in sorted({r["prompts"] for r in rows}):
+        pts = [(int(r["method"].split("=")[1]), r["speedup"]) for r in rows if r["prompts"] == set_name
+               and r["method"].startswith("draft γ=") and isinstance(r.get("speedup"), float)]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=f"draft model, {set_name} prompts")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("γ (drafted tokens per target call)")
+    ax.set_ylabel("speed-up over plain greedy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    p = parser("attnlab bench speculative", "Plain vs speculative decoding (draft model, adaptive, prompt lookup).")
+    p.add_argument("--target", default="default")
+    p.add_argument("--draft", default="default-draft")
+    p.add_argument("--prompts", type=int, default=6)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
+    p.add_argument("--repeats", type=int, default=2, help="rounds per prompt; the best time of each method counts")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, formula = run(args.target, args.draft, args.prompts, args.prompt_len, args.new_tokens, args.gammas,
+                        args.repeats)
+    print(f"machine: {machine()}")
+    print(markdown_table(rows, ["prompts", "method", "tok_per_s", "acceptance", "tokens_per_call", "identical",
+                                "speedup"]))
+    print()
+    print(markdown_table(formula, ["prompts", "gamma", "alpha", "measured_tokens_per_call",
+                                   "formula_tokens_per_call"]))
+    if args.plot:
+        plot(rows, args.plot)
+    write_json(args.json, {"machine": machine(), "rows": rows, "formula": formula})
+    return 0
