@@ -55,12 +55,6 @@ def grounded_prompts(tokenizer, n: int, max_len: int, seed: int = 0) -> list[lis
     return out
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
 def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_tokens: int,
         gammas: list[int], repeats: int = 2) -> tuple[list[dict], list[dict]]:
     from attnlab.hub import from_pretrained, load_tokenizer
@@ -82,11 +76,13 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
             best: dict[str, tuple[float, object]] = {}
             for _ in range(repeats):  # every variant once per round: load spikes hit them alike; keep the best
                 for name, d, g in variants:
+                    start = time.perf_counter()
                     if d is None:
-                        secs, res = _timed(lambda: (generate(target, x, new_tokens), None))
+                        res = (generate(target, x, new_tokens), None)
                     else:
-                        secs, res = _timed(lambda d=d, g=g, a=name.endswith("adaptive"): speculative_generate(
-                            target, d, x, new_tokens, gamma=g, adaptive=a, return_stats=True))
+                        res = speculative_generate(target, d, x, new_tokens, gamma=g, adaptive=name.endswith("adaptive"),
+                                                   return_stats=True)
+                    secs = time.perf_counter() - start
                     if name not in best or secs < best[name][0]:
                         best[name] = (secs, res)
             for name, _, _ in variants:
