@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -100,12 +101,13 @@ def _write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
 class Trainer:
     def __init__(self, model: nn.Module, task, cfg: TrainConfig, out: str | Path, *,
                  extra_files: Callable[[Path], None] | None = None, dist_ctx: DistContext | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, verbose: bool = True) -> None:
         self.cfg = cfg.validate()
         self.model, self.task, self.out = model, task, Path(out)
         self.extra_files = extra_files
         self.dist = dist_ctx or DistContext.single()
         self.progress = progress and self.dist.is_main
+        self.verbose = verbose
         self.net = self.dist.wrap(model)
         self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                      fused=False, foreach=False)
@@ -249,7 +251,9 @@ class Trainer:
                 if self.step % self.cfg.eval_every == 0 or last:
                     metrics = self.evaluate()
                     self._log({"step": self.step, "split": "validation", **metrics})
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    if self.dist.is_main and self.verbose:
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                                  file=sys.stderr)
                     if metrics["loss"] < self.best:
                         self.best = metrics["loss"]
                         if self.dist.is_main:
@@ -261,8 +265,9 @@ class Trainer:
                 if self.step % self.cfg.save_every == 0 or last or stop:
                     self.save()
                 if stop:
-                    bar.write(f"stopping at step {self.step} ({'time budget' if over_time else 'signal'}); "
-                              f"continue with --resume")
+                    if self.dist.is_main:
+                        bar.write(f"stopping at step {self.step} ({'time budget' if over_time else 'signal'}); "
+                                  f"continue with --resume", file=sys.stderr)
                     break
         finally:
             bar.close()
