@@ -98,7 +98,7 @@ def cases(draw):
     return (B, K * G, K, Tq, Tk, D), causal, mask, block_q, block_k, seed
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(cases())
 def test_fp32_matches_float64_reference(case):
     shape, causal, mask, block_q, block_k, seed = case
@@ -106,7 +106,7 @@ def test_fp32_matches_float64_reference(case):
     check_against_reference(q, k, v, causal=causal, mask=mask, block_q=block_q, block_k=block_k, tol=FP32)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(cases())
 def test_bf16_matches_float64_reference(case):
     shape, causal, mask, block_q, block_k, seed = case
