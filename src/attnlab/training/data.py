@@ -93,3 +93,11 @@ class TokenWindows:
         n = max(1, min(n_windows, last // self.seq_len + 1))
         starts = torch.linspace(0, last, n).long()
         return [self._gather(starts[i:i + 1]) for i in range(n)]
+
+
+def unigram_cross_entropy(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
+    """Nats per token of the best context-free model: token frequencies of the training split (add-one
+    smoothed) scored on the evaluation split. A language model must beat this to have learnt context."""
+    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(eval_tokens, dtype=np.int64)].mean())
