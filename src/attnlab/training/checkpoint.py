@@ -48,8 +48,10 @@ def atomic_write_dir(directory: str | Path, write: Callable[[Path], None]) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is ordinary readable data
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o644)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)

@@ -93,6 +93,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def _write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    os.chmod(tmp, 0o644)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
