@@ -1,0 +1,36 @@
+"""The tour: report files, sections rendered with figure and verdict, missing capabilities said plainly."""
+
+import json
+
+import pytest
+
+from attnlab.cli import main
+
+
+def test_missing_capabilities_are_reported_and_the_tour_succeeds(tmp_path):
+    assert main(["tour", "--quick", "--out", str(tmp_path), "--only", "seq2seq", "rwkv"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["verdict"] for s in report["sections"]] == ["not available", "not available"]
+    assert "not available" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.html").read_text().startswith("<!doctype html>")
+
+
+def test_measured_sections_have_a_figure_and_a_computed_verdict(tmp_path):
+    assert main(["tour", "--quick", "--out", str(tmp_path), "--only", "gqa", "infini"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    html = (tmp_path / "report.html").read_text()
+    for section in report["sections"]:
+        assert section["verdict"] == "confirmed", section
+        assert (tmp_path / section["figure"]).stat().st_size > 1000
+        assert section["because"] and any(ch.isdigit() for ch in section["because"])
+    assert html.count("data:image/png;base64,") == 2  # self-contained
+
+
+@pytest.mark.slow
+def test_quick_tour_renders_every_section(tmp_path):
+    assert main(["tour", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    for section in report["sections"]:
+        assert section["verdict"] in ("confirmed", "refuted", "depends", "not available")
+        if section["verdict"] != "not available":
+            assert section["figure"] and (tmp_path / section["figure"]).exists()
