@@ -8,7 +8,6 @@ Every subcommand prints a user error (bad config, bad checkpoint, prompt too lon
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 # subcommand -> module with ``main(argv: list[str]) -> int`` (each parses its own flags)
@@ -34,14 +33,9 @@ commands:
 
 
 def _run_delegated(command: str, argv: list[str]) -> int:
-    module_name = DELEGATED[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise ValueError(f"`attnlab {command}` is not available in this version of attnlab") from None
-        raise
-    return int(module.main(argv) or 0)
+    from attnlab.optional import import_or_unavailable
+
+    return int(import_or_unavailable(DELEGATED[command], f"`attnlab {command}`").main(argv) or 0)
 
 
 def _dispatch(argv: list[str]) -> int:

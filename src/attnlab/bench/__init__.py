@@ -5,8 +5,6 @@ Speed and memory claims live here, measured side by side in one run, never in ti
 
 from __future__ import annotations
 
-import importlib
-
 # name -> module implementing ``main(argv: list[str]) -> int``
 BENCHES: dict[str, str] = {
     "decode": "attnlab.bench.decode",
@@ -23,10 +21,6 @@ BENCHES: dict[str, str] = {
 def run_bench(name: str, argv: list[str]) -> int:
     if name not in BENCHES:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHES))}")
-    try:
-        module = importlib.import_module(BENCHES[name])
-    except ModuleNotFoundError as exc:
-        if exc.name == BENCHES[name]:
-            raise ValueError(f"benchmark {name!r} is not available in this version of attnlab") from None
-        raise
-    return int(module.main(argv) or 0)
+    from attnlab.optional import import_or_unavailable
+
+    return int(import_or_unavailable(BENCHES[name], f"benchmark {name!r}").main(argv) or 0)

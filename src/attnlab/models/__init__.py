@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-
 from torch import nn
 
 from attnlab.config import ModelConfig
 from attnlab.models.base import AttnlabModel
 from attnlab.models.decoder import DecoderLM
+from attnlab.optional import import_or_unavailable
 
 # family -> "module:Class"; a family whose module is absent is reported as not available.
 FAMILY_CLASSES: dict[str, str] = {
@@ -23,13 +22,7 @@ def model_class(family: str) -> type[AttnlabModel]:
     if family not in FAMILY_CLASSES:
         raise ValueError(f"family={family!r} is not valid; choose one of: {sorted(FAMILY_CLASSES)}")
     module_name, cls_name = FAMILY_CLASSES[family].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise ValueError(f"family={family!r} is not available in this version of attnlab") from None
-        raise
-    return getattr(module, cls_name)
+    return getattr(import_or_unavailable(module_name, f"family={family!r}"), cls_name)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

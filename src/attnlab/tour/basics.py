@@ -128,17 +128,24 @@ def residuals(out: Path, quick: bool, seed: int) -> Section:
     return s
 
 
+def _norm_setup(quick: bool):
+    """The corpus task and the small base model shared by the normalisation experiments."""
+    from attnlab.bench.norms import build_task
+    from attnlab.config import ModelConfig
+
+    task, vocab = build_task(64, 40 if quick else 150)
+    return task, ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=192, max_seq_len=64)
+
+
 def batchnorm(out: Path, quick: bool, seed: int) -> Section:
     """BatchNorm vs LayerNorm on variable-length batches."""
-    from attnlab.bench.norms import build_task, experiment_batchnorm, plot
-    from attnlab.config import ModelConfig
+    from attnlab.bench.norms import experiment_batchnorm, plot
 
     s = Section("batchnorm", "BatchNorm vs LayerNorm on variable-length batches",
                 "BatchNorm's statistics depend on the batch (its size, the other sequences, the padding), so "
                 "text models use LayerNorm, which normalises each token alone.",
                 "ModelConfig.norm = 'layer' | 'batch' (padding masked) | 'batch_naive' (padding counted)")
-    task, vocab = build_task(64, 40 if quick else 150)
-    base = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=192, max_seq_len=64)
+    task, base = _norm_setup(quick)
     rows, curves = experiment_batchnorm(task, base, 40 if quick else 300)
     plot(curves, str(out / "batchnorm.png"), "LayerNorm vs BatchNorm")
     s.figure, s.rows = "batchnorm.png", rows
@@ -151,15 +158,13 @@ def batchnorm(out: Path, quick: bool, seed: int) -> Section:
 
 
 def placement(out: Path, quick: bool, seed: int) -> Section:
-    from attnlab.bench.norms import build_task, experiment_placement, plot
-    from attnlab.config import ModelConfig
+    from attnlab.bench.norms import experiment_placement, plot
 
     s = Section("placement", "Pre-Norm vs Post-Norm (vs sandwich)",
                 "Pre-Norm keeps an identity path and trains deep stacks stably without warmup; Post-Norm needs "
                 "warmup and its early layers get small gradients.",
                 "ModelConfig.norm_position = 'pre' | 'post' | 'sandwich'")
-    task, vocab = build_task(64, 40 if quick else 150)
-    base = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=192, max_seq_len=64)
+    task, base = _norm_setup(quick)
     depths = [2, 6] if quick else [2, 6, 12]
     rows, curves = experiment_placement(task, base, 30 if quick else 300, depths)
     plot(curves, str(out / "placement.png"), "Pre vs Post vs sandwich")
