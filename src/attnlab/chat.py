@@ -1,0 +1,390 @@
+"""Chat templates and the interactive ``attnlab chat`` loop.
+
+A chat model was fine-tuned on conversations laid out by its *chat template*, a Jinja2 program stored
+with the tokenizer (``tokenizer.chat_template``; GGUF files carry it in their metadata). We render it
+the way Hugging Face does — a sandboxed environment, ``trim_blocks``/``lstrip_blocks``, the variables
+``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token`` and a ``raise_exception`` helper —
+so the model sees exactly the layout it was trained on, then generate until the template's
+end-of-turn token (``<|im_end|>`` for SmolLM2).
+
+Every turn re-renders the whole conversation and prefills it into a fresh KV cache (simple and exact;
+a 135M model prefills a few hundred tokens in well under a second on a CPU). When the conversation
+no longer fits the context, the oldest turns are dropped (the system prompt stays).
+
+    attnlab chat --model smollm2            # interactive; /reset, /stats, /exit
+    echo "What is 2+2?" | attnlab chat      # stdin that is not a terminal: one reply per line, until EOF
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+Message = dict[str, str]
+COMMANDS = "/reset (forget the conversation), /stats (speed and context), /exit (or Ctrl-D)"
+# end-of-turn markers of common templates: generation also stops at these when the template uses them
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+# ----------------------------------------------------------------------------- templates
+@functools.lru_cache(maxsize=8)
+def compile_template(source: str) -> Any:
+    """A chat template compiled in Jinja2's immutable sandbox (templates are untrusted input)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise ValueError(f"the model's chat template is not valid Jinja2 (line {exc.lineno}: {exc.message})") from None
+
+
+def render_chat(template: str, messages: list[Message], *, add_generation_prompt: bool = True,
+                bos_token: str | None = None, eos_token: str | None = None) -> str:
+    """The conversation as the model expects to read it (a string; tokenize it without adding BOS)."""
+    import jinja2
+
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
+    try:
+        return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                 bos_token=bos_token or "", eos_token=eos_token or "")
+    except jinja2.exceptions.TemplateError as exc:
+        raise ValueError(f"the chat template refused this conversation: {exc}") from None
+
+
+def chat_template(tokenizer: Any, model_path: str | Path | None = None) -> str:
+    """The tokenizer's chat template (GGUF metadata), or a Hugging Face directory's, or a clear error."""
+    template = getattr(tokenizer, "chat_template", None)
+    directory = Path(model_path) if model_path is not None else None
+    if template is None and directory is not None and directory.is_dir():
+        jinja_file = directory / "chat_template.jinja"
+        config_file = directory / "tokenizer_config.json"
+        if jinja_file.is_file():
+            template = jinja_file.read_text()
+        elif config_file.is_file():
+            value = json.loads(config_file.read_text()).get("chat_template")
+            template = value if isinstance(value, str) else None
+    if not template:
+        raise ValueError("this model has no chat template (it was not fine-tuned for chat); use "
+                         "`attnlab generate --prompt ...` to continue text instead, or a chat model such as smollm2")
+    return template
+
+
+def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
+    """Token ids that end the assistant's turn: EOS plus the end-of-turn markers the template writes."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    for marker in END_OF_TURN:
+        token_id = tokenizer.backend.token_to_id(marker)
+        if marker in template and token_id is not None and token_id not in ids:
+            ids.append(int(token_id))
+    if not ids:
+        raise ValueError("cannot tell where the model's turn ends: the tokenizer has no EOS token and the chat "
+                         f"template uses none of {', '.join(END_OF_TURN)}")
+    return ids
+
+
+# ----------------------------------------------------------------------------- streaming text
+class TextStream:
+    """Token ids in, printable text out, one whole character at a time.
+
+    A byte-level token may end inside a multi-byte UTF-8 character (an emoji spans several tokens);
+    its decoded text then ends with U+FFFD. Those tokens are held back until the character completes
+    (or 4 tokens later, for a model that really emits an invalid sequence). Special tokens are dropped.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        self.pending.append(int(token_id))
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 4:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+
+def print_stream(piece: str) -> None:
+    """A ``stream=`` target for chat_once: write to stdout as the text arrives."""
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+class _EndOfTurn(Exception):
+    """Raised from the stream callback to stop generation at a second end-of-turn token."""
+
+
+# ----------------------------------------------------------------------------- history
+def trim_history(messages: list[Message], fits: Callable[[list[Message]], bool]) -> list[Message]:
+    """Drop the oldest turns (system messages stay) until ``fits(messages)``; the last message stays.
+
+    A turn is a user message and the replies after it, so the conversation never starts mid-exchange.
+    Returns the trimmed list; raises ValueError if even the system prompt and last message do not fit.
+    """
+    system = [m for m in messages if m["role"] == "system"]
+    rest = [m for m in messages if m["role"] != "system"]
+    while not fits(system + rest):
+        if len(rest) <= 1:
+            raise ValueError("the message is too long for the model's context, even with the conversation "
+                             "history dropped; send a shorter message (or raise --context)")
+        rest = rest[1:]
+        while len(rest) > 1 and rest[0]["role"] != "user":  # drop the rest of that turn too
+            rest = rest[1:]
+    return system + rest
+
+
+# ----------------------------------------------------------------------------- a conversation
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    reply_tokens: int = 0
+    seconds: float = 0.0
+    total_tokens: int = 0
+    turns: int = 0
+    dropped_messages: int = 0
+
+    def line(self, context: int) -> str:
+        if self.turns == 0:
+            return f"[no reply yet; context {context} tokens]"
+        used = self.prompt_tokens + self.reply_tokens
+        rate = self.reply_tokens / max(self.seconds, 1e-9)
+        return (f"[last reply: {self.reply_tokens} tokens in {self.seconds:.2f} s = {rate:.1f} tok/s "
+                f"(prompt {self.prompt_tokens} tokens); session: {self.total_tokens} tokens in {self.turns} "
+                f"replies; context used {used}/{context} ({100 * used / context:.0f}%)"
+                + (f"; {self.dropped_messages} old messages dropped to fit" if self.dropped_messages else "")
+                + "]")
+
+
+@dataclass
+class ChatSession:
+    """A conversation with one model: history, sampling settings, statistics."""
+
+    model: Any
+    tokenizer: Any
+    template: str
+    system: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    context: int | None = None  # tokens (prompt + reply) a turn may use; default: the model's max_seq_len
+    messages: list[Message] = field(default_factory=list)
+    stats: Stats = field(default_factory=Stats)
+
+    def __post_init__(self) -> None:
+        limit = int(self.model.config.max_seq_len)
+        if self.context is None:
+            self.context = limit
+        if not isinstance(self.context, int) or not (0 < self.context <= limit):
+            raise ValueError(f"context={self.context!r} must be between 1 and the model's max_seq_len={limit}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        self.stop_ids = stop_token_ids(self.tokenizer, self.template)
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def encode(self, messages: list[Message]) -> list[int]:
+        text = render_chat(self.template, messages, add_generation_prompt=True,
+                           bos_token=getattr(self.tokenizer, "bos_token", None),
+                           eos_token=getattr(self.tokenizer, "eos_token", None))
+        return self.tokenizer.encode(text)
+
+    def prompt(self, user_text: str) -> tuple[list[Message], list[int]]:
+        """The conversation with ``user_text`` added, trimmed to leave room for a reply, and its ids."""
+        assert self.context is not None
+        encoded: dict[int, list[int]] = {}
+        room = min(self.max_new_tokens, max(1, self.context // 2))  # a long reply never evicts everything
+
+        def fits(messages: list[Message]) -> bool:
+            encoded[len(messages)] = ids = self.encode(messages)
+            return len(ids) + room <= self.context
+
+        full = self.messages + [{"role": "user", "content": user_text}]
+        kept = trim_history(full, fits)
+        return kept, encoded[len(kept)]
+
+    def reply(self, user_text: str, write: Callable[[str], None] | None = None) -> str:
+        """Answer ``user_text``, streaming the text to ``write``; the exchange joins the history."""
+        if not user_text.strip():
+            raise ValueError("empty message")
+        from attnlab.inference.generate import generate
+
+        messages, ids = self.prompt(user_text)
+        assert self.context is not None
+        budget = min(self.max_new_tokens, self.context - len(ids))
+        stream = TextStream(self.tokenizer)
+        produced: list[int] = []
+        stops = set(self.stop_ids)
+
+        def on_token(token: torch.Tensor) -> None:
+            tok = int(token[0])
+            if tok in stops:
+                raise _EndOfTurn
+            produced.append(tok)
+            if write is not None and (piece := stream.push(tok)):
+                write(piece)
+
+        seed = None if self.seed is None else self.seed + self.stats.turns
+        start = time.perf_counter()
+        try:
+            generate(self.model, torch.tensor([ids]), budget, temperature=self.temperature, top_k=self.top_k,
+                     top_p=self.top_p, seed=seed, eos_token_id=self.stop_ids[0], stream=on_token)
+        except _EndOfTurn:
+            pass
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; the conversation goes on
+            if write is not None:
+                write(" [interrupted]")
+        seconds = time.perf_counter() - start
+        if write is not None and (rest := stream.flush()):
+            write(rest)
+        text = self.tokenizer.decode(produced)
+        self.stats.dropped_messages += len(self.messages) + 1 - len(messages)
+        self.messages = messages + [{"role": "assistant", "content": text}]
+        self.stats.prompt_tokens, self.stats.reply_tokens, self.stats.seconds = len(ids), len(produced), seconds
+        self.stats.total_tokens += len(produced)
+        self.stats.turns += 1
+        return text
+
+
+def chat_once(model: Any, tokenizer: Any, text: str, *, system: str | None = None, max_new_tokens: int = 256,
+              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+              seed: int | None = None, context: int | None = None,
+              stream: Callable[[str], None] | None = None) -> str:
+    """One user message in, the model's reply out (greedy by default), rendered with its chat template."""
+    session = ChatSession(model, tokenizer, chat_template(tokenizer), system=system, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context=context)
+    return session.reply(text, stream)
+
+
+# ----------------------------------------------------------------------------- the terminal loop
+def run(session: ChatSession, stdin: TextIO, stdout: TextIO, *, name: str = "assistant") -> int:
+    """Read messages (and /commands) from ``stdin`` until /exit or EOF; stream replies to ``stdout``."""
+    interactive = stdin.isatty()
+
+    def write(piece: str) -> None:
+        stdout.write(piece)
+        stdout.flush()
+
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        write(f"chatting with {name}; commands: {COMMANDS}\n")
+    while True:
+        try:
+            if interactive and stdin is sys.stdin:
+                line = input("you> ")
+            else:
+                if interactive:
+                    write("you> ")
+                line = stdin.readline()
+                if not line:
+                    break
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command = text.split()[0].lower()
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                session.reset()
+                write("[conversation cleared]\n")
+            elif command == "/stats":
+                assert session.context is not None
+                write(session.stats.line(session.context) + "\n")
+            else:
+                write(f"[unknown command {command}; commands: {COMMANDS}]\n")
+            continue
+        if interactive:
+            write(f"{name}> ")
+        try:
+            session.reply(line.rstrip("\n"), write)
+        except ValueError as exc:  # e.g. a message longer than the context: say so and go on
+            write(f"[error: {exc}]")
+        write("\n")
+    return 0
+
+
+def resolve_model(name: str) -> str | Path:
+    """Shipped GGUF names (``smollm2``) to their file; anything else is passed to the hub unchanged."""
+    from attnlab.interop.gguf import SHIPPED_GGUF, find_shipped_gguf
+
+    return find_shipped_gguf(name) if name in SHIPPED_GGUF else name
+
+
+def main(argv: list[str]) -> int:
+    from attnlab.cli import parser
+
+    p = parser("attnlab chat", "Chat with a model that has a chat template (e.g. smollm2). Commands: " + COMMANDS)
+    p.add_argument("--model", default="smollm2", help="shipped name (smollm2), .gguf file or model directory")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's own, if any)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy; default 0.2")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens a turn may use (prompt + reply); default: the model's context")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (on a busy machine, 1 can be several times faster than 2)")
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads={args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
+
+    from attnlab.hub import from_pretrained, load_tokenizer
+
+    source = resolve_model(args.model)
+    model = from_pretrained(source, dtype=getattr(torch, args.dtype))
+    tokenizer = load_tokenizer(source)
+    session = ChatSession(model, tokenizer, chat_template(tokenizer, source), system=args.system,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, context=args.context)
+    return run(session, sys.stdin, sys.stdout, name=Path(str(args.model)).stem)
+
+
+__all__ = ["ChatSession", "TextStream", "chat_once", "chat_template", "compile_template", "main", "print_stream",
+           "render_chat", "run", "stop_token_ids", "trim_history"]
