@@ -64,6 +64,7 @@ def main():
         state = {f"grad.{k}": p.grad.contiguous() for k, p in model.named_parameters()}
         state["loss"] = torch.tensor([loss])
         save_file(state, os.path.join(out, f"{mode}.safetensors"))
+    ctx.close()
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ def main(argv: list[str]) -> int:
                   "last_eval": next((r for r in reversed(trainer.history) if r.get("split") == "validation"), None)}
         (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
         print(json.dumps(record), file=sys.stderr)
+    dist_ctx.close()
     return 0
 
 

@@ -73,6 +73,16 @@ class DistContext:
                 dp_group = group
         return cls(world, rank, cp, dp_group)
 
+    def close(self) -> None:
+        """Wait for every rank, then tear the process group down.
+
+        Leaving gloo's threads alive at interpreter exit can abort a rank ("terminate called without an
+        active exception") after its work is done; every process that ran a collective should call this.
+        """
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.data_world > 1:
             return nn.parallel.DistributedDataParallel(model, process_group=self.dp_group)
