@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from attnlab.attention.kernels import get_kernel
 from attnlab.config import ModelConfig
+from attnlab.layers.linear import Linear
 from attnlab.layers.position import apply_rope
 
 
@@ -29,10 +30,10 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.causal, self.cross = causal and not cross, cross
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        self.q_proj = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.dropout = nn.Dropout(cfg.dropout)
         self.kernel_name = cfg.attention_kernel
         self.kernel = get_kernel(cfg.attention_kernel)

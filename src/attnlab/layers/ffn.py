@@ -11,15 +11,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
+from attnlab.layers.linear import Linear
 
 
 class FFN(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.ffn
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.ffn_bias)
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.ffn_bias) if cfg.ffn == "swiglu" else None
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.ffn_bias)
+        self.up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.ffn_bias)
+        self.gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.ffn_bias) if cfg.ffn == "swiglu" else None
+        self.down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.ffn_bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)

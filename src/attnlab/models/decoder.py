@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
 from attnlab.inference.cache import KVCache
+from attnlab.layers.linear import Linear
 from attnlab.layers.stack import Stack, check_length, positions_from_mask
 from attnlab.models.base import AttnlabModel
 
@@ -25,7 +26,7 @@ class DecoderLM(Stack, AttnlabModel):
         Stack.__init__(self, cfg, cfg.n_layers, causal=True)
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight

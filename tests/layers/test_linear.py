@@ -1,0 +1,66 @@
+"""The decode-time linear: the same function as F.linear, whichever path it takes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnlab.layers import linear as L
+
+
+@pytest.fixture
+def weight():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(640, 384, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 40])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_a_float64_reference(weight, rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 384, generator=g, dtype=torch.float64)
+    b = torch.randn(640, generator=g, dtype=torch.float64) if with_bias else None
+    want = F.linear(x, weight, b)
+    got = L.linear(x.float(), weight.float(), None if b is None else b.float())
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fast_path_is_taken_only_where_it_applies(weight):
+    w = weight.float()
+    assert L.skinny_applies(torch.zeros(1, 1, 384), w)
+    assert L.skinny_applies(torch.zeros(4, 4, 384), w)  # 16 rows
+    assert not L.skinny_applies(torch.zeros(1, 17, 384), w)
+    assert not L.skinny_applies(torch.zeros(1, 384, dtype=torch.bfloat16), w.bfloat16())
+    assert not L.skinny_applies(torch.zeros(1, 8), torch.zeros(8, 8))  # small weight: overhead dominates
+    with L.plain_linear():
+        assert not L.skinny_applies(torch.zeros(1, 1, 384), w)
+    assert L.skinny_applies(torch.zeros(1, 1, 384), w)
+
+
+def test_transposed_input_layouts_and_leading_dims(weight):
+    w = weight.float()
+    x = torch.randn(384, 6).t()  # a (6, 384) view with transposed strides
+    torch.testing.assert_close(L.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    x3 = torch.randn(2, 3, 384)
+    assert L.linear(x3, w).shape == (2, 3, 640)
+    torch.testing.assert_close(L.linear(x3, w), F.linear(x3, w), rtol=1e-5, atol=1e-4)
+
+
+def test_gradients_flow_through_the_fast_path(weight):
+    layer = L.Linear(384, 640)
+    with torch.no_grad():
+        layer.weight.copy_(weight.float())
+    x = torch.randn(1, 3, 384, requires_grad=True)
+    layer(x).square().sum().backward()
+    gx, gw = x.grad.clone(), layer.weight.grad.clone()
+    x.grad = None
+    layer.weight.grad = None
+    with L.plain_linear():
+        layer(x).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gw, layer.weight.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_state_dict_is_that_of_nn_linear():
+    assert list(L.Linear(4, 3).state_dict()) == list(torch.nn.Linear(4, 3).state_dict())
