@@ -42,7 +42,7 @@ def test_greedy_is_identical_to_plain_greedy(target, drafts, kind, gamma, batch)
         out, stats = attnlab.speculative_generate(target, drafts[kind], ids, 30, gamma=gamma, return_stats=True)
         assert torch.equal(out, expected)
         if kind == "self":
-            assert stats.acceptance_rate == 1.0
+            assert stats.acceptance_rate == 1.0 and stats.alpha == 1.0 and stats.rejected == 0
 
 
 def test_acceptance_differs_per_row_and_stays_exact(target, drafts):
@@ -55,6 +55,10 @@ def test_acceptance_differs_per_row_and_stays_exact(target, drafts):
                                               return_stats=True)
     assert torch.equal(out, expected)
     assert 0.0 < stats.acceptance_rate < 1.0
+    # every examined position is accepted or is its round's single rejection
+    assert 0 < stats.rejected <= stats.target_calls * 6
+    assert stats.alpha == stats.accepted / (stats.accepted + stats.rejected)
+    assert stats.alpha >= stats.acceptance_rate
 
 
 def test_eos_and_adaptive_gamma(target, drafts):

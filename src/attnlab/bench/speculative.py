@@ -12,6 +12,7 @@ the test split, then a request to repeat it).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,7 +70,7 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
                    "input-grounded": grounded_prompts(tok, n_prompts, target.config.max_seq_len - new_tokens)}
     rows, formula = [], []
     for set_name, prompts in prompt_sets.items():
-        totals = {name: [0.0, 0, 0, 0, 0, 0] for name, _, _ in variants}  # secs, tokens, calls, prop, acc, same
+        totals = {name: [0.0, 0, 0, 0, 0, 0, 0] for name, _, _ in variants}  # secs, tokens, calls, prop, acc, same, rej
         for ids in prompts:
             x = torch.tensor([ids])
             plain = generate(target, x, new_tokens)  # also the warm-up
@@ -94,15 +95,16 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
                     tot[2] += st.target_calls
                     tot[3] += st.proposed
                     tot[4] += st.accepted
+                    tot[6] += st.rejected
                     tot[5] += int(torch.equal(out, plain))
         base = totals["plain"][1] / totals["plain"][0]
         for name, d, g in variants:
-            secs, toks, calls, prop, acc, same = totals[name]
+            secs, toks, calls, prop, acc, same, rej = totals[name]
             row = {"prompts": set_name, "method": name, "tok_per_s": toks / secs}
             if name != "plain":
-                alpha = acc / max(prop, 1)
+                alpha = acc / max(acc + rej, 1)  # per position: see SpecStats.alpha
                 identical = same == len(prompts)
-                row.update(acceptance=alpha, tokens_per_call=toks / max(calls, 1), identical=identical,
+                row.update(acceptance=acc / max(prop, 1), alpha=alpha, tokens_per_call=toks / max(calls, 1), identical=identical,
                            speedup=(toks / secs) / base if identical else "outputs differ")
                 if d is not None and not name.endswith("adaptive") and d != "prompt_lookup":
                     formula.append({"prompts": set_name, "gamma": g, "alpha": alpha,
@@ -130,6 +132,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -152,8 +155,8 @@ def main(argv: list[str]) -> int:
     rows, formula = run(args.target, args.draft, args.prompts, args.prompt_len, args.new_tokens, args.gammas,
                         args.repeats)
     print(f"machine: {machine()}")
-    print(markdown_table(rows, ["prompts", "method", "tok_per_s", "acceptance", "tokens_per_call", "identical",
-                                "speedup"]))
+    print(markdown_table(rows, ["prompts", "method", "tok_per_s", "acceptance", "alpha", "tokens_per_call",
+                                "identical", "speedup"]))
     print()
     print(markdown_table(formula, ["prompts", "gamma", "alpha", "measured_tokens_per_call",
                                    "formula_tokens_per_call"]))

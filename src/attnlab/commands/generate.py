@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         if stats is not None:
             s = stats.as_dict()
-            print(f"[speculative: acceptance {s['acceptance_rate']:.2f}, {s['tokens_per_call']:.2f} tokens per "
+            print(f"[speculative: acceptance {s['acceptance_rate']:.2f} (α {s['alpha']:.2f} per position), {s['tokens_per_call']:.2f} tokens per "
                   f"target call, mean gamma {s['mean_gamma']:.1f}, target {s['target_time']:.2f} s, "
                   f"draft {s['draft_time']:.2f} s]", file=sys.stderr)
     return 0

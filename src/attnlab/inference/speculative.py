@@ -10,7 +10,7 @@ temperature / top-k / top-p):
 Rejected tokens are rolled back in both caches with ``crop`` (in a batch, rows that accepted fewer
 tokens than the longest get cache holes, so each row stays exact).
 
-Adaptive γ: after each call, with α the running (exponential average) acceptance rate per proposed token
+Adaptive γ: after each call, with α the running (exponential average) per-position acceptance rate
 and c the measured cost of one draft step relative to one target call, the next γ maximises the expected
 tokens per unit of time, (1 - α^(γ+1)) / ((1 - α)(1 + c·γ)), over 1..gamma_max.
 
@@ -36,6 +36,7 @@ class SpecStats:
     target_calls: int = 0
     proposed: int = 0  # draft tokens proposed (summed over rows)
     accepted: int = 0  # of which accepted
+    rejected: int = 0  # proposal rounds (per row) that ended at a rejected token
     generated: int = 0  # tokens committed (summed over rows)
     target_time: float = 0.0
     draft_time: float = 0.0
@@ -44,6 +45,16 @@ class SpecStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Per-position acceptance probability, the α of (1 - α^(γ+1)) / (1 - α).
+
+        Proposals after a rejection are never examined, so accepted / proposed underestimates α; each
+        examined position is either accepted or is the one rejection of its round.
+        """
+        seen = self.accepted + self.rejected
+        return self.accepted / seen if seen else 0.0
 
     @property
     def tokens_per_call(self) -> float:
@@ -56,6 +67,7 @@ class SpecStats:
     def as_dict(self) -> dict:
         return {"target_calls": self.target_calls, "proposed": self.proposed, "accepted": self.accepted,
                 "generated": self.generated, "acceptance_rate": self.acceptance_rate,
+                "rejected": self.rejected, "alpha": self.alpha,
                 "tokens_per_call": self.tokens_per_call, "target_time": self.target_time,
                 "draft_time": self.draft_time, "mean_gamma": sum(self.gammas) / max(1, len(self.gammas))}
 
@@ -180,6 +192,7 @@ def speculative_generate(
         generated: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B  # produced EOS
         streamed, g, alpha, cost = 0, gamma, 0.7, 0.1
+        seen_acc, seen_all = 0.7, 1.0  # running sums behind alpha (prior: 0.7)
         while True:
             active_rows = [b for b in range(B) if not done[b] and len(generated[b]) < max_new_tokens]
             if not active_rows:
@@ -215,6 +228,7 @@ def speculative_generate(
                 row = drafts[b, :n].tolist() + [int(new[b])]
                 stats.proposed += g_round
                 stats.accepted += n
+                stats.rejected += int(n < g_round)
                 if eos_token_id is not None and eos_token_id in row:
                     row = row[: row.index(eos_token_id) + 1]
                     done[b] = True
@@ -227,8 +241,10 @@ def speculative_generate(
                     stream(torch.tensor([r[i] if i < len(r) else eos_token_id for r in generated], device=device))
                 streamed = ready
             if adaptive:
-                rate = float(accepted[active].float().mean()) / g_round
-                alpha = 0.8 * alpha + 0.2 * rate
+                n_acc = float(accepted[active].sum())
+                n_rej = float((accepted[active] < g_round).sum())
+                seen_acc, seen_all = 0.8 * seen_acc + 0.2 * n_acc, 0.8 * seen_all + 0.2 * (n_acc + n_rej)
+                alpha = seen_acc / max(seen_all, 1e-9)
                 step_cost = (t1 - t0) / g_round / max(t2 - t1, 1e-9)
                 cost = 0.8 * cost + 0.2 * step_cost
                 g = choose_gamma(alpha, cost, gamma)
