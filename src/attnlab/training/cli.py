@@ -101,6 +101,10 @@ def build_parser():
     p.add_argument("--task", help="a built-in seq2seq task instead of text: numbers, digits, dates")
     p.add_argument("--tokenizer", help="reuse the tokenizer.json of this model directory (e.g. a draft for a target)")
     p.add_argument("--init", help="start from this model directory's weights (e.g. after attnlab convert)")
+    p.add_argument("--distill", metavar="TEACHER",
+                   help="distil from this model (directory or shipped name): KL to its next-token distribution")
+    p.add_argument("--distill-weight", type=float, default=0.9, help="weight of the KL term (the rest: CE)")
+    p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     for name, typ in (("steps", int), ("batch-size", int), ("grad-accum", int), ("seq-len", int), ("lr", float),
                       ("warmup", int), ("vocab-size", int), ("seed", int), ("eval-every", int), ("save-every", int),
@@ -163,6 +167,15 @@ def main(argv: list[str]) -> int:
     cfg = _model_config(model_fields, args)
     torch.manual_seed(int(train.get("seed", 0)))  # initialisation (and dropout) are reproducible from --seed
     model = _build(cfg, args)
+    if args.distill:
+        from attnlab.hub import from_pretrained
+        from attnlab.training.distill import DistillTask
+
+        if args.task:
+            raise ValueError("--distill works with text training, not with --task")
+        task = DistillTask(task, from_pretrained(args.distill), weight=args.distill_weight,
+                           temperature=args.distill_temperature)
+        task.check_student(model)
     tcfg = TrainConfig(**{k: v for k, v in train.items() if k in TRAIN_KEYS})
     if dist_ctx.is_main:
         print(f"model: {cfg.family}, {model.num_parameters():,} parameters; {info}", file=sys.stderr)
@@ -174,10 +187,20 @@ def main(argv: list[str]) -> int:
                   "best_val_loss": summary["best_val_loss"], "wall_seconds": round(time.time() - start, 1),
                   "parameters": model.num_parameters(), "info": info, "processes": dist_ctx.world,
                   "last_eval": next((r for r in reversed(trainer.history) if r.get("split") == "validation"), None)}
+        if args.task:  # the held-out test split, scored once with the best checkpoint
+            record["test_exact_match"] = _test_exact_match(args.task, out)
         (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
         print(json.dumps(record), file=sys.stderr)
     dist_ctx.close()
     return 0
+
+
+def _test_exact_match(task: str, out: Path) -> float:
+    from attnlab.tasks.seq2seq_data import exact_match, test_split
+    from attnlab.training.checkpoint import load_model
+
+    best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
+    return exact_match(load_model(best), test_split(task))
 
 
 def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path, dist_ctx):

@@ -1,0 +1,72 @@
+"""Knowledge distillation: train a small model (a speculative draft) to imitate a teacher's next-token
+distribution rather than only the data's next token (Hinton et al. 2015; for drafts, the DistillSpec
+recipe of Zhou et al. 2024: the draft's value is how often it agrees with the target).
+
+Loss on each window, with teacher logits t and student logits s at temperature τ:
+
+    w · τ² · KL(softmax(t / τ) || softmax(s / τ)) + (1 - w) · cross-entropy(s, next token)
+
+The teacher runs without gradients in its own precision. Evaluation adds ``top1_agree``: how often the
+student's argmax equals the teacher's, which is the per-position acceptance rate α of greedy speculative
+decoding on this data.
+
+Shape legend: B batch, T window length, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.training.losses import LMTask
+
+
+class DistillTask(LMTask):
+    def __init__(self, base: LMTask, teacher: torch.nn.Module, *, weight: float = 0.9, temperature: float = 1.0):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"--distill-weight {weight} must be in [0, 1]")
+        if temperature <= 0:
+            raise ValueError(f"--distill-temperature {temperature} must be > 0")
+        super().__init__(base.train, base.validation, bytes_per_token=base.bytes_per_token)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.weight, self.temperature = weight, temperature
+
+    def check_student(self, model: torch.nn.Module) -> None:
+        s, t = model.config.vocab_size, self.teacher.config.vocab_size
+        if s != t:
+            raise ValueError(f"--distill: the teacher's vocabulary ({t}) differs from the student's ({s}); "
+                             f"train the student with --tokenizer <teacher directory>")
+
+    def loss(self, model, batch: Tensor, *, context_parallel=None) -> tuple[Tensor, int]:
+        if context_parallel is not None:
+            raise ValueError("--distill does not combine with --context-parallel")
+        x, y = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
+        with torch.no_grad():
+            t_logits = self.teacher(x).float()  # (B, T, V)
+        s_logits = model(x).float()  # (B, T, V)
+        ce = F.cross_entropy(s_logits.flatten(0, 1), y.flatten())
+        tau = self.temperature
+        kl = F.kl_div(F.log_softmax(s_logits / tau, -1).flatten(0, 1), F.log_softmax(t_logits / tau, -1).flatten(0, 1),
+                      log_target=True, reduction="batchmean")
+        return self.weight * tau * tau * kl + (1 - self.weight) * ce, y.numel()
+
+    def metrics(self, mean_loss: float) -> dict[str, float]:
+        return {"loss": mean_loss}  # the distillation objective; cross-entropy comes from evaluate_extra
+
+    @torch.no_grad()
+    def evaluate_extra(self, model) -> dict[str, float]:
+        agree = total = 0
+        ce_sum = 0.0
+        for batch in self.eval_batches(8):
+            x, y = batch[:, :-1], batch[:, 1:]
+            s_logits = model(x).float()
+            agree += int((s_logits.argmax(-1) == self.teacher(x).argmax(-1)).sum())
+            total += y.numel()
+            ce_sum += float(F.cross_entropy(s_logits.flatten(0, 1), y.flatten(), reduction="sum"))
+        out = {"top1_agree": agree / max(total, 1), "ce": ce_sum / max(total, 1)}
+        if self.bytes_per_token:
+            out["bpb"] = out["ce"] / math.log(2) / self.bytes_per_token
+        return out
