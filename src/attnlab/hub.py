@@ -14,7 +14,7 @@ import torch
 
 from attnlab.training.checkpoint import CONFIG_NAME, is_attnlab_dir, load_model
 
-SHIPPED = {"default": "default", "default-draft": "default-draft"}
+SHIPPED = {"default": "default", "default-draft": "default-draft", "numbers": "numbers"}
 
 
 def shipped_dir(name: str) -> Path:
