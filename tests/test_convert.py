@@ -78,3 +78,43 @@ def test_info_longest_context_matches_real_allocations():
         fits = KVCache(cfg.n_layers, 1, row["n_kv_heads"], cfg.head_dim, n)
         too_big = KVCache(cfg.n_layers, 1, row["n_kv_heads"], cfg.head_dim, n + 1)
         assert fits.nbytes() <= budget < too_big.nbytes()
+
+
+def test_info_cli_figures_match_what_new_cache_allocates(tmp_path, capsys):
+    model = mha(position="rope")  # 8 query / 8 KV heads, context 64
+    budget = 5000  # bytes: every K's longest context stays inside the model's 64 positions
+    assert main(["info", "--model", str(_save(model, tmp_path)), "--memory", str(budget)]) == 0
+    table = {}
+    for line in capsys.readouterr().out.splitlines():
+        parts = line.split()
+        if parts and parts[0].isdigit() and parts[1] in ("MHA", "GQA", "MQA"):
+            table[int(parts[0])] = (int(parts[2].replace(",", "")), int(parts[5].replace(",", "")))
+    assert sorted(table) == [1, 2, 4, 8]
+    for k, (per_token, longest) in table.items():
+        conv = to_kv_heads(model, k)  # the model `attnlab convert --kv-heads k` would write
+        assert conv.new_cache(1, 1).nbytes() == per_token
+        assert conv.new_cache(1, longest).nbytes() <= budget < conv.new_cache(1, longest + 1).nbytes()
+
+
+def test_uptraining_a_converted_model_keeps_its_tokenizer(tmp_path, monkeypatch):
+    import sysconfig
+    from pathlib import Path
+
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "cache"))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in sorted(stdlib.glob("*.py"))[:12]:
+        (data / f.name).write_text(f.read_text(encoding="utf-8", errors="replace"))
+    common = ["--quiet", "--data", str(data), "--seq-len", "32", "--batch-size", "4", "--steps", "2"]
+    base, conv, up = tmp_path / "base", tmp_path / "conv", tmp_path / "up"
+    assert main(["train", "--preset", "tiny", "--vocab-size", "300", *common, "--out", str(base)]) == 0
+    assert main(["convert", "--model", str(base), "--kv-heads", "1", "--out", str(conv)]) == 0
+    # a different --vocab-size must not train a new tokenizer: --init brings the model's own
+    assert main(["train", "--init", str(conv), "--vocab-size", "280", *common, "--out", str(up)]) == 0
+    assert (up / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    model = attnlab.from_pretrained(up)
+    assert model.config.n_kv_heads == 1 and model.config.vocab_size == 300
+    tok = attnlab.load_tokenizer(up)
+    ids = torch.tensor([tok.encode("def f(x):\n    return")])
+    assert attnlab.generate(model, ids, 4).shape == (1, ids.shape[1] + 4)

@@ -89,5 +89,12 @@ def main(argv: list[str]) -> int:
                 f"{human(row['bytes_per_token'] * cfg.max_seq_len):>15}")
         if memory is not None:
             line += f"  {row['max_context']:>22,}"
-        print(line + ("   <- this model" if row["current"] else ""))
+        if row["current"]:
+            line += "   <- this model"
+        elif cfg.n_kv_heads % row["n_kv_heads"] == 0:
+            line += f"   attnlab convert --kv-heads {row['n_kv_heads']}"
+        print(line)
+    if memory is not None:
+        print(f"\n(max context: KV cache alone, batch 1, weights not counted; the model was trained for "
+              f"{cfg.max_seq_len} positions)")
     return 0

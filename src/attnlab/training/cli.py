@@ -211,6 +211,8 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path
 
     corpus = load_corpus(args.data, max_files=args.max_files)
     tok_source = args.tokenizer or (out if args.resume else None)
+    if tok_source is None and args.init and (Path(args.init) / "tokenizer.json").is_file():
+        tok_source = args.init  # uptraining (e.g. after attnlab convert) keeps the model's own tokenizer
     if tok_source is not None:
         from tokenizers import Tokenizer
 
@@ -243,6 +245,9 @@ def _model_config(model_fields: dict, args) -> ModelConfig:
         from attnlab.training.checkpoint import read_config
 
         base = read_config(args.init)
+        if model_fields.get("vocab_size", 0) > base.vocab_size:
+            raise ValueError(f"--init {args.init}: the tokenizer has {model_fields['vocab_size']} tokens, the model "
+                             f"only {base.vocab_size}; use the model's own tokenizer (--tokenizer {args.init})")
         return base.replace(**{k: v for k, v in model_fields.items() if k in ("dropout", "attention_kernel",
                                                                                   "ring_layout")})
     return ModelConfig(**model_fields)
