@@ -117,6 +117,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.dist.data_rank)
         self.stop_requested = False
         self.history: list[dict] = []
+        self.tokens_seen = 0  # since this process started (a rate, not part of the checkpoint)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dirs(self) -> list[Path]:
@@ -206,8 +207,10 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             batch = self.task.train_batch(cfg.batch_size, self.generator)
             with self._autocast():
-                loss, _ = self.task.loss(self.net, batch, context_parallel=self.dist.cp)
+                loss, n_tokens = self.task.loss(self.net, batch, context_parallel=self.dist.cp)
             (loss / cfg.grad_accum).backward()
+            # target tokens this step, over the context group and the data-parallel replicas (for tokens/s)
+            self.tokens_seen += n_tokens * (self.dist.cp.size if self.dist.cp else 1) * self.dist.data_world
             total += loss.detach().float().item() / cfg.grad_accum
         self.dist.reduce_context_parallel_grads(self.model)
         if cfg.clip > 0:
@@ -233,8 +236,8 @@ class Trainer:
             raise ValueError(f"{self.out} already holds a training run; pass --resume to continue it or choose "
                              f"another --out (nothing was overwritten)")
         handlers = self._install_signal_handlers()
-        start, t0 = self.step, time.perf_counter()
-        tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.dist.data_world * self.task_seq_len()
+        t0 = time.perf_counter()
+        tokens_start = self.tokens_seen
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         self.model.train()
@@ -242,7 +245,7 @@ class Trainer:
             while self.step < self.cfg.steps:
                 loss = self.train_step()
                 elapsed = time.perf_counter() - t0
-                tok_s = tokens_per_step * (self.step - start) / max(elapsed, 1e-9)
+                tok_s = (self.tokens_seen - tokens_start) / max(elapsed, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 if self.step % self.cfg.log_every == 0:
@@ -286,9 +289,6 @@ class Trainer:
         save_file(model_state(self.model, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if self.extra_files:
             self.extra_files(tmp)
-
-    def task_seq_len(self) -> int:
-        return int(getattr(getattr(self.task, "train", None), "seq_len", 1))
 
     # ------------------------------------------------------------------ signals, plot
     def _install_signal_handlers(self):
