@@ -38,3 +38,15 @@ def test_quick_tour_renders_every_section(tmp_path):
         assert section["verdict"] in ("confirmed", "refuted", "depends", "not available")
         if section["verdict"] != "not available":
             assert section["figure"] and (tmp_path / section["figure"]).exists()
+
+
+def test_seq2seq_section_on_the_shipped_numbers_model(tmp_path):
+    pytest.importorskip("attnlab.hub").shipped_dir("numbers")
+    assert main(["tour", "--quick", "--out", str(tmp_path), "--only", "seq2seq"]) == 0
+    (section,) = json.loads((tmp_path / "report.json").read_text())["sections"]
+    assert section["verdict"] == "confirmed", section
+    values = {row["model"]: row["value"] for row in section["rows"]}
+    assert values["encoder (bidirectional)"] == 6 and values["decoder (causal)"] == 0
+    assert values["encoder-decoder (the shipped `numbers` model)"] >= 0.9
+    assert values["same, cross-attention removed"] < 0.1
+    assert (tmp_path / section["figure"]).stat().st_size > 1000
