@@ -15,6 +15,7 @@ import torch
 from attnlab.training.checkpoint import CONFIG_NAME, is_attnlab_dir, load_model
 
 SHIPPED = {"default": "default", "default-draft": "default-draft", "numbers": "numbers"}
+SHIPPED_GGUF = ("smollm2",)  # names that attnlab.interop.gguf.find_shipped_gguf resolves
 
 
 def shipped_dir(name: str) -> Path:
@@ -32,9 +33,13 @@ def resolve_path(path_or_name: str | Path) -> Path:
     text = str(path_or_name)
     if text in SHIPPED:
         return shipped_dir(text)
+    if text in SHIPPED_GGUF:  # a registry package that ships a GGUF file (clear error when absent)
+        from attnlab.interop.gguf import find_shipped_gguf
+
+        return find_shipped_gguf(text)
     path = Path(text).expanduser()
     if not path.exists():
-        names = ", ".join(repr(n) for n in SHIPPED)
+        names = ", ".join(repr(n) for n in (*SHIPPED, *SHIPPED_GGUF))
         raise FileNotFoundError(f"no model at {text!r}: give a model directory, a .gguf file, or one of {names}")
     return path
 
