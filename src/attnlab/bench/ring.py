@@ -13,6 +13,7 @@ P = 4 runs share cores, so their times measure the algorithm's overheads, not a 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import socket
 import subprocess
@@ -34,7 +35,22 @@ def _free_port() -> int:
 
 
 def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident set since the last ``_reset_peak`` (since start where that is unsupported)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reset_peak() -> None:
+    """Restart the peak from the current resident set (Linux: writing 5 to clear_refs resets VmHWM), so that
+    a peak reached earlier — importing, or building the full inputs before sharding them — cannot hide or
+    inflate the one being measured."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D: int, layout: str) -> None:
@@ -51,6 +67,8 @@ def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D
     result: dict = {}
     if world == 1:
         ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+        del q, k, v
+        _reset_peak()
         base = _rss_bytes()
         start = time.perf_counter()
         out_t, _ = flash_attention(ql, kl, vl, causal=True)
@@ -60,6 +78,7 @@ def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         ql, kl, vl = (shard(t, rank, world, layout=layout, dim=2).clone().requires_grad_() for t in (q, k, v))
         del q, k, v
+        _reset_peak()
         base = _rss_bytes()
         start = time.perf_counter()
         out_t = ring_attention(ql, kl, vl, causal=True, layout=layout, timeout=600)

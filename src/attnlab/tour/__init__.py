@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import platform
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def run_section(key: str, title: str, fn: Callable | None, out: Path, quick: boo
             section = fn(out, quick, seed)
         except FileNotFoundError as exc:  # a shipped model this section needs is absent
             section = Section(key, title, "—", "—", verdict="not available", because=str(exc).split(";")[0])
+        except Exception as exc:  # noqa: BLE001 - one failing experiment must not lose the others' report
+            traceback.print_exc()
+            section = Section(key, title, "—", "—", verdict="not available",
+                              because=f"the experiment failed in this run: {type(exc).__name__}: {exc}")
     section.seconds = time.perf_counter() - start
     return section
 

@@ -89,9 +89,9 @@ def ring(out: Path, quick: bool, seed: int) -> Section:
     s = Section("ring", "Ring attention across processes",
                 "Sharding the sequence over P processes and passing K/V around a ring computes exact attention "
                 "with per-process memory ~1/P.", "ModelConfig.attention_kernel = 'ring'; attnlab.attention.ring_attention")
-    T = 2048 if quick else 8192
+    T = 8192 if quick else 16384
     rows = []
-    for world in (1, 2):
+    for world in (1, 4):
         ranks = run_world(world, T, 8, 8, 64, "zigzag")
         rows.append({"P": world, "max_err": max(r["max_err"] for r in ranks),
                      "peak_MiB_per_rank": max(r["peak_extra"] for r in ranks) / 2**20,
@@ -101,10 +101,15 @@ def ring(out: Path, quick: bool, seed: int) -> Section:
     ax.bar([f"P={r['P']}" for r in rows], [r["peak_MiB_per_rank"] for r in rows])
     ax.set_ylabel("peak extra MiB per process")
     s.figure, s.rows = _save(fig, out, "ring.png"), rows
-    ratio = rows[1]["peak_MiB_per_rank"] / rows[0]["peak_MiB_per_rank"]
-    s.measured = f"causal attention fwd+bwd over T={T} on 1 and 2 gloo processes (zigzag layout)"
-    s.verdict = "confirmed" if rows[1]["max_err"] < 1e-5 and ratio < 0.9 else "depends"
-    s.because = f"2 processes: max error {rows[1]['max_err']:.1e}, per-process memory {ratio:.2f}x of one process"
+    ratio = rows[1]["peak_MiB_per_rank"] / max(rows[0]["peak_MiB_per_rank"], 1e-9)
+    s.measured = f"causal attention fwd+bwd over T={T} on 1 and 4 gloo processes (zigzag layout)"
+    exact = rows[1]["max_err"] < 1e-5
+    s.verdict = "confirmed" if exact and ratio <= 1.5 / 4 else ("depends" if exact else "refuted")
+    s.because = (f"4 processes: max error {rows[1]['max_err']:.1e}; per-process memory {ratio:.2f}x of one process "
+                 f"(ideal 0.25x)")
+    if exact and ratio > 1.5 / 4:
+        s.because += ("; at this length the buffers each rank keeps (K/V in flight, travelling dK/dV, gradient "
+                      "blocks) weigh about as much as its share of the activations")
     return s
 
 
