@@ -44,7 +44,7 @@ def run_ranks(world: int, tmp_path, mode: str = "check", limit: float = 240) -> 
     return results
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])  # 1: a group of one must work too
 def test_ring_equals_single_process_attention_and_training_step(world, tmp_path):
     for rank_result in run_ranks(world, tmp_path):
         for case, errs in rank_result["attention"].items():
