@@ -34,6 +34,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
         self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        # one (H + 2K)·D projection replacing q/k/v at inference time (attnlab.inference.fast), else None
+        self.qkv_proj: nn.Module | None = None
         self.dropout = nn.Dropout(cfg.dropout)
         self.kernel_name = cfg.attention_kernel
         self.kernel = get_kernel(cfg.attention_kernel)
@@ -57,19 +59,31 @@ class MultiHeadAttention(nn.Module):
         memory: Tensor | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
+        if self.qkv_proj is not None:  # fused for decoding: one weight read instead of three
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                              self.n_kv_heads * self.head_dim], dim=-1)
+            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            return self._attend(q, k, v, rope, key_mask, cache, layer)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if self.cross:
             if cache is not None:  # computed on the first decode step, reused by every later one
                 k, v = cache.cross_kv(layer, lambda: self.project_kv(memory))
             else:
                 k, v = self.project_kv(memory)  # (B, K, S, D) from the encoder output
-        else:
-            k, v = self.project_kv(x)  # (B, K, T, D)
-            if rope is not None:
-                cos, sin = rope
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if cache is not None:
-                k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
+            return self._attend(q, k, v, None, key_mask, None, layer)
+        k, v = self.project_kv(x)  # (B, K, T, D)
+        return self._attend(q, k, v, rope, key_mask, cache, layer)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, rope, key_mask: Tensor | None, cache, layer: int) -> Tensor:
+        """Positions, cache and kernel for projected q (B, H, T, D), k/v (B, K, T, D) -> (B, T, C)."""
+        B, _, T, _ = q.shape
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
         out, _ = self.kernel(q, k, v, causal=self.causal, mask=key_mask, scale=None)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.dropout(self.o_proj(out))

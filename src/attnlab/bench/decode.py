@@ -1,17 +1,32 @@
-"""``attnlab bench decode``: greedy decode tokens/s of attnlab vs Hugging Face ``generate``, same weights.
+"""``attnlab bench decode``: prefill and decode tokens/s of attnlab's fast path vs Hugging Face ``generate``
+on the same weights, at each precision, with the memory-bandwidth roofline measured in the same run.
 
-Both run on one random Llama-shaped checkpoint (SmolLM2-135M geometry by default: 30 layers, d 576,
-9 heads / 3 KV heads, tied 49,152 vocabulary) written once to a temporary directory and loaded by each
-library. The tokens must be identical: a speed-up is reported only when they are.
+Models: a random Llama with SmolLM2-135M's geometry (30 layers, d 576, 9 heads / 3 KV heads, tied 49,152
+vocabulary; ``smollm2-135m``) and the shipped default target (``default``, exported to a HF Llama
+directory) — both written once and loaded by each library. For every (batch, prompt length):
+
+- HF ``generate`` in fp32 and bf16; attnlab ``prepare_for_decode`` in fp32, bf16 and int8 (optionally
+  also compiled, ``--compile``).
+- prefill tok/s = batch x prompt / time of the first token; decode tok/s = batch x (N - 1) / (time of
+  N tokens - time of 1 token): the per-token cost after the prompt.
+- same tokens: attnlab fp32 must give HF fp32's greedy tokens, or no speed-up is reported for any row
+  of that setting. Lower precisions are compared with attnlab fp32 (``agree`` = fraction of equal
+  tokens; random weights give near-flat logits, so low-precision tokens are only meaningful on ``default``).
+- roofline = weight bytes read per decode step x decode steps/s / bandwidth of a large ``copy_``
+  probe (bytes copied per second) measured in the same run.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import tempfile
+import time
+from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import machine, markdown_table, timed_pair, write_json
+from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.cli import parser
 
 SHAPES = {
@@ -20,66 +35,213 @@ SHAPES = {
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                          rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True),
 }
+HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def run(shape: str = "smollm2-135m", prompt_len: int = 32, new_tokens: int = 64, batch: int = 1,
-        repeats: int = 3, seed: int = 0) -> list[dict]:
-    try:
-        import transformers
-    except ImportError:
-        raise ValueError("this benchmark compares against Hugging Face transformers: pip install transformers") from None
+def bandwidth_probe(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s copied by ``dst.copy_(src)`` on a buffer far larger than the caches (each byte counted once, as
+    the bytes a decode step streams are: the roofline divides weight bytes by this rate)."""
+    n = megabytes * (1 << 20) // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return n * 4 / best
+
+
+def hf_llama_from_attnlab(model, directory: Path) -> None:
+    """Write an attnlab Llama-shaped decoder as a HF ``LlamaForCausalLM`` directory (same weights)."""
+    import transformers
+
+    from attnlab.interop.hf import LLAMA_NAMES, _expand
+
+    cfg = model.config
+    if cfg.family != "decoder" or cfg.norm != "rms" or cfg.ffn != "swiglu" or cfg.position != "rope":
+        raise ValueError("only Llama-shaped decoders (rms norm, swiglu, rope) can be exported to HF Llama")
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.attn_qkv_bias)
+    ours = model.state_dict()
+    state = {hf_name: ours[name] for pattern, target in LLAMA_NAMES.items()
+             for hf_name, name in _expand(pattern, target, cfg) if name in ours}
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"export to HF Llama failed: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    hf.save_pretrained(directory)
+
+
+def _time_generate(fn, new_tokens: int, repeats: int) -> tuple[float, float, torch.Tensor]:
+    """(seconds for 1 token, seconds for ``new_tokens``, the tokens) — best of ``repeats`` each."""
+    fn(2)  # warm-up
+    t1 = min(_wall(lambda: fn(1)) for _ in range(repeats))
+    tn, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(new_tokens)
+        tn = min(tn, time.perf_counter() - start)
+    return t1, tn, out
+
+
+def _wall(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                compile_too: bool, bandwidth: float, seed: int = 0) -> list[dict]:
+    import transformers
+
     import attnlab
+    from attnlab.inference.fast import prepare_for_decode, weight_bytes
 
-    if shape not in SHAPES:
-        raise ValueError(f"unknown --shape {shape!r}; choose one of {sorted(SHAPES)}")
-    torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[shape])).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        ours = attnlab.from_pretrained(tmp)
-    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, prompt_len))
+    base = attnlab.from_pretrained(hf_dir).eval()
+    vocab = base.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    rows: list[dict] = []
 
-    def run_hf():
-        with torch.inference_mode():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    def add(impl: str, precision: str, t1: float, tn: float, out: torch.Tensor, wbytes: int | None) -> None:
+        decode = batch * (new_tokens - 1) / max(tn - t1, 1e-9)
+        row = {"model": name, "impl": impl, "precision": precision, "batch": batch, "prompt": prompt_len,
+               "prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": decode, "tokens": out}
+        if wbytes is not None:
+            row["roofline"] = wbytes * (decode / batch) / bandwidth
+        rows.append(row)
 
-    def run_ours():
-        return attnlab.generate(ours, ids, new_tokens)
+    for precision, dtype in HF_DTYPES.items():
+        hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
 
-    t_hf, out_hf, t_ours, out_ours = timed_pair(run_hf, run_ours, repeats=repeats)
-    same = torch.equal(out_hf, out_ours)
-    rows = [
-        {"impl": "transformers " + transformers.__version__, "tok_per_s": batch * new_tokens / t_hf, "seconds": t_hf},
-        {"impl": "attnlab (eager, fp32)", "tok_per_s": batch * new_tokens / t_ours, "seconds": t_ours},
-    ]
-    for r in rows:
-        r.update(shape=shape, batch=batch, prompt=prompt_len, new=new_tokens, same_tokens=same)
-    rows[1]["speedup_vs_hf"] = (t_hf / t_ours) if same else "outputs differ: not reported"
+        def run_hf(n: int, hf=hf) -> torch.Tensor:
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=0)[:, prompt_len:]
+
+        add(f"transformers {transformers.__version__}", precision, *_time_generate(run_hf, new_tokens, repeats), None)
+        del hf
+    variants = [(p, False) for p in ("fp32", "bf16", "int8")] + ([(p, True) for p in ("fp32", "bf16", "int8")]
+                                                                 if compile_too else [])
+    for precision, compiled in variants:
+        model = prepare_for_decode(copy.deepcopy(base), precision=precision, compile=compiled)
+
+        def run_ours(n: int, model=model) -> torch.Tensor:
+            return attnlab.generate(model, ids, n)[:, prompt_len:]
+
+        impl = "attnlab" + (" compiled" if compiled else "")
+        add(impl, precision, *_time_generate(run_ours, new_tokens, repeats), weight_bytes(model))
+        del model
+    _judge(rows)
     return rows
 
 
+def _judge(rows: list[dict]) -> None:
+    """Fill same_tokens / agree / speed-ups; a speed-up is reported only when the fp32 tokens match HF."""
+    hf = {r["precision"]: r for r in rows if r["impl"].startswith("transformers")}
+    ours32 = next(r for r in rows if r["impl"] == "attnlab" and r["precision"] == "fp32")
+    exact = torch.equal(ours32["tokens"], hf["fp32"]["tokens"])
+    for r in rows:
+        ref = hf["fp32"] if r["precision"] == "fp32" else ours32
+        r["agree"] = float((r["tokens"] == ref["tokens"]).float().mean())
+        if r["impl"].startswith("attnlab"):
+            r["same_tokens"] = torch.equal(r["tokens"], ref["tokens"])
+            target = hf.get(r["precision"], hf["bf16"])  # int8 is compared with HF's best low precision
+            r["vs_hf"] = (r["decode_tok_s"] / target["decode_tok_s"]) if exact else "outputs differ: not reported"
+            r["vs_hf_fp32"] = (r["decode_tok_s"] / hf["fp32"]["decode_tok_s"]) if exact else "n/a"
+    for r in rows:
+        r.pop("tokens")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({(r["model"], r["batch"], r["prompt"]) for r in rows})
+    impls = sorted({(r["impl"], r["precision"]) for r in rows}, key=lambda x: (not x[0].startswith("trans"), x))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(settings)), 4))
+    width = 0.8 / len(impls)
+    for j, (impl, prec) in enumerate(impls):
+        vals = [next((r["decode_tok_s"] for r in rows if (r["model"], r["batch"], r["prompt"]) == s
+                      and r["impl"] == impl and r["precision"] == prec), 0.0) for s in settings]
+        ax.bar([i + j * width for i in range(len(settings))], vals, width,
+               label=f"{impl.split(' ')[0]}{' compiled' if 'compiled' in impl else ''} {prec}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))])
+    ax.set_xticklabels([f"{m}\nbatch {b}, prompt {p}" for m, b, p in settings], fontsize=8)
+    ax.set_ylabel("decode tokens/s (greedy)")
+    ax.set_title("Decode speed, same weights: Hugging Face generate vs attnlab fast path")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> int:
-    p = parser("attnlab bench decode", "Greedy decode speed: attnlab vs Hugging Face generate, same weights.")
-    p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p = parser("attnlab bench decode", "Prefill/decode speed of attnlab's fast path vs Hugging Face generate, "
+                                       "same weights, each precision, with the bandwidth roofline.")
+    p.add_argument("--models", default="smollm2-135m,default",
+                   help="comma-separated: smollm2-135m, tiny (random Llama shapes) and/or default (shipped target)")
+    p.add_argument("--batches", default="1", help="comma-separated batch sizes (e.g. 1,8)")
+    p.add_argument("--prompts", default="128", help="comma-separated prompt lengths (e.g. 128,2048)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time attnlab with torch.compile")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write rows and machine info to this JSON file")
+    p.add_argument("--plot", default=None, help="write a PNG bar chart here")
     args = p.parse_args(argv)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ValueError("this benchmark compares against Hugging Face transformers: pip install transformers") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args.shape, args.prompt_len, args.new_tokens, args.batch, args.repeats)
-    info = machine()
+    if args.new_tokens < 2:
+        raise ValueError("--new-tokens must be at least 2 (decode speed is measured after the first token)")
+    bandwidth = bandwidth_probe()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            hf_dir = Path(tmp) / name
+            if name in SHAPES:
+                import transformers
+
+                torch.manual_seed(0)
+                transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[name])).save_pretrained(hf_dir)
+            elif name == "default":
+                import attnlab
+
+                hf_llama_from_attnlab(attnlab.from_pretrained("default"), hf_dir)
+            else:
+                raise ValueError(f"unknown model {name!r} in --models; choose from {sorted(SHAPES)} or 'default'")
+            context = json.loads((hf_dir / "config.json").read_text())["max_position_embeddings"]
+            for batch in (int(b) for b in args.batches.split(",")):
+                for prompt_len in (int(t) for t in args.prompts.split(",")):
+                    if prompt_len + args.new_tokens > context:
+                        print(f"skipped {name} prompt {prompt_len}: beyond its context of {context} tokens")
+                        continue
+                    rows += run_setting(name, hf_dir, batch=batch, prompt_len=prompt_len,
+                                        new_tokens=args.new_tokens, repeats=args.repeats,
+                                        compile_too=args.compile, bandwidth=bandwidth)
+    info = machine() | {"copy_bandwidth_GBps": bandwidth / 1e9}
     print(f"machine: {info}")
-    print(markdown_table(rows, ["impl", "shape", "batch", "prompt", "new", "tok_per_s", "seconds", "same_tokens",
-                                "speedup_vs_hf"]))
+    print(markdown_table(rows, ["model", "impl", "precision", "batch", "prompt", "prefill_tok_s", "decode_tok_s",
+                                "roofline", "agree", "same_tokens", "vs_hf", "vs_hf_fp32"]))
     write_json(args.json, {"machine": info, "rows": rows})
-    if not rows[0]["same_tokens"]:
-        print("outputs differ between the two implementations: no speed-up is reported")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}")
+    if any(r.get("vs_hf") == "outputs differ: not reported" for r in rows):
+        print("attnlab fp32 and Hugging Face fp32 gave different tokens: no speed-up is reported")
         return 1
     return 0

@@ -39,13 +39,25 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gamma", type=int, default=4, help="drafted tokens per step (max, with --adaptive)")
     p.add_argument("--adaptive", action="store_true", help="tune gamma from the running acceptance rate")
     p.add_argument("--stats", action="store_true", help="print speed (and speculative statistics) at the end")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
+                   help="weights for decoding: fp32 (exact), bf16, or int8 weight-only (default fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (eager if no compiler)")
+    p.add_argument("--reference", action="store_true",
+                   help="run the unprepared model (no fused projections; for comparisons)")
     args = p.parse_args(argv)
+    if args.reference and (args.dtype != "fp32" or args.compile):
+        raise ValueError("--reference runs the plain fp32 model; drop --dtype/--compile or --reference")
 
     from attnlab.hub import from_pretrained, load_tokenizer
+    from attnlab.inference.fast import prepare_for_decode
     from attnlab.inference.generate import generate
     from attnlab.inference.speculative import speculative_generate
 
-    model = from_pretrained(args.model)
+    def load(name: str):
+        m = from_pretrained(name)
+        return m if args.reference else prepare_for_decode(m, precision=args.dtype, compile=args.compile)
+
+    model = load(args.model)
     tokenizer = None
     if args.prompt is not None:
         tokenizer = load_tokenizer(args.model)
@@ -86,7 +98,7 @@ def main(argv: list[str]) -> int:
             printed = text
         sys.stdout.flush()
 
-    draft = from_pretrained(args.draft) if args.draft else ("prompt_lookup" if args.prompt_lookup else None)
+    draft = load(args.draft) if args.draft else ("prompt_lookup" if args.prompt_lookup else None)
     start = time.perf_counter()
     if draft is None:
         stats = None

@@ -89,6 +89,9 @@ def save_model(model: torch.nn.Module, directory: str | Path, *, dtype: torch.dt
                extra_files: Callable[[Path], None] | None = None) -> Path:
     """Save ``model`` (config + weights) as an attnlab model directory, atomically."""
     cfg: ModelConfig = model.config
+    if getattr(model, "prepared_for_decode", None):
+        raise ValueError("this model was prepared for fast decoding (fused, packed or quantised weights) and "
+                         "cannot be saved; save the original model instead")
 
     def write(tmp: Path) -> None:
         data = cfg.to_dict()

@@ -1,0 +1,99 @@
+"""Inference-only linear layers for fast decoding: bf16 weights in the CPU library's packed layout, and
+int8 weight-only quantisation with per-output-channel scales.
+
+Decoding one token reads every weight once, so its speed is bytes read per token over memory bandwidth.
+bf16 halves the bytes of fp32; int8 halves them again. These modules hold the weight in the form the
+fastest available CPU kernel wants and fall back to plain PyTorch when that kernel is missing:
+
+- ``PackedLinear`` (bf16): oneDNN's blocked weight layout (``torch.ops.mkldnn._linear_pointwise``), which
+  reads a bf16 weight at close to bandwidth for a handful of rows; fallback ``F.linear``.
+- ``Int8Linear``: ``W ≈ diag(s) · Q`` with ``Q`` int8 and one scale per output row,
+  ``s = max|W_row| / 127`` (symmetric, round to nearest). ``y = (x Qᵀ) · s`` is computed by
+  ``torch._weight_int8pack_mm`` (bf16 activations) or, as a fallback, by dequantising on the fly.
+
+Neither is trainable and neither appears in a saved checkpoint: a model prepared for decoding is for
+inference (``attnlab.inference.fast.prepare_for_decode``).
+
+Shape legend: N rows (tokens), C in features, F out features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _mkldnn_linear_available() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: returns (Q int8 (F, C), scales float32 (F,)), W ≈ Q * s[:, None]."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (F,)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class PackedLinear(nn.Module):
+    """A bf16 linear layer whose weight is pre-packed for the CPU's oneDNN kernel (inference only)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        w = weight.detach().to(torch.bfloat16).contiguous()
+        self.packed = False
+        if w.device.type == "cpu" and _mkldnn_linear_available():
+            try:
+                w = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+                self.packed = True
+            except RuntimeError:
+                pass
+        self.register_buffer("weight", w, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., C) -> (..., F)
+        x = x.to(torch.bfloat16)
+        if not self.packed:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, self.in_features)
+        y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+# The int8 kernel is a matrix-vector kernel at heart: for a prompt (many rows) dequantising the weight
+# once and running a bf16 GEMM is faster.
+FUSED_MAX_ROWS = 16
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear layer: int8 weight, per-output-channel scales, activations in ``act_dtype``."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, act_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.act_dtype = act_dtype
+        q, scales = quantize_int8(weight)
+        self.register_buffer("qweight", q, persistent=False)  # (F, C) int8
+        self.register_buffer("scales", scales.to(act_dtype), persistent=False)  # (F,)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(act_dtype), persistent=False)
+        self.fused_kernel = (q.device.type == "cpu" and act_dtype == torch.bfloat16
+                             and hasattr(torch, "_weight_int8pack_mm"))
+
+    def dequantized(self) -> Tensor:
+        return self.qweight.to(self.act_dtype) * self.scales[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., C) -> (..., F)
+        x = x.to(self.act_dtype)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        if self.fused_kernel and rows.shape[0] <= FUSED_MAX_ROWS:
+            y = torch._weight_int8pack_mm(rows, self.qweight, self.scales)  # (N, F)
+        else:
+            y = F.linear(rows, self.qweight.to(self.act_dtype)) * self.scales
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
