@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "norms": "attnlab.bench.norms",
     "infini": "attnlab.bench.infini",
     "gqa": "attnlab.bench.gqa",
+    "precision": "attnlab.bench.precision",
 }
 
 
