@@ -207,3 +207,20 @@ def test_smollm2_chat_main_piped(monkeypatch, capsys):
     assert code == 0
     assert "Paris" in out.splitlines()[0]
     assert "tok/s" in out.splitlines()[1]
+
+
+@needs_smollm2
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_smollm2_one_turn_from_generate(capsys, dtype):
+    from attnlab import cli
+
+    code = cli.main(["generate", "--model", "smollm2", "--chat", "What is the capital of France?",
+                     "--max-new-tokens", "16", "--dtype", dtype])
+    assert code == 0 and "Paris" in capsys.readouterr().out
+
+
+def test_generate_chat_rejects_speculative_flags(capsys):
+    from attnlab import cli
+
+    code = cli.main(["generate", "--model", "default", "--chat", "hi", "--prompt-lookup"])
+    assert code == 2 and "--chat runs plain decoding" in capsys.readouterr().err

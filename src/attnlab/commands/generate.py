@@ -20,12 +20,31 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _chat_turn(model, args) -> int:
+    """``--chat``: one user message in, the streamed reply out (the template's stop tokens end it)."""
+    from attnlab.chat import chat_once, print_stream
+    from attnlab.hub import load_tokenizer
+
+    if args.draft or args.prompt_lookup or args.repetition_penalty not in (None, 1.0):
+        raise ValueError("--chat runs plain decoding; drop --draft/--prompt-lookup/--repetition-penalty")
+    start = time.perf_counter()
+    text = chat_once(model, load_tokenizer(args.model), args.chat, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                     stream=print_stream)
+    seconds = time.perf_counter() - start
+    sys.stdout.write("\n")
+    if args.stats:
+        print(f"[{len(text)} characters in {seconds:.2f} s]", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     p = parser("attnlab generate", "Generate a continuation of a prompt.")
     p.add_argument("--model", required=True, help="model directory, .gguf file or shipped name (default, ...)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs a tokenizer.json in the model directory)")
     src.add_argument("--prompt-ids", help="prompt token ids, e.g. '1,2,3' (for a model without a tokenizer)")
+    src.add_argument("--chat", help="one chat turn: this user message, rendered with the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -58,6 +77,8 @@ def main(argv: list[str]) -> int:
         return m if args.reference else prepare_for_decode(m, precision=args.dtype, compile=args.compile)
 
     model = load(args.model)
+    if args.chat is not None:
+        return _chat_turn(model, args)
     tokenizer = None
     if args.prompt is not None:
         tokenizer = load_tokenizer(args.model)
