@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,24 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set since the last ``reset_peak_rss`` (since start where that is unsupported)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak from the current resident set (Linux: writing 5 to clear_refs resets VmHWM), so that
+    a peak reached earlier (importing, building inputs) cannot hide or inflate the one being measured."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def timed(fn: Callable[[], object], *, repeats: int = 3, warmup: int = 1) -> tuple[float, object]:

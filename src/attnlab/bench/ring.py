@@ -13,8 +13,6 @@ P = 4 runs share cores, so their times measure the algorithm's overheads, not a 
 from __future__ import annotations
 
 import json
-import re
-import resource
 import socket
 import subprocess
 import sys
@@ -25,6 +23,8 @@ from pathlib import Path
 import torch
 
 from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.bench.common import peak_rss_bytes as _rss_bytes
+from attnlab.bench.common import reset_peak_rss as _reset_peak
 from attnlab.cli import parser
 
 
@@ -32,25 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _rss_bytes() -> int:
-    """This process's peak resident set since the last ``_reset_peak`` (since start where that is unsupported)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _reset_peak() -> None:
-    """Restart the peak from the current resident set (Linux: writing 5 to clear_refs resets VmHWM), so that
-    a peak reached earlier — importing, or building the full inputs before sharding them — cannot hide or
-    inflate the one being measured."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D: int, layout: str) -> None:
@@ -68,6 +49,8 @@ def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D
     if world == 1:
         ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
         del q, k, v
+        flash_attention(ql, kl, vl, causal=True)[0].sum().backward()  # warm-up, as for the ring below
+        ql.grad = kl.grad = vl.grad = None
         _reset_peak()
         base = _rss_bytes()
         start = time.perf_counter()
@@ -78,6 +61,10 @@ def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         ql, kl, vl = (shard(t, rank, world, layout=layout, dim=2).clone().requires_grad_() for t in (q, k, v))
         del q, k, v
+        # warm-up: the first exchange sets up gloo's connections and buffers (a one-time cost, not
+        # attention memory); the measured call below is the steady state of a training step
+        ring_attention(ql, kl, vl, causal=True, layout=layout, timeout=600).sum().backward()
+        ql.grad = kl.grad = vl.grad = None
         _reset_peak()
         base = _rss_bytes()
         start = time.perf_counter()
