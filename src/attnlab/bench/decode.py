@@ -79,22 +79,28 @@ def hf_llama_from_attnlab(model, directory: Path) -> None:
     hf.save_pretrained(directory)
 
 
-def _time_generate(fn, new_tokens: int, repeats: int) -> tuple[float, float, torch.Tensor]:
-    """(seconds for 1 token, seconds for ``new_tokens``, the tokens) — best of ``repeats`` each."""
-    fn(2)  # warm-up
-    t1 = min(_wall(lambda: fn(1)) for _ in range(repeats))
-    tn, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn(new_tokens)
-        tn = min(tn, time.perf_counter() - start)
-    return t1, tn, out
-
-
 def _wall(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def _time_interleaved(runs: dict[str, object], new_tokens: int, repeats: int) -> dict[str, tuple]:
+    """For each implementation: (best seconds for 1 token, best seconds for ``new_tokens``, its tokens).
+
+    The implementations take turns within every repeat (a, b, c, a, b, c, ...), so that load from other
+    processes on the machine hits them alike."""
+    for fn in runs.values():
+        fn(2)  # warm-up
+    best = {name: [float("inf"), float("inf"), None] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            best[name][0] = min(best[name][0], _wall(lambda fn=fn: fn(1)))
+            start = time.perf_counter()
+            out = fn(new_tokens)
+            best[name][1] = min(best[name][1], time.perf_counter() - start)
+            best[name][2] = out
+    return {name: tuple(v) for name, v in best.items()}
 
 
 def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tokens: int, repeats: int,
@@ -108,16 +114,7 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
-    rows: list[dict] = []
-
-    def add(impl: str, precision: str, t1: float, tn: float, out: torch.Tensor, wbytes: int | None) -> None:
-        decode = batch * (new_tokens - 1) / max(tn - t1, 1e-9)
-        row = {"model": name, "impl": impl, "precision": precision, "batch": batch, "prompt": prompt_len,
-               "prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": decode, "tokens": out}
-        if wbytes is not None:
-            row["roofline"] = wbytes * (decode / batch) / bandwidth
-        rows.append(row)
-
+    runs, meta = {}, {}
     for precision, dtype in HF_DTYPES.items():
         hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
 
@@ -126,8 +123,8 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
                 return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                    pad_token_id=0)[:, prompt_len:]
 
-        add(f"transformers {transformers.__version__}", precision, *_time_generate(run_hf, new_tokens, repeats), None)
-        del hf
+        key = f"transformers {transformers.__version__}|{precision}"
+        runs[key], meta[key] = run_hf, None
     variants = [(p, False) for p in ("fp32", "bf16", "int8")] + ([(p, True) for p in ("fp32", "bf16", "int8")]
                                                                  if compile_too else [])
     for precision, compiled in variants:
@@ -136,9 +133,17 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
         def run_ours(n: int, model=model) -> torch.Tensor:
             return attnlab.generate(model, ids, n)[:, prompt_len:]
 
-        impl = "attnlab" + (" compiled" if compiled else "")
-        add(impl, precision, *_time_generate(run_ours, new_tokens, repeats), weight_bytes(model))
-        del model
+        key = "attnlab" + (" compiled" if compiled else "") + f"|{precision}"
+        runs[key], meta[key] = run_ours, weight_bytes(model)
+    rows = []
+    for key, (t1, tn, out) in _time_interleaved(runs, new_tokens, repeats).items():
+        impl, precision = key.split("|")
+        decode = batch * (new_tokens - 1) / max(tn - t1, 1e-9)
+        row = {"model": name, "impl": impl, "precision": precision, "batch": batch, "prompt": prompt_len,
+               "prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": decode, "tokens": out}
+        if meta[key] is not None:
+            row["roofline"] = meta[key] * (decode / batch) / bandwidth
+        rows.append(row)
     _judge(rows)
     return rows
 
