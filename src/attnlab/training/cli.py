@@ -33,6 +33,11 @@ PRESETS: dict[str, dict] = {
     "default-draft": {"model": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=384, max_seq_len=1024),
                       "train": dict(steps=3000, batch_size=16, lr=2e-3, warmup=100, seq_len=256, vocab_size=8192,
                                     save_dtype="bfloat16", eval_every=250, save_every=250)},
+    # a draft for SmolLM2-135M: its 49,152-token vocabulary, 2 thin layers (``--tokenizer smollm2 --distill smollm2``)
+    "smollm2-draft": {"model": dict(d_model=192, n_layers=2, n_heads=3, n_kv_heads=1, d_ff=512, max_seq_len=8192,
+                                    rope_theta=100000.0),
+                      "train": dict(steps=600, batch_size=8, lr=2e-3, warmup=30, seq_len=256, save_dtype="bfloat16",
+                                    eval_every=50, save_every=50)},
     "tiny": {"model": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256),
              "train": dict(steps=50, batch_size=8, lr=3e-3, warmup=5, seq_len=64, vocab_size=512, eval_every=25,
                            save_every=25, eval_windows=8)},
@@ -105,6 +110,8 @@ def build_parser():
                    help="distil from this model (directory or shipped name): KL to its next-token distribution")
     p.add_argument("--distill-weight", type=float, default=0.9, help="weight of the KL term (the rest: CE)")
     p.add_argument("--distill-temperature", type=float, default=1.0)
+    p.add_argument("--distill-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="run the teacher through the fast decode path at this precision (bf16: faster forward)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     for name, typ in (("steps", int), ("batch-size", int), ("grad-accum", int), ("seq-len", int), ("lr", float),
                       ("warmup", int), ("vocab-size", int), ("seed", int), ("eval-every", int), ("save-every", int),
@@ -173,7 +180,10 @@ def main(argv: list[str]) -> int:
 
         if args.task:
             raise ValueError("--distill works with text training, not with --task")
-        task = DistillTask(task, from_pretrained(args.distill), weight=args.distill_weight,
+        from attnlab.inference.fast import prepare_for_decode
+
+        teacher = prepare_for_decode(from_pretrained(args.distill), precision=args.distill_precision)
+        task = DistillTask(task, teacher, weight=args.distill_weight,
                            temperature=args.distill_temperature)
         task.check_student(model)
     tcfg = TrainConfig(**{k: v for k, v in train.items() if k in TRAIN_KEYS})
@@ -217,9 +227,12 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path
         from tokenizers import Tokenizer
 
         path = Path(tok_source) / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {tok_source}")
-        tok = Tokenizer.from_file(str(path))
+        if path.is_file():
+            tok = Tokenizer.from_file(str(path))
+        else:  # a .gguf file or a shipped name (e.g. smollm2): its own vocabulary, as the teacher sees it
+            from attnlab.hub import load_tokenizer
+
+            tok = load_tokenizer(tok_source).backend
     else:
         tok = train_tokenizer(corpus.documents["train"], vocab_size)
     shards = build_shards(corpus, tok)
