@@ -50,3 +50,12 @@ def test_seq2seq_section_on_the_shipped_numbers_model(tmp_path):
     assert values["encoder-decoder (the shipped `numbers` model)"] >= 0.9
     assert values["same, cross-attention removed"] < 0.1
     assert (tmp_path / section["figure"]).stat().st_size > 1000
+
+
+def test_fast_decode_section(tmp_path):
+    assert main(["tour", "--quick", "--out", str(tmp_path), "--only", "fast"]) == 0
+    (section,) = json.loads((tmp_path / "report.json").read_text())["sections"]
+    rows = {r["variant"]: r for r in section["rows"]}
+    assert rows["prepared fp32"]["same_greedy_tokens"] and rows["prepared fp32"]["weight_MB"] == rows["reference fp32"]["weight_MB"]
+    assert rows["prepared int8"]["weight_MB"] < 0.3 * rows["reference fp32"]["weight_MB"]
+    assert section["verdict"] in ("confirmed", "depends") and (tmp_path / section["figure"]).stat().st_size > 1000

@@ -39,6 +39,7 @@ def _sections() -> list[tuple[str, str, Callable | None]]:
         ("placement", "Pre-Norm vs Post-Norm (vs sandwich)", basics.placement),
         ("gqa", "MHA vs GQA vs MQA: the KV cache", basics.kv_cache),
         ("speculative", "Speculative decoding", optimisations.speculative),
+        ("fast", "Fast CPU decoding: fewer weight bytes per token", optional("attnlab.tour.decoding", "fast_decode")),
         ("rwkv", "RWKV: attention as a recurrence", optional("attnlab.tour.rwkv", "rwkv")),
         ("infini", "Infini-attention: bounded memory for unbounded input", optimisations.infini),
         ("ring", "Ring attention across processes", optimisations.ring),
