@@ -93,3 +93,20 @@ def test_a_draft_for_smollm2_trains_on_its_gguf_vocabulary(tmp_path):
     draft = from_pretrained(out)
     assert draft.config.vocab_size == 49152
     assert 0.0 <= __import__("json").loads((out / "training.json").read_text())["last_eval"]["top1_agree"] <= 1.0
+
+
+def test_embedding_init_projects_the_teachers_table_on_its_principal_directions():
+    from attnlab.training.distill import init_embeddings_from_teacher
+
+    teacher, student = model(vocab=48, d=32, seed=0), model(vocab=48, d=8, seed=1)
+    with torch.no_grad():  # a teacher table of rank 8 (+ a constant row offset): 8 directions keep it all
+        teacher.embed.weight.copy_(torch.randn(48, 8) @ torch.randn(8, 32) + 0.5)
+    kept = init_embeddings_from_teacher(student, teacher)
+    assert kept == pytest.approx(1.0, abs=1e-5)
+    e_t = teacher.embed.weight - teacher.embed.weight.mean(0)
+    e_s = student.embed.weight.detach()
+    # the projection preserves the geometry: pairwise inner products equal up to one scale factor
+    g_t, g_s = e_t @ e_t.T, e_s @ e_s.T
+    torch.testing.assert_close(g_s / g_s.norm(), g_t / g_t.norm(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="vocabulary"):
+        init_embeddings_from_teacher(model(vocab=40, d=8), teacher)

@@ -110,6 +110,8 @@ def build_parser():
                    help="distil from this model (directory or shipped name): KL to its next-token distribution")
     p.add_argument("--distill-weight", type=float, default=0.9, help="weight of the KL term (the rest: CE)")
     p.add_argument("--distill-temperature", type=float, default=1.0)
+    p.add_argument("--distill-init-embeddings", action="store_true",
+                   help="start the student's token table from the teacher's, projected on its principal directions")
     p.add_argument("--distill-precision", choices=["fp32", "bf16"], default="fp32",
                    help="run the teacher through the fast decode path at this precision (bf16: faster forward)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -186,6 +188,12 @@ def main(argv: list[str]) -> int:
         task = DistillTask(task, teacher, weight=args.distill_weight,
                            temperature=args.distill_temperature)
         task.check_student(model)
+        if args.distill_init_embeddings and not args.resume:
+            from attnlab.training.distill import init_embeddings_from_teacher
+
+            kept = init_embeddings_from_teacher(model, teacher)
+            print(f"student embeddings: teacher's table on its top {cfg.d_model} principal directions "
+                  f"({kept:.0%} of its variance)", file=sys.stderr)
     tcfg = TrainConfig(**{k: v for k, v in train.items() if k in TRAIN_KEYS})
     if dist_ctx.is_main:
         print(f"model: {cfg.family}, {model.num_parameters():,} parameters; {info}", file=sys.stderr)

@@ -70,3 +70,26 @@ class DistillTask(LMTask):
         if self.bytes_per_token:
             out["bpb"] = out["ce"] / math.log(2) / self.bytes_per_token
         return out
+
+
+@torch.no_grad()
+def init_embeddings_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> float:
+    """Start a narrow student's token table from the teacher's, projected on its top principal directions.
+
+    With E the teacher's (V, C_t) embedding and P its top ``C_s`` principal directions (SVD of the centred
+    table), the student's (V, C_s) table is ``(E - mean) P`` rescaled to the student's init std: tokens the
+    teacher places together start together, which is most of what a tied embedding/LM head must learn.
+    Returns the fraction of the table's variance the projection keeps.
+    """
+    e_t, e_s = teacher.embed.weight.detach().float(), student.embed.weight
+    if e_t.shape[0] != e_s.shape[0]:
+        raise ValueError(f"the teacher's vocabulary ({e_t.shape[0]}) differs from the student's ({e_s.shape[0]})")
+    if e_s.shape[1] > e_t.shape[1]:
+        raise ValueError("the student is wider than the teacher: nothing to project")
+    centred = e_t - e_t.mean(0, keepdim=True)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)  # vh: (C_t, C_t), rows = directions
+    k = e_s.shape[1]
+    proj = centred @ vh[:k].T  # (V, C_s)
+    proj = proj * (student.config.init_std / proj.std())
+    e_s.copy_(proj.to(e_s.dtype))
+    return float((s[:k] ** 2).sum() / (s ** 2).sum())
