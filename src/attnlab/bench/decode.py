@@ -93,7 +93,9 @@ def _time_interleaved(runs: dict[str, object], new_tokens: int, repeats: int) ->
     for fn in runs.values():
         fn(2)  # warm-up
     best = {name: [float("inf"), float("inf"), None] for name in runs}
+    best["bandwidth"] = [0.0]
     for _ in range(repeats):
+        best["bandwidth"][0] = max(best["bandwidth"][0], bandwidth_probe(repeats=2))  # the probe takes turns too
         for name, fn in runs.items():
             best[name][0] = min(best[name][0], _wall(lambda fn=fn: fn(1)))
             start = time.perf_counter()
@@ -136,13 +138,16 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
         key = "attnlab" + (" compiled" if compiled else "") + f"|{precision}"
         runs[key], meta[key] = run_ours, weight_bytes(model)
     rows = []
-    for key, (t1, tn, out) in _time_interleaved(runs, new_tokens, repeats).items():
+    timings = _time_interleaved(runs, new_tokens, repeats)
+    bandwidth = max(bandwidth, timings.pop("bandwidth")[0])
+    for key, (t1, tn, out) in timings.items():
         impl, precision = key.split("|")
         decode = batch * (new_tokens - 1) / max(tn - t1, 1e-9)
         row = {"model": name, "impl": impl, "precision": precision, "batch": batch, "prompt": prompt_len,
                "prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": decode, "tokens": out}
         if meta[key] is not None:
             row["roofline"] = meta[key] * (decode / batch) / bandwidth
+            row["bandwidth_GBps"] = bandwidth / 1e9
         rows.append(row)
     _judge(rows)
     return rows
