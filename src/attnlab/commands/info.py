@@ -76,6 +76,13 @@ def main(argv: list[str]) -> int:
 
     print(f"family            {cfg.family}")
     print(f"parameters        {params:,}")
+    if cfg.family == "rwkv":  # a recurrence: a constant state instead of a cache that grows per token
+        from attnlab.inference.rwkv_state import RWKVState
+
+        state = RWKVState(cfg.n_layers, 1, cfg.d_model).nbytes()
+        print(f"layers x d_model  {cfg.n_layers} x {cfg.d_model}  (RWKV-{cfg.rwkv_version})")
+        print(f"state             {state:,} bytes per sequence, the same at any context length (no KV cache)")
+        return 0
     print(f"layers x d_model  {cfg.n_layers} x {cfg.d_model}  (heads {cfg.n_heads}, kv heads {cfg.n_kv_heads}, head_dim {cfg.head_dim})")
     print(f"context           {cfg.max_seq_len} tokens")
     print(f"cache dtype       {str(dtype).replace('torch.', '')}")
