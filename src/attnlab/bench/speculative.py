@@ -57,12 +57,16 @@ def grounded_prompts(tokenizer, n: int, max_len: int, seed: int = 0) -> list[lis
 
 
 def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_tokens: int,
-        gammas: list[int], repeats: int = 2) -> tuple[list[dict], list[dict]]:
+        gammas: list[int], repeats: int = 2, precision: str | None = None) -> tuple[list[dict], list[dict]]:
     from attnlab.hub import from_pretrained, load_tokenizer
     from attnlab.inference.generate import generate
     from attnlab.inference.speculative import expected_tokens_per_call, speculative_generate
 
     target, draft = from_pretrained(target_name), from_pretrained(draft_name)
+    if precision is not None:  # both through the fast decode path (speculation multiplies its gain)
+        from attnlab.inference.fast import prepare_for_decode
+
+        target, draft = (prepare_for_decode(m, precision=precision) for m in (target, draft))
     tok = load_tokenizer(target_name)
     variants = [("plain", None, None)] + [(f"draft γ={g}", draft, g) for g in gammas]
     variants += [("draft adaptive", draft, max(gammas)), ("prompt lookup γ=4", "prompt_lookup", 4)]
@@ -147,13 +151,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     p.add_argument("--repeats", type=int, default=2, help="rounds per prompt; the best time of each method counts")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default=None,
+                   help="prepare target and draft with the fast decode path at this precision")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, formula = run(args.target, args.draft, args.prompts, args.prompt_len, args.new_tokens, args.gammas,
-                        args.repeats)
+                        args.repeats, args.precision)
     print(f"machine: {machine()}")
     print(markdown_table(rows, ["prompts", "method", "tok_per_s", "acceptance", "alpha", "tokens_per_call",
                                 "identical", "speedup"]))
