@@ -16,7 +16,7 @@ def rwkv(out: Path, quick: bool, seed: int) -> Section:
                 "training and a constant-size state: the cost of a new token does not grow with the context, "
                 "while a Transformer's KV cache and per-token time do.",
                 "ModelConfig.family = 'rwkv' (rwkv_version=4); the state is the family's cache")
-    contexts = [512, 2048, 8192] if quick else [1024, 4096, 16384, 32768]
+    contexts = [256, 1024, 4096] if quick else [1024, 4096, 16384, 32768]
     rows = run(contexts, new_tokens=8 if quick else 16, repeats=1 if quick else 2, log=lambda *_: None)
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
