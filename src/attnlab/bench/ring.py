@@ -13,6 +13,7 @@ P = 4 runs share cores, so their times measure the algorithm's overheads, not a 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -89,8 +90,12 @@ def run_world(world: int, T: int, H: int, K: int, D: int, layout: str) -> list[d
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "r")
+        # glibc serves allocations of >= 64 KiB with their own mappings and returns them on free, so the
+        # resident set follows the live tensors: memory freed by the warm-up call is not silently reused
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
         procs = [subprocess.Popen([sys.executable, "-m", "attnlab.bench.ring", "--worker", str(r), str(world),
-                                   str(port), out, str(T), str(H), str(K), str(D), layout]) for r in range(world)]
+                                   str(port), out, str(T), str(H), str(K), str(D), layout], env=env)
+                 for r in range(world)]
         for p in procs:
             if p.wait() != 0:
                 raise RuntimeError(f"a rank of the P={world} run failed (exit code {p.returncode})")
