@@ -128,3 +128,7 @@ def test_compiled_decode_gives_the_eager_tokens(precision):
     fast = prepare_for_decode(_model(2, **SHAPES[1]), precision=precision, compile=True)
     ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(3))
     assert torch.equal(attnlab.generate(fast, ids, 20), attnlab.generate(ref, ids, 20))
+
+
+def test_public_name():
+    assert attnlab.prepare_for_decode is prepare_for_decode
