@@ -82,13 +82,8 @@ def run(contexts: list[int], new_tokens: int = 32, repeats: int = 3, log=print) 
     return rows
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+def draw(rows: list[dict], a, b) -> None:
+    """Per-token time (axes ``a``) and cache/state MiB (axes ``b``) against context, one line per model."""
     for name, marker in (("transformer", "s-"), ("rwkv", "o-")):
         rs = [r for r in rows if r["model"] == name]
         a.plot([r["context"] for r in rs], [r["ms_per_token"] for r in rs], marker, label=name)
@@ -100,6 +95,16 @@ def plot(rows: list[dict], path: str) -> None:
     a.set_ylabel("ms per decoded token")
     b.set_ylabel("KV cache / state MiB")
     b.set_yscale("log")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    draw(rows, a, b)
     fig.suptitle("RWKV-4 vs a Transformer of similar size, batch 1")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from attnlab.tour.report import Section
 
 
 def rwkv(out: Path, quick: bool, seed: int) -> Section:
-    from attnlab.bench.rwkv import run
+    from attnlab.bench.rwkv import draw, run
 
     s = Section("rwkv", "RWKV: attention as a recurrence",
                 "Rewriting attention as a decaying weighted sum (the WKV recurrence) gives linear-time "
@@ -20,17 +20,7 @@ def rwkv(out: Path, quick: bool, seed: int) -> Section:
     rows = run(contexts, new_tokens=8 if quick else 16, repeats=1 if quick else 2, log=lambda *_: None)
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
-    for name, marker in (("transformer", "s-"), ("rwkv", "o-")):
-        rs = [r for r in rows if r["model"] == name]
-        a.plot([r["context"] for r in rs], [r["ms_per_token"] for r in rs], marker, label=name)
-        b.plot([r["context"] for r in rs], [r["cache_bytes"] / 2**20 for r in rs], marker, label=name)
-    for ax in (a, b):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context")
-        ax.legend()
-    a.set_ylabel("ms per token")
-    b.set_ylabel("cache / state MiB")
-    b.set_yscale("log")
+    draw(rows, a, b)
     fig.tight_layout()
     s.figure, s.rows = _save(fig, out, "rwkv.png"), rows
     r = {(x["model"], x["context"]): x for x in rows}
