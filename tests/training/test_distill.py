@@ -91,7 +91,7 @@ def test_a_draft_for_smollm2_trains_on_its_gguf_vocabulary(tmp_path):
     text = "def rewrite(x):\n    return {'ключ': x}  # ünïcode"
     assert load_tokenizer(out).encode(text) == load_tokenizer("smollm2").encode(text)
     draft = from_pretrained(out)
-    assert draft.config.vocab_size == 49152
+    assert draft.config.vocab_size == 49152 and draft.config.eos_token_id == from_pretrained("smollm2").config.eos_token_id
     assert 0.0 <= __import__("json").loads((out / "training.json").read_text())["last_eval"]["top1_agree"] <= 1.0
 
 

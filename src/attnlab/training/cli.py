@@ -228,6 +228,7 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path
     from attnlab.training.tokenizer import eos_id, save_tokenizer, train_tokenizer
 
     corpus = load_corpus(args.data, max_files=args.max_files)
+    eos_override = None
     tok_source = args.tokenizer or (out if args.resume else None)
     if tok_source is None and args.init and (Path(args.init) / "tokenizer.json").is_file():
         tok_source = args.init  # uptraining (e.g. after attnlab convert) keeps the model's own tokenizer
@@ -240,7 +241,9 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path
         else:  # a .gguf file or a shipped name (e.g. smollm2): its own vocabulary, as the teacher sees it
             from attnlab.hub import load_tokenizer
 
-            tok = load_tokenizer(tok_source).backend
+            wrapped = load_tokenizer(tok_source)
+            tok = wrapped.backend
+            eos_override = wrapped.eos_token_id  # the model's own end token (e.g. <|im_end|> for SmolLM2)
     else:
         tok = train_tokenizer(corpus.documents["train"], vocab_size)
     shards = build_shards(corpus, tok)
@@ -248,7 +251,8 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path
     bytes_per_token = train_bytes / max(1, shards["train"].size)
     task = LMTask(TokenWindows(shards["train"], seq_len, name="train"),
                   TokenWindows(shards["validation"], seq_len, name="validation"), bytes_per_token=bytes_per_token)
-    model_fields = {**model_fields, "vocab_size": tok.get_vocab_size(), "eos_token_id": eos_id(tok)}
+    eos = eos_override if eos_override is not None else eos_id(tok)
+    model_fields = {**model_fields, "vocab_size": tok.get_vocab_size(), "eos_token_id": eos}
     model_fields.setdefault("max_seq_len", max(seq_len, 256))
     if seq_len > model_fields["max_seq_len"]:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_fields['max_seq_len']}")
