@@ -59,3 +59,13 @@ def test_fast_decode_section(tmp_path):
     assert rows["prepared fp32"]["same_greedy_tokens"] and rows["prepared fp32"]["weight_MB"] == rows["reference fp32"]["weight_MB"]
     assert rows["prepared int8"]["weight_MB"] < 0.3 * rows["reference fp32"]["weight_MB"]
     assert section["verdict"] in ("confirmed", "depends") and (tmp_path / section["figure"]).stat().st_size > 1000
+
+
+def test_rwkv_section(tmp_path):
+    assert main(["tour", "--quick", "--out", str(tmp_path), "--only", "rwkv"]) == 0
+    (section,) = json.loads((tmp_path / "report.json").read_text())["sections"]
+    rows = section["rows"]
+    rwkv_bytes = {r["cache_bytes"] for r in rows if r["model"] == "rwkv"}
+    kv = [r["cache_bytes"] for r in rows if r["model"] == "transformer"]
+    assert len(rwkv_bytes) == 1 and kv == sorted(kv) and kv[-1] == 16 * kv[0]
+    assert section["verdict"] in ("confirmed", "depends") and (tmp_path / section["figure"]).stat().st_size > 1000
