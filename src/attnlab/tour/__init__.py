@@ -41,7 +41,7 @@ def _sections() -> list[tuple[str, str, Callable | None]]:
         ("speculative", "Speculative decoding", optimisations.speculative),
         ("fast", "Fast CPU decoding: fewer weight bytes per token", optional("attnlab.tour.decoding", "fast_decode")),
         ("rwkv", "RWKV: attention as a recurrence", optional("attnlab.tour.rwkv", "rwkv")),
-        ("infini", "Infini-attention: bounded memory for unbounded input", optimisations.infini),
+        ("infini", "Infini-attention: bounded memory for unbounded input", optional("attnlab.tour.infini", "infini")),
         ("ring", "Ring attention across processes", optimisations.ring),
         ("flash", "FlashAttention: tiled, online softmax, O(N) memory", optimisations.flash),
     ]

@@ -1,4 +1,4 @@
-"""Tour sections for the optimisations: speculative decoding, FlashAttention, ring attention, Infini-attention."""
+"""Tour sections for the optimisations: speculative decoding, FlashAttention, ring attention."""
 
 from __future__ import annotations
 
@@ -110,43 +110,4 @@ def ring(out: Path, quick: bool, seed: int) -> Section:
     if exact and ratio > 1.5 / 4:
         s.because += ("; at this length the buffers each rank keeps (K/V in flight, travelling dK/dV, gradient "
                       "blocks) weigh about as much as its share of the activations")
-    return s
-
-
-def infini(out: Path, quick: bool, seed: int) -> Section:
-    from attnlab import ModelConfig, build_model
-
-    s = Section("infini", "Infini-attention: bounded memory for unbounded input",
-                "Segment-local attention plus a compressive memory keeps the state constant however long the "
-                "input; a standard KV cache grows linearly.",
-                "ModelConfig.attention_mechanism = 'infini', segment_len, memory_update")
-    torch.manual_seed(seed)
-    base = dict(vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=1 << 17)
-    inf = build_model(ModelConfig(**base, attention_mechanism="infini", segment_len=256)).eval()
-    std = build_model(ModelConfig(**base)).eval()
-    lengths = [1024, 4096, 16384] if quick else [1024, 4096, 16384, 65536]
-    rows = []
-    with torch.no_grad():
-        for n in lengths:
-            state = inf.new_cache(1)
-            start = time.perf_counter()
-            for _ in range(0, n, 512):
-                inf(torch.randint(0, 256, (1, 512)), cache=state)
-            secs = time.perf_counter() - start
-            kv = std.new_cache(1, n)
-            rows.append({"tokens": n, "infini_state_MiB": state.nbytes() / 2**20, "kv_cache_MiB": kv.nbytes() / 2**20,
-                         "infini_tok_per_s": n / secs})
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.loglog([r["tokens"] for r in rows], [r["infini_state_MiB"] for r in rows], "o-", label="Infini state")
-    ax.loglog([r["tokens"] for r in rows], [r["kv_cache_MiB"] for r in rows], "s-", label="KV cache")
-    ax.set_xlabel("tokens streamed")
-    ax.set_ylabel("MiB")
-    ax.legend()
-    s.figure, s.rows = _save(fig, out, "infini.png"), rows
-    flat = rows[0]["infini_state_MiB"] == rows[-1]["infini_state_MiB"]
-    s.measured = "allocated state bytes after streaming N tokens, vs a softmax model's KV cache for N tokens"
-    s.verdict = "confirmed" if flat else "refuted"
-    s.because = (f"Infini state {rows[0]['infini_state_MiB']:.2f} MiB at {lengths[0]} and {rows[-1]['infini_state_MiB']:.2f} "
-                 f"MiB at {lengths[-1]} tokens; KV cache {rows[0]['kv_cache_MiB']:.1f} -> {rows[-1]['kv_cache_MiB']:.1f} MiB")
     return s
