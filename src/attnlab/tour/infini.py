@@ -37,8 +37,8 @@ def _passkey_rows(quick: bool, seed: int) -> tuple[list[dict], object]:
 
     s = (Settings(train_len=64, segment_len=16, d_model=32, steps=30, baseline_steps=10, batch=8, warmup=3,
                   eval_examples=8, multiples=[1, 4], seed=seed) if quick else
-         Settings(train_len=256, segment_len=32, d_model=64, steps=800, baseline_steps=300, batch=16, warmup=50,
-                  eval_examples=32, multiples=[1, 4, 16], seed=seed))
+         Settings(train_len=256, segment_len=32, d_model=64, n_layers=3, steps=3000, baseline_steps=1000, batch=16,
+                  lr=3e-3, warmup=100, eval_examples=32, multiples=[1, 4, 16], seed=seed))
     with tempfile.TemporaryDirectory() as tmp:  # fresh runs: the same seed gives the same models
         models = {name: train(s, name, Path(tmp) / name, None)[0] for name in ("infini", "softmax")}
     return evaluate(models, s), s
