@@ -1,5 +1,6 @@
 """RWKVState: the RWKV family's cache — per layer the last input of each mixing layer (token shift) and the
-WKV sums (num, den, p) — a constant size, however long the sequence (``nbytes()`` measures it).
+time-mixing state — a constant size, however long the sequence (``nbytes()`` measures it). RWKV-4 keeps the
+WKV sums (num, den, p), each (B, C); RWKV-7 keeps one (N x N) matrix per head, ``S`` (B, H, N, N). All fp32.
 
 ``crop(n)`` rolls back by *keeping snapshots*: after each of the last ``SNAPSHOTS`` tokens fed a few at a
 time (decoding, speculative verification) the state is copied; rolling back restores a copy (re-running
@@ -15,22 +16,42 @@ from torch import Tensor
 
 STEP_MAX = 16  # calls with at most this many tokens run token by token (and keep snapshots)
 SNAPSHOTS = 32
-FIELDS = ("att_x", "ffn_x", "num", "den", "p")
+FIELDS = ("att_x", "ffn_x", "num", "den", "p")  # RWKV-4
+FIELDS_V7 = ("att_x", "ffn_x", "S")
+
+
+def layer_shapes(version: int, d_model: int, n_heads: int = 1) -> dict[str, tuple[int, ...]]:
+    """The per-sequence shape of each field of one layer's state."""
+    if version == 4:
+        return {f: (d_model,) for f in FIELDS}
+    assert version == 7 and d_model % n_heads == 0, (version, d_model, n_heads)
+    N = d_model // n_heads
+    return {"att_x": (d_model,), "ffn_x": (d_model,), "S": (n_heads, N, N)}
 
 
 class RWKVState:
-    def __init__(self, n_layers: int, batch: int, d_model: int, *, device: torch.device | str = "cpu") -> None:
+    def __init__(self, n_layers: int, batch: int, d_model: int, *, version: int = 4, n_heads: int = 1,
+                 device: torch.device | str = "cpu") -> None:
         from attnlab.inference.rwkv_wkv import EMPTY
 
         if batch <= 0:
             raise ValueError(f"an RWKV state needs batch > 0, got {batch}")
-        shape = (n_layers, batch, d_model)
-        self.t = {f: torch.zeros(shape, dtype=torch.float32, device=device) for f in FIELDS}  # (L, B, C) each
-        self.t["p"].fill_(EMPTY)
+        shapes = layer_shapes(version, d_model, n_heads)
+        # (L, B, C) each for RWKV-4; RWKV-7's S is (L, B, H, N, N)
+        self.t = {f: torch.zeros((n_layers, batch, *shape), dtype=torch.float32, device=device)
+                  for f, shape in shapes.items()}
+        if "p" in self.t:
+            self.t["p"].fill_(EMPTY)
+        self.version = version
         self.batch_size = batch
         self.length = 0
         self.max_len = 2**62  # unbounded: the state does not grow
         self._snapshots: dict[int, dict[str, Tensor]] = {0: {f: x.clone() for f, x in self.t.items()}}
+
+    @classmethod
+    def for_config(cls, cfg, batch: int, *, device: torch.device | str = "cpu") -> RWKVState:
+        """The state of a model built from ``cfg`` (an RWKV ``ModelConfig``)."""
+        return cls(cfg.n_layers, batch, cfg.d_model, version=cfg.rwkv_version, n_heads=cfg.n_heads, device=device)
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in self.t.values())
@@ -72,7 +93,7 @@ class RWKVState:
 
 
 class _LayerView(dict):
-    """Layer ``i`` of the state as a dict of (B, C) tensors; assignments write through."""
+    """Layer ``i`` of the state as a dict of (B, ...) tensors; assignments write through."""
 
     def __init__(self, t: dict[str, Tensor], i: int) -> None:
         super().__init__({f: x[i] for f, x in t.items()})
