@@ -144,10 +144,13 @@ def test_rwkv_draft_for_a_transformer_target_is_exact():
     assert torch.equal(attnlab.generate(draft, ids, 20, draft=draft), attnlab.generate(draft, ids, 20))
 
 
-def test_rwkv7_is_reported_missing_clearly():
-    with pytest.raises(ValueError, match="rwkv_version=7 is not available"):
-        attnlab.build_model(attnlab.ModelConfig(family="rwkv", rwkv_version=7, vocab_size=64, d_model=32,
-                                                n_layers=1, n_heads=1, norm="layer", position="none"))
+def test_the_rwkv4_class_refuses_another_version():
+    from attnlab.models.rwkv import RWKVLM
+
+    cfg = attnlab.ModelConfig(family="rwkv", rwkv_version=7, vocab_size=64, d_model=32, n_layers=1, n_heads=1,
+                              norm="layer", position="none")
+    with pytest.raises(ValueError, match="RWKVLM is RWKV-4.*rwkv_version=7.*build_model"):
+        RWKVLM(cfg)
 
 
 def test_info_reports_a_constant_state(pair, tmp_path, capsys):

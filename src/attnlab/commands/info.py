@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
     if cfg.family == "rwkv":  # a recurrence: a constant state instead of a cache that grows per token
         from attnlab.inference.rwkv_state import RWKVState
 
-        state = RWKVState(cfg.n_layers, 1, cfg.d_model).nbytes()
+        state = RWKVState.for_config(cfg, 1).nbytes()
         print(f"layers x d_model  {cfg.n_layers} x {cfg.d_model}  (RWKV-{cfg.rwkv_version})")
         print(f"state             {state:,} bytes per sequence, the same at any context length (no KV cache)")
         return 0

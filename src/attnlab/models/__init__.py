@@ -16,12 +16,16 @@ FAMILY_CLASSES: dict[str, str] = {
     "seq2seq": "attnlab.models.seq2seq:Seq2SeqLM",
     "rwkv": "attnlab.models.rwkv:RWKVLM",
 }
+# (family, version) -> "module:Class" for a family whose versions are different classes
+VERSION_CLASSES: dict[tuple[str, int], str] = {
+    ("rwkv", 7): "attnlab.models.rwkv7:RWKV7LM",
+}
 
 
-def model_class(family: str) -> type[AttnlabModel]:
+def model_class(family: str, version: int | None = None) -> type[AttnlabModel]:
     if family not in FAMILY_CLASSES:
         raise ValueError(f"family={family!r} is not valid; choose one of: {sorted(FAMILY_CLASSES)}")
-    module_name, cls_name = FAMILY_CLASSES[family].split(":")
+    module_name, cls_name = VERSION_CLASSES.get((family, version), FAMILY_CLASSES[family]).split(":")
     return getattr(import_or_unavailable(module_name, f"family={family!r}"), cls_name)
 
 
@@ -30,7 +34,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"build_model expects an attnlab.ModelConfig, got {type(cfg).__name__}")
     cfg.validate()
-    return model_class(cfg.family)(cfg)
+    return model_class(cfg.family, cfg.rwkv_version if cfg.family == "rwkv" else None)(cfg)
 
 
-__all__ = ["AttnlabModel", "DecoderLM", "FAMILY_CLASSES", "build_model", "model_class"]
+__all__ = ["AttnlabModel", "DecoderLM", "FAMILY_CLASSES", "VERSION_CLASSES", "build_model", "model_class"]

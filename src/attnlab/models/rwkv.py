@@ -112,27 +112,39 @@ class RWKVBlock(nn.Module):
 
 
 class RWKVLM(AttnlabModel):
-    """Embedding -> LayerNorm -> N RWKV blocks -> LayerNorm -> LM head (``rwkv_version=4``).
+    """Embedding -> LayerNorm -> N RWKV blocks -> LayerNorm -> LM head (``rwkv_version=4``; RWKV-7 is the
+    subclass ``models/rwkv7.py: RWKV7LM``, which changes the blocks, their init and the state's contents).
 
     ``forward(input_ids, cache=None) -> logits (B, T, V)``; with an ``RWKVState`` the tokens continue the
     state's sequence (a prompt through the chunked form, a few tokens one by one with a snapshot after
     each, so that speculative decoding can roll back).
     """
 
+    version = 4
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.rwkv_version != 4:
-            raise ValueError(f"rwkv_version={cfg.rwkv_version} is not available in this version of attnlab; "
-                             f"use rwkv_version=4")
+        if cfg.rwkv_version != self.version:
+            raise ValueError(f"{type(self).__name__} is RWKV-{self.version}, the config asks for "
+                             f"rwkv_version={cfg.rwkv_version}: build it with attnlab.build_model(cfg)")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pre_ln = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.blocks = nn.ModuleList(RWKVBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(self.make_block(cfg, i) for i in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def make_block(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
+        return RWKVBlock(cfg)
+
+    def run_blocks(self, x: Tensor, cache: RWKVState | None) -> Tensor:
+        """Every block over x (B, T, C), continuing the cache's sequence when one is given."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layer(i))
+        return x
 
     def init_weights(self) -> None:
         """Normal weights (output projections scaled by depth), then the time parameters spread over
@@ -155,7 +167,7 @@ class RWKVLM(AttnlabModel):
 
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None) -> RWKVState:
         """A constant-size state: ``max_len`` is accepted for the cache protocol and ignored."""
-        return RWKVState(self.config.n_layers, batch, self.config.d_model, device=self.device)
+        return RWKVState.for_config(self.config, batch, device=self.device)
 
     def begin_generation(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int):
         if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
@@ -171,20 +183,14 @@ class RWKVLM(AttnlabModel):
             raise ValueError(f"the RWKV state was made for batch {cache.batch_size}, input has batch {B}")
         x = self.pre_ln(self.embed(input_ids))  # (B, T, C)
         if cache is None:
-            for block in self.blocks:
-                x = block(x, None)
-            return self.lm_head(self.ln_out(x))
+            return self.lm_head(self.ln_out(self.run_blocks(x, None)))
         if T <= STEP_MAX:  # a few tokens (decode, speculative verify): one at a time, a snapshot after each
             outs = []
             for t in range(T):
-                h = x[:, t:t + 1]
-                for i, block in enumerate(self.blocks):
-                    h = block(h, cache.layer(i))
+                outs.append(self.run_blocks(x[:, t:t + 1], cache))
                 cache.advance(1, snapshot=True)
-                outs.append(h)
             x = torch.cat(outs, dim=1)
         else:  # a prompt: the chunked form, layer by layer
-            for i, block in enumerate(self.blocks):
-                x = block(x, cache.layer(i))
+            x = self.run_blocks(x, cache)
             cache.advance(T, snapshot=True)
         return self.lm_head(self.ln_out(x))
