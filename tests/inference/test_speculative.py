@@ -6,6 +6,7 @@ import torch
 
 import attnlab
 from attnlab import ModelConfig, build_model
+from attnlab.inference.drafters import HybridDrafter
 from attnlab.inference.sampling import logits_to_probs
 from attnlab.inference.speculative import choose_gamma, expected_tokens_per_call
 
@@ -28,10 +29,11 @@ def drafts(target):
     with torch.no_grad():
         for p in close.parameters():
             p.add_(torch.randn_like(p) * 0.15)
-    return {"self": target, "random": make(1, layers=1), "close": close, "lookup": "prompt_lookup"}
+    return {"self": target, "random": make(1, layers=1), "close": close, "lookup": "prompt_lookup",
+            "hybrid": HybridDrafter(close, min_match=1)}
 
 
-@pytest.mark.parametrize("kind", ["self", "random", "close", "lookup"])
+@pytest.mark.parametrize("kind", ["self", "random", "close", "lookup", "hybrid"])
 @pytest.mark.parametrize("gamma", [1, 2, 5, 8])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_is_identical_to_plain_greedy(target, drafts, kind, gamma, batch):
@@ -115,6 +117,45 @@ def test_prompt_lookup_sampling_is_exact_too():
     counts = torch.zeros(6, 6)
     counts.index_put_((out[:, 5], out[:, 6]), torch.ones(n), accumulate=True)
     assert 0.5 * (counts / n - exact).abs().sum() < 0.03
+
+
+def test_hybrid_uses_both_sources_and_stays_exact_with_padding(target, drafts):
+    """Rows that end in a repeated pattern (lookup matches at first) whose continuations later stop
+    matching (the model drafts); a batch of 4 with left padding. A batch takes a lookup round only when
+    every generating row has a match."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 40, (4, 12), generator=gen)
+    ids[:, 6:] = torch.tensor([5, 6, 7] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[3, :2] = 0
+    hybrid = HybridDrafter(drafts["close"], min_match=2)
+    for gamma in (2, 5):
+        expected = attnlab.generate(target, ids, 40, attention_mask=mask)
+        out, stats = attnlab.speculative_generate(target, hybrid, ids, 40, gamma=gamma, attention_mask=mask,
+                                                  return_stats=True)
+        assert torch.equal(out, expected)
+        assert hybrid.lookup_rounds > 0 and hybrid.model_rounds > 0
+        assert stats.generated >= 4 * 40
+
+
+def test_hybrid_sampling_is_exact():
+    target, draft = make(3, vocab=6, std=0.8), make(4, vocab=6, layers=1, std=0.8)
+    prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    exact = exact_two_token_distribution(target, prompt, temperature=0.9, top_k=5)
+    n = 20000
+    hybrid = HybridDrafter(draft, min_match=2)
+    out = attnlab.speculative_generate(target, hybrid, prompt.repeat(n, 1), 2, gamma=1, seed=2,
+                                       temperature=0.9, top_k=5)
+    assert hybrid.lookup_rounds > 0 and hybrid.model_rounds > 0  # the first token by lookup, the second by the model
+    counts = torch.zeros(6, 6)
+    counts.index_put_((out[:, 5], out[:, 6]), torch.ones(n), accumulate=True)
+    assert 0.5 * (counts / n - exact).abs().sum() < 0.03
+
+
+def test_hybrid_refuses_a_draft_with_another_vocabulary(target):
+    with pytest.raises(ValueError, match="vocabulary"):
+        attnlab.speculative_generate(target, HybridDrafter(make(1, vocab=50)), torch.tensor([[1, 2]]), 4)
 
 
 def test_expected_tokens_formula_and_gamma_choice():

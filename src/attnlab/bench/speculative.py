@@ -2,7 +2,8 @@
 
 On the target + draft models (default: the shipped ``default`` and ``default-draft``) and prompts cut
 from the default corpus's *test* split, it times plain greedy decoding, speculative decoding with a fixed
-γ = 1..8, adaptive γ, and prompt lookup, alternating the runs prompt by prompt so that machine load hits
+γ = 1..8, adaptive γ, prompt lookup, and the hybrid (lookup where the text matches, the draft model
+elsewhere), alternating the runs prompt by prompt so that machine load hits
 them alike. Every speculative output is compared with the plain output: a speed-up is reported only for
 identical tokens. It also compares the measured tokens per target call with (1 − α^(γ+1)) / (1 − α) for the
 measured per-token acceptance rate α, and times prompt lookup on input-grounded prompts (a function from
@@ -69,7 +70,10 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
         target, draft = (prepare_for_decode(m, precision=precision) for m in (target, draft))
     tok = load_tokenizer(target_name)
     variants = [("plain", None, None)] + [(f"draft γ={g}", draft, g) for g in gammas]
-    variants += [("draft adaptive", draft, max(gammas)), ("prompt lookup γ=4", "prompt_lookup", 4)]
+    from attnlab.inference.drafters import HybridDrafter
+
+    variants += [("draft adaptive", draft, max(gammas)), ("prompt lookup γ=4", "prompt_lookup", 4),
+                 ("hybrid γ=4", HybridDrafter(draft), 4), ("hybrid adaptive", HybridDrafter(draft), max(gammas))]
     prompt_sets = {"test split": test_prompts(tok, n_prompts, prompt_len),
                    "input-grounded": grounded_prompts(tok, n_prompts, target.config.max_seq_len - new_tokens)}
     rows, formula = [], []
@@ -102,7 +106,7 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
                     tot[6] += st.rejected
                     tot[5] += int(torch.equal(out, plain))
         base = totals["plain"][1] / totals["plain"][0]
-        for name, d, g in variants:
+        for name, _, g in variants:
             secs, toks, calls, prop, acc, same, rej = totals[name]
             row = {"prompts": set_name, "method": name, "tok_per_s": toks / secs}
             if name != "plain":
@@ -110,7 +114,7 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
                 identical = same == len(prompts)
                 row.update(acceptance=acc / max(prop, 1), alpha=alpha, tokens_per_call=toks / max(calls, 1), identical=identical,
                            speedup=(toks / secs) / base if identical else "outputs differ")
-                if d is not None and not name.endswith("adaptive") and d != "prompt_lookup":
+                if name.startswith("draft γ="):
                     formula.append({"prompts": set_name, "gamma": g, "alpha": alpha,
                                     "measured_tokens_per_call": toks / max(calls, 1),
                                     "formula_tokens_per_call": expected_tokens_per_call(alpha, g)})

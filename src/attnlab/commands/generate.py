@@ -52,9 +52,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
-    spec = p.add_mutually_exclusive_group()
-    spec.add_argument("--draft", help="speculative decoding with this draft model (same tokenizer)")
-    spec.add_argument("--prompt-lookup", action="store_true", help="speculative decoding by prompt lookup")
+    p.add_argument("--draft", help="speculative decoding with this draft model (same tokenizer)")
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="speculative decoding by prompt lookup; with --draft, a hybrid: lookup where the text "
+                        "matches, the draft model elsewhere")
     p.add_argument("--gamma", type=int, default=4, help="drafted tokens per step (max, with --adaptive)")
     p.add_argument("--adaptive", action="store_true", help="tune gamma from the running acceptance rate")
     p.add_argument("--stats", action="store_true", help="print speed (and speculative statistics) at the end")
@@ -120,6 +121,10 @@ def main(argv: list[str]) -> int:
         sys.stdout.flush()
 
     draft = load(args.draft) if args.draft else ("prompt_lookup" if args.prompt_lookup else None)
+    if args.draft and args.prompt_lookup:
+        from attnlab.inference.drafters import HybridDrafter
+
+        draft = HybridDrafter(draft)
     start = time.perf_counter()
     if draft is None:
         stats = None

@@ -83,6 +83,23 @@ class ModelDrafter:
         self.proposals = torch.stack(tokens, dim=1)  # (B, G)
         return self.proposals, (torch.stack(probs, dim=1) if probs else None)
 
+    def catch_up(self, proposals: Tensor, accepted: Tensor, new_tokens: Tensor) -> None:
+        """Tokens committed in a round this drafter did not propose (a hybrid's lookup round): each row's
+        ``proposals[:accepted]`` and its new token join the tokens still to be fed, one forward later.
+        Rows that committed fewer tokens than the longest get holes, so every row's positions stay right."""
+        B, G = proposals.shape
+        n = accepted + 1  # (B,)
+        width = int(n.max())
+        toks = torch.cat([proposals, new_tokens[:, None]], dim=1)  # (B, G+1)
+        rows = torch.arange(width, device=toks.device)[None, :]  # (1, W)
+        idx = torch.where(rows < accepted[:, None], rows, torch.full_like(rows, G))  # (B, W): then the new token
+        committed = toks.gather(1, idx)  # (B, W)
+        real = (rows < n[:, None]).long()
+        old_mask = torch.ones_like(self.pending) if self.pending_mask is None else self.pending_mask
+        self.pending = torch.cat([self.pending, committed], dim=1)
+        mask = torch.cat([old_mask, real], dim=1)
+        self.pending_mask = None if bool(mask.all()) else mask
+
     def commit(self, accepted: Tensor, new_tokens: Tensor) -> None:
         G = self.proposals.shape[1]
         fed = G - 1  # d_1 .. d_{G-1} went through the draft; d_G did not
@@ -148,3 +165,54 @@ class PromptLookupDrafter:
             n = int(accepted[b])
             seq.extend(self.proposals[b, :n].tolist())
             seq.append(int(new_tokens[b]))
+
+
+class HybridDrafter:
+    """Prompt lookup where the text offers a match, the draft model everywhere else.
+
+    Each round, if every generating row's last ``min_match``..``max_ngram`` tokens occur earlier in its
+    prompt or output, the tokens that followed are proposed at no model cost; otherwise the draft model
+    drafts. Tokens committed in lookup rounds are fed to the draft model in one forward at its next round.
+    Copy-heavy stretches (code that repeats identifiers and lines, edits of a given text) go through the
+    free lookup, novel stretches through the model. Proposals of a lookup round are deterministic (q is
+    one-hot), so the exact sampling rule holds for both sources. In a batch, a round is a lookup round
+    only when every generating row has a match (the model drafts for all rows otherwise).
+    """
+
+    def __init__(self, model, max_ngram: int = 3, min_match: int = 2) -> None:
+        self.model_drafter = ModelDrafter(model)
+        self.lookup = PromptLookupDrafter(max_ngram=max_ngram, min_ngram=min_match)
+        self.model = model
+        self.vocab_size = self.model_drafter.vocab_size
+        self.max_seq_len = self.model_drafter.max_seq_len
+        self.lookup_rounds = self.model_rounds = 0
+
+    def start(self, prompt: Tensor, attention_mask: Tensor | None, capacity: int) -> None:
+        self.model_drafter.start(prompt, attention_mask, capacity)
+        self.lookup.start(prompt, attention_mask, capacity)
+        self.lookup_rounds = self.model_rounds = 0
+
+    def propose(self, gamma: int, sampling: Sampling, generator: torch.Generator | None,
+                rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        active = range(len(self.lookup.history)) if rows is None else [b for b, r in enumerate(rows.tolist()) if r]
+        follows = {b: self.lookup._lookup(self.lookup.history[b], gamma) for b in active}
+        self.source = "lookup" if all(follows.values()) else "model"
+        if self.source == "model":
+            self.model_rounds += 1
+            self.proposals, probs = self.model_drafter.propose(gamma, sampling, generator, rows)
+            return self.proposals, probs
+        self.lookup_rounds += 1
+        out = []
+        for b, seq in enumerate(self.lookup.history):
+            follow = follows.get(b) or [seq[-1]]
+            out.append(follow + [follow[-1]] * (gamma - len(follow)))
+        self.proposals = torch.tensor(out, dtype=torch.long, device=self.lookup.device)
+        return self.proposals, None
+
+    def commit(self, accepted: Tensor, new_tokens: Tensor) -> None:
+        if self.source == "model":
+            self.model_drafter.commit(accepted, new_tokens)
+        else:
+            self.model_drafter.catch_up(self.proposals, accepted, new_tokens)
+        self.lookup.proposals = self.proposals
+        self.lookup.commit(accepted, new_tokens)

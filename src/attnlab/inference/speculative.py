@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attnlab.inference.drafters import ModelDrafter, PromptLookupDrafter, Sampling
+from attnlab.inference.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter, Sampling
 from attnlab.inference.generate import as_batch, check_context
 from attnlab.inference.sampling import check_sampling_args, logits_to_probs, make_generator
 
@@ -92,21 +92,28 @@ def as_drafter(draft, target):
             return PromptLookupDrafter()
         raise ValueError(f"draft={draft!r}: give a model, a Drafter, or 'prompt_lookup'")
     if hasattr(draft, "propose") and hasattr(draft, "commit"):
+        if isinstance(draft, HybridDrafter):
+            _check_draft_model(draft.model, target)
         return draft
     if hasattr(draft, "new_cache") and hasattr(draft, "config"):
-        if draft.config.vocab_size != target.config.vocab_size:
-            raise ValueError(
-                f"the draft's vocabulary ({draft.config.vocab_size} tokens) differs from the target's "
-                f"({target.config.vocab_size}): a draft must share the target's tokenizer"
-            )
-        for name in ("eos_token_id", "bos_token_id"):
-            a, b = getattr(draft.config, name), getattr(target.config, name)
-            if a is not None and b is not None and a != b:
-                raise ValueError(f"draft and target disagree on {name} ({a} vs {b}): they use different tokenizers")
-        if getattr(draft.config, "family", "decoder") in ("encoder", "seq2seq"):
-            raise ValueError("an encoder or encoder-decoder cannot draft for a decoder")
+        _check_draft_model(draft, target)
         return ModelDrafter(draft)
     raise ValueError(f"cannot use {type(draft).__name__} as a draft: give a model, a Drafter or 'prompt_lookup'")
+
+
+def _check_draft_model(draft, target) -> None:
+    """A draft model must share the target's tokenizer and be a decoder-like LM."""
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(
+            f"the draft's vocabulary ({draft.config.vocab_size} tokens) differs from the target's "
+            f"({target.config.vocab_size}): a draft must share the target's tokenizer"
+        )
+    for name in ("eos_token_id", "bos_token_id"):
+        a, b = getattr(draft.config, name), getattr(target.config, name)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"draft and target disagree on {name} ({a} vs {b}): they use different tokenizers")
+    if getattr(draft.config, "family", "decoder") in ("encoder", "seq2seq"):
+        raise ValueError("an encoder or encoder-decoder cannot draft for a decoder")
 
 
 def _verify(logits: Tensor, drafts: Tensor, q: Tensor | None, sampling: Sampling,
@@ -167,7 +174,7 @@ def speculative_generate(
     ids = as_batch(input_ids, device)
     B, T = ids.shape
     check_context(target, T, max_new_tokens)
-    if isinstance(drafter, ModelDrafter) and T + max_new_tokens > drafter.max_seq_len:
+    if isinstance(drafter, ModelDrafter | HybridDrafter) and T + max_new_tokens > drafter.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens ({T + max_new_tokens}) is longer than the draft model's "
                          f"context ({drafter.max_seq_len}); use a draft with a longer context or fewer tokens")
     mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=device).long()
