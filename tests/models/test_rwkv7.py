@@ -230,6 +230,9 @@ def test_speculative_decoding_with_rwkv7_is_exact(model):
     for gamma in (1, 4):
         assert torch.equal(attnlab.generate(model, ids, 30, draft=draft, gamma=gamma), want)
     assert torch.equal(attnlab.generate(model, ids, 30, draft=model), want)
+    torch.manual_seed(0)  # and as the draft of a Transformer
+    target = attnlab.build_model(attnlab.ModelConfig(vocab_size=80, d_model=32, n_layers=2, n_heads=4, init_std=0.2))
+    assert torch.equal(attnlab.generate(target, ids, 30, draft=draft, gamma=3), attnlab.generate(target, ids, 30))
 
 
 # ---------------------------------------------------------------- precision and length
