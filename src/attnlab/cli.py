@@ -1,4 +1,4 @@
-"""The ``attnlab`` command: info | generate | chat | train | bench NAME | tour | convert.
+"""The ``attnlab`` command: info | generate | translate | chat | train | data NAME | bench NAME | tour | convert.
 
 Every subcommand prints a user error (bad config, bad checkpoint, prompt too long, ...) as one line
 ``error: ...`` and exits with status 2 — never a traceback. Commands owned by other parts of the package
@@ -16,6 +16,8 @@ DELEGATED = {
     "tour": "attnlab.tour",
     "chat": "attnlab.chat",
     "convert": "attnlab.convert",
+    "data": "attnlab.commands.data",
+    "translate": "attnlab.commands.translate",
 }
 
 USAGE = """attnlab <command> [options]
@@ -23,8 +25,10 @@ USAGE = """attnlab <command> [options]
 commands:
   info       parameters and KV-cache bytes of a model or config, with its MHA/GQA/MQA siblings
   generate   generate text (or token ids) from a model
+  translate  translate English to Spanish with an encoder-decoder (e.g. translate-en-es)
   chat       interactive chat with a model that has a chat template
   train      train a model on the built-in corpus or your own data
+  data       build a data set on this machine: attnlab data translation --out DIR
   bench      run a benchmark: attnlab bench NAME (decode, attention, ...)
   tour       the field guide run as measured experiments, written to a report
   convert    convert a checkpoint (e.g. to fewer KV heads)

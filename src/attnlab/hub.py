@@ -14,7 +14,14 @@ import torch
 
 from attnlab.training.checkpoint import CONFIG_NAME, is_attnlab_dir, load_model
 
-SHIPPED = {"default": "default", "default-draft": "default-draft", "numbers": "numbers"}
+SHIPPED = {"default": "default", "default-draft": "default-draft", "numbers": "numbers",
+           "translate-en-es": "translate-en-es"}
+# how to make a shipped model that is absent (default: `attnlab train --preset NAME`)
+HOW_TO_MAKE = {
+    "numbers": "attnlab train --task numbers --out runs/numbers",
+    "translate-en-es": "attnlab data translation --out data/en-es && attnlab train --preset translate-en-es "
+                       "--task translation --data data/en-es --out runs/translate-en-es",
+}
 SHIPPED_GGUF = ("smollm2",)  # names that attnlab.interop.gguf.find_shipped_gguf resolves
 
 
@@ -24,7 +31,7 @@ def shipped_dir(name: str) -> Path:
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"the shipped model {name!r} is not in this installation ({path}); "
-            f"train it with `attnlab train --preset {name}` or pass a model directory"
+            f"train it with `{HOW_TO_MAKE.get(name, f'attnlab train --preset {name}')}` or pass a model directory"
         )
     return path
 

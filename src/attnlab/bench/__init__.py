@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "infini": "attnlab.bench.infini",
     "gqa": "attnlab.bench.gqa",
     "precision": "attnlab.bench.precision",
+    "translation": "attnlab.bench.translation",
 }
 
 

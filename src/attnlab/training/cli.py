@@ -7,6 +7,7 @@ Examples::
     attnlab train --preset default-draft --tokenizer runs/target --out runs/draft
     attnlab train --config my.yaml --set n_kv_heads=2 --steps 2000 --out runs/gqa
     attnlab train --out runs/target --resume
+    attnlab train --preset translate-en-es --task translation --data data/en-es --out runs/translate-en-es
     torchrun --nproc-per-node 2 -m attnlab train --preset tiny --out runs/ddp
     torchrun --nproc-per-node 2 -m attnlab train --preset tiny --context-parallel 2 --out runs/cp
 """
@@ -38,6 +39,12 @@ PRESETS: dict[str, dict] = {
                                     rope_theta=100000.0),
                       "train": dict(steps=600, batch_size=8, lr=2e-3, warmup=30, seq_len=256, save_dtype="bfloat16",
                                     eval_every=50, save_every=50)},
+    # English -> Spanish (``--task translation --data DIR``): 3+3 pre-norm layers, GQA 8/2, SwiGLU, ~8M parameters
+    "translate-en-es": {"model": dict(d_model=256, n_layers=3, n_encoder_layers=3, n_heads=8, n_kv_heads=2, d_ff=768,
+                                      ffn="swiglu", norm="rms", norm_position="pre", position="rope", max_seq_len=128,
+                                      dropout=0.1),
+                        "train": dict(steps=6000, batch_size=48, lr=1.5e-3, warmup=300, save_dtype="bfloat16",
+                                      eval_every=500, save_every=250, weight_decay=0.01, beta2=0.98)},
     "tiny": {"model": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256),
              "train": dict(steps=50, batch_size=8, lr=3e-3, warmup=5, seq_len=64, vocab_size=512, eval_every=25,
                            save_every=25, eval_windows=8)},
@@ -102,8 +109,10 @@ def build_parser():
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named model size and training recipe")
     p.add_argument("--config", help="JSON or YAML file: model fields and training settings")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    p.add_argument("--data", help="text file, folder of text files, or JSONL with a 'text' field (default: stdlib)")
-    p.add_argument("--task", help="a built-in seq2seq task instead of text: numbers, digits, dates")
+    p.add_argument("--data", help="text file, folder of text files, or JSONL with a 'text' field (default: stdlib); "
+                                  "with --task translation: the folder made by `attnlab data translation`")
+    p.add_argument("--task", help="a seq2seq task instead of text: numbers, digits, dates (built in) or translation "
+                                  "(needs --data)")
     p.add_argument("--tokenizer", help="reuse the tokenizer.json of this model directory (e.g. a draft for a target)")
     p.add_argument("--init", help="start from this model directory's weights (e.g. after attnlab convert)")
     p.add_argument("--distill", metavar="TEACHER",
@@ -166,7 +175,12 @@ def main(argv: list[str]) -> int:
     seq_len = int(train.pop("seq_len", 256))
     vocab_size = int(train.pop("vocab_size", 8192))
 
-    if args.task:
+    if args.task == "translation":
+        from attnlab.tasks.translate import build_translation_run
+
+        task, model_fields, extra_files, info = build_translation_run(args.data, model_fields,
+                                                                      seed=train.get("seed", 0))
+    elif args.task:
         from attnlab.tasks.seq2seq_data import build_task_run
 
         task, model_fields, extra_files, info = build_task_run(args.task, model_fields, seed=train.get("seed", 0))
@@ -205,7 +219,9 @@ def main(argv: list[str]) -> int:
                   "best_val_loss": summary["best_val_loss"], "wall_seconds": round(time.time() - start, 1),
                   "parameters": model.num_parameters(), "info": info, "processes": dist_ctx.world,
                   "last_eval": next((r for r in reversed(trainer.history) if r.get("split") == "validation"), None)}
-        if args.task:  # the held-out test split, scored once with the best checkpoint
+        if args.task == "translation":  # the held-out test books, greedy, scored once with the best checkpoint
+            record.update(_test_bleu(args.data, out))
+        elif args.task:  # the held-out test split, scored once with the best checkpoint
             record["test_exact_match"] = _test_exact_match(args.task, out)
         (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
         print(json.dumps(record), file=sys.stderr)
@@ -219,6 +235,18 @@ def _test_exact_match(task: str, out: Path) -> float:
 
     best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
     return exact_match(load_model(best), test_split(task))
+
+
+def _test_bleu(data: str, out: Path) -> dict:
+    from attnlab.hub import load_tokenizer
+    from attnlab.tasks.translate import evaluate
+    from attnlab.tasks.translation import SOURCE, TARGET, load_split
+    from attnlab.training.checkpoint import load_model
+
+    best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
+    pairs = [(r[SOURCE], r[TARGET]) for r in load_split(data, "test")]
+    res = evaluate(load_model(best), load_tokenizer(best), pairs)
+    return {"test_pairs": len(pairs), "test_bleu_greedy": round(res["bleu"], 2), "test_chrf_greedy": round(res["chrf"], 2)}
 
 
 def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path, dist_ctx):

@@ -1,0 +1,105 @@
+"""``attnlab bench translation``: sacreBLEU BLEU and chrF of a translation model on the held-out test books,
+greedy and beam search side by side, plus a cross-attention alignment map of a few test sentences.
+
+    attnlab bench translation --model runs/en-es [--data data/en-es] [--beam 4] [--length-penalty 1.0]
+                              [--limit N] [--out bench-out/translation]
+
+``--data`` defaults to the data folder recorded in the model's ``task.json`` at training time. The test split
+is every verse of the books listed in the data's manifest (``test_books``), none of which is in training.
+Writes ``translation.json`` (scores, settings, a few translations) and ``cross_attention.png``: for each
+sentence, the mean over heads of the last decoder layer's cross-attention, target tokens (rows) against
+source tokens (columns), for the model's own greedy translation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.cli import parser
+
+
+def _label(backend, i: int) -> str:
+    text = backend.decode([i], skip_special_tokens=False)
+    return (backend.id_to_token(i) or "?") if "\ufffd" in text else text.strip() or "␣"
+
+
+def draw_alignments(path: Path, model, backend, sources: list[str]) -> None:
+    """One heat map per source sentence: cross-attention of the greedy translation's tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from attnlab.tasks.seq2seq_data import END
+    from attnlab.tasks.translate import cross_attention, decode
+
+    fig, axes = plt.subplots(len(sources), 1, figsize=(10, 4.2 * len(sources)), squeeze=False)
+    limit = model.config.max_seq_len
+    for ax, text in zip(axes[:, 0], sources):
+        src = backend.encode(text, add_special_tokens=False).ids[:limit] or [END]
+        hyp = decode(model, torch.tensor([src]), torch.ones(1, len(src), dtype=torch.long))[0]
+        hyp = [t for t in hyp if t != END][: limit - 1]
+        p = cross_attention(model, src, hyp)  # (T, S)
+        ax.imshow(p.numpy(), aspect="auto", cmap="viridis", vmin=0)
+        ax.set_xticks(range(len(src)), [_label(backend, i) for i in src], fontsize=7, rotation=90)
+        ax.set_yticks(range(len(hyp) + 1), ["<s>"] + [_label(backend, i) for i in hyp], fontsize=7)
+        ax.set_xlabel("English source tokens (encoder)")
+        ax.set_ylabel("Spanish output (decoder input)")
+    axes[0, 0].set_title("cross-attention, last decoder layer (mean of heads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    p = parser("attnlab bench translation", "BLEU/chrF on the test books, greedy vs beam; alignment map.")
+    p.add_argument("--model", required=True, help="a translation model directory or translate-en-es")
+    p.add_argument("--data", help="the `attnlab data translation` folder (default: the one the model was trained on)")
+    p.add_argument("--beam", type=int, default=4, help="beam width compared with greedy (default 4)")
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N test pairs")
+    p.add_argument("--examples", type=int, default=3, help="test sentences in the cross-attention figure")
+    p.add_argument("--out", default="bench-out/translation", help="folder for translation.json and the figure")
+    args = p.parse_args(argv)
+    if args.beam < 2:
+        raise ValueError("--beam must be >= 2 (greedy is always scored)")
+
+    from attnlab.hub import from_pretrained, load_tokenizer, resolve_path
+    from attnlab.tasks.translate import evaluate
+    from attnlab.tasks.translation import SOURCE, TARGET, load_split
+
+    model = from_pretrained(args.model).eval()
+    tok = load_tokenizer(args.model)
+    data = args.data
+    task_file = resolve_path(args.model) / "task.json"
+    if data is None and task_file.is_file():
+        data = json.loads(task_file.read_text()).get("data")
+    if data is None:
+        raise ValueError("pass --data DIR (the folder made by `attnlab data translation --out DIR`)")
+    pairs = [(r[SOURCE], r[TARGET]) for r in load_split(data, "test")][: args.limit]
+    if not pairs:
+        raise ValueError(f"{data}: the test split is empty")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, examples = [], {}
+    for beams in (1, args.beam):
+        start = time.perf_counter()
+        res = evaluate(model, tok, pairs, num_beams=beams, length_penalty=args.length_penalty)
+        seconds = time.perf_counter() - start
+        name = "greedy" if beams == 1 else f"beam {beams} (length penalty {args.length_penalty:g})"
+        rows.append({"decoding": name, "BLEU": round(res["bleu"], 2), "chrF": round(res["chrf"], 2),
+                     "sentences/s": round(len(pairs) / seconds, 2)})
+        examples[name] = res["hypotheses"][:5]
+    draw_alignments(out / "cross_attention.png", model, tok.backend, [s for s, _ in pairs[: args.examples]])
+    print(f"test split of {data}: {len(pairs)} pairs, {model.num_parameters():,} parameters")
+    print(markdown_table(rows, ["decoding", "BLEU", "chrF", "sentences/s"]))
+    write_json(out / "translation.json", {"model": str(args.model), "data": str(data), "pairs": len(pairs),
+                                          "rows": rows, "sources": [s for s, _ in pairs[:5]],
+                                          "references": [r for _, r in pairs[:5]], "translations": examples,
+                                          "machine": machine()})
+    print(f"wrote {out / 'translation.json'} and {out / 'cross_attention.png'}")
+    return 0

@@ -1,0 +1,221 @@
+"""Training and using an English -> Spanish encoder-decoder on the data of ``attnlab.tasks.translation``.
+
+- ``TranslationTask``: the ``Seq2SeqTask`` of ``--task numbers`` (teacher forcing, label-smoothed loss)
+  with length-bucketed batches (less padding) and a cheap validation BLEU at each evaluation.
+- ``build_translation_run``: what ``attnlab train --task translation --data DIR`` trains.
+- ``decode``: greedy or beam search for a batch of sources. With ``num_beams > 1`` the greedy hypothesis
+  competes with the beams under the same score (sum log p / length ** length_penalty): beam search alone
+  can let the greedy path fall out of its beam, so this makes "a wider beam never scores lower than greedy"
+  hold by construction. ``num_beams=1`` is exactly greedy.
+- ``translate``: text in, text out. Defined edge cases: an empty (or blank) input gives ""; an input longer
+  than the model's source context is truncated to ``max_seq_len`` tokens with a ``UserWarning``; any
+  character is accepted (the byte-level BPE spells an unseen one as its UTF-8 bytes).
+- ``evaluate``: sacreBLEU BLEU and chrF on pairs; ``cross_attention``: the alignment map of one pair.
+
+Shape legend: B batch, S source length, T target length, V vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from attnlab.tasks.seq2seq_data import END, PAD, START, Seq2SeqTask, collate
+from attnlab.tasks.translation import SOURCE, TARGET, load_split
+
+# the model of `attnlab train --task translation` unless a preset or --set says otherwise
+DEFAULT_MODEL = dict(family="seq2seq", d_model=256, n_layers=3, n_encoder_layers=3, n_heads=8, n_kv_heads=2,
+                     d_ff=768, ffn="swiglu", norm="rms", norm_position="pre", position="rope", max_seq_len=128,
+                     pad_token_id=PAD, decoder_start_token_id=START, eos_token_id=END, tie_embeddings=True)
+
+
+class TranslationTask(Seq2SeqTask):
+    def __init__(self, train: list, validation: list, *, tokenizer, validation_text: list[tuple[str, str]],
+                 label_smoothing: float = 0.1, eval_examples: int = 256, bleu_examples: int = 64) -> None:
+        super().__init__(train, validation, label_smoothing=label_smoothing, eval_examples=eval_examples)
+        self.tokenizer, self.validation_text, self.bleu_examples = tokenizer, validation_text, bleu_examples
+        self.by_length = sorted(range(len(train)), key=lambda i: (len(train[i][0]) + len(train[i][1]), i))
+
+    def train_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """A random batch among neighbours in length order (a window of 16 batches): little padding."""
+        n = len(self.by_length)
+        width = min(n, 16 * batch_size)
+        lo = int(torch.randint(0, n - width + 1, (1,), generator=generator))
+        picks = torch.randperm(width, generator=generator)[:batch_size].tolist()
+        return collate([self.train_examples[self.by_length[lo + i]] for i in picks])
+
+    def evaluate_extra(self, model) -> dict[str, float]:
+        if not self.bleu_examples:
+            return {}
+        pairs = self.validation_text[: self.bleu_examples]
+        return {"bleu": evaluate(model, self.tokenizer, pairs)["bleu"]}
+
+
+def load_data_tokenizer(data_dir: str | Path):
+    from tokenizers import Tokenizer
+
+    path = Path(data_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: make the dataset first with `attnlab data translation --out {data_dir}`")
+    return Tokenizer.from_file(str(path))
+
+
+def build_translation_run(data_dir: str | Path | None, model_fields: dict, *, seed: int = 0):
+    """(task, model fields, extra_files writer, description) for ``attnlab train --task translation``.
+
+    Training and validation pairs longer than the model's context on either side (``max_seq_len`` tokens,
+    the target counting its end token) are dropped, not truncated: a cut verse teaches a wrong translation.
+    """
+    if data_dir is None:
+        raise ValueError("--task translation needs --data DIR, made by `attnlab data translation --out DIR`")
+    data_dir = Path(data_dir).resolve()
+    tok = load_data_tokenizer(data_dir)
+    manifest = json.loads((data_dir / "manifest.json").read_text()) if (data_dir / "manifest.json").is_file() else {}
+    fields = {**DEFAULT_MODEL, **model_fields, "vocab_size": tok.get_vocab_size()}
+    limit = int(fields["max_seq_len"])
+
+    def encoded(split: str) -> tuple[list, list[tuple[str, str]]]:
+        rows = load_split(data_dir, split)
+        src = tok.encode_batch([r[SOURCE] for r in rows], add_special_tokens=False)
+        tgt = tok.encode_batch([r[TARGET] for r in rows], add_special_tokens=False)
+        keep = [i for i in range(len(rows)) if len(src[i].ids) <= limit and len(tgt[i].ids) + 1 <= limit]
+        return [(src[i].ids, tgt[i].ids) for i in keep], [(rows[i][SOURCE], rows[i][TARGET]) for i in keep]
+
+    train, _ = encoded("train")
+    val, val_text = encoded("validation")
+    if not train or not val:
+        raise ValueError(f"{data_dir}: no training or validation pair fits max_seq_len={limit} tokens")
+
+    def extra_files(directory: Path) -> None:
+        tok.save(str(directory / "tokenizer.json"))
+        (directory / "special_tokens.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}) + "\n")
+        (directory / "task.json").write_text(json.dumps(
+            {"task": "translation", "source": SOURCE, "target": TARGET, "data": str(data_dir),
+             "pairs_sha256": manifest.get("pairs_sha256")}) + "\n")
+
+    info = (f"task translation {SOURCE}->{TARGET}: {len(train)} train / {len(val)} validation pairs of at most "
+            f"{limit} tokens, vocab {tok.get_vocab_size()} ({data_dir})")
+    return TranslationTask(train, val, tokenizer=tok, validation_text=val_text), fields, extra_files, info
+
+
+def _hypotheses(out: Tensor) -> list[list[int]]:
+    """Decoder rows (B, 1 + new), filled after EOS with EOS -> new tokens up to and including the first EOS."""
+    rows = []
+    for row in out[:, 1:].tolist():
+        rows.append(row[: row.index(END) + 1] if END in row else row)
+    return rows
+
+
+@torch.no_grad()
+def sequence_logprob(model, src: Tensor, src_mask: Tensor, hyps: list[list[int]]) -> list[float]:
+    """Sum of log p(token) of each hypothesis (its EOS included) by one teacher-forced forward (B rows)."""
+    T = max(1, max(len(h) for h in hyps))
+    tgt_in = torch.full((len(hyps), T), PAD, dtype=torch.long)
+    for i, h in enumerate(hyps):
+        tgt_in[i, : len(h)] = torch.tensor([START] + h[:-1], dtype=torch.long) if h else torch.tensor([START])
+    logp = torch.log_softmax(model(tgt_in, encoder_input_ids=src, encoder_attention_mask=src_mask).double(), -1)
+    return [float(sum(logp[i, t, tok] for t, tok in enumerate(h))) for i, h in enumerate(hyps)]
+
+
+def score(logprob: float, length: int, length_penalty: float) -> float:
+    return logprob / (max(length, 1) ** length_penalty)  # as attnlab.inference.beam
+
+
+@torch.no_grad()
+def decode(model, src: Tensor, src_mask: Tensor, *, num_beams: int = 1, length_penalty: float = 1.0,
+           max_new_tokens: int | None = None) -> list[list[int]]:
+    """Best hypothesis per source row: token ids (ending in EOS unless it ran out of length)."""
+    from attnlab.inference.beam import beam_search
+    from attnlab.inference.generate import generate
+
+    was = model.training
+    model.eval()
+    try:
+        if max_new_tokens is None:
+            max_new_tokens = min(model.config.max_seq_len - 1, 2 * src.shape[1] + 10)
+        greedy = _hypotheses(generate(model, src, max_new_tokens, attention_mask=src_mask, eos_token_id=END))
+        if num_beams == 1:
+            return greedy
+        beams = _hypotheses(beam_search(model, src, max_new_tokens, num_beams=num_beams, eos_token_id=END,
+                                        length_penalty=length_penalty, attention_mask=src_mask))
+        lp_g = sequence_logprob(model, src, src_mask, greedy)
+        lp_b = sequence_logprob(model, src, src_mask, beams)
+        return [b if score(sb, len(b), length_penalty) >= score(sg, len(g), length_penalty) else g
+                for g, b, sg, sb in zip(greedy, beams, lp_g, lp_b)]
+    finally:
+        model.train(was)
+
+
+def _sources(tokenizer, texts: list[str], limit: int) -> list[list[int]]:
+    out = []
+    for text in texts:
+        ids = tokenizer.encode(text.strip(), add_special_tokens=False).ids if text.strip() else []
+        if len(ids) > limit:
+            warnings.warn(f"the input has {len(ids)} tokens, more than the model's source context of {limit}: "
+                          f"only its first {limit} tokens are translated", UserWarning, stacklevel=3)
+            ids = ids[:limit]
+        out.append(ids)
+    return out
+
+
+def translate(model, tokenizer, texts: str | list[str], *, num_beams: int = 1, length_penalty: float = 1.0,
+              max_new_tokens: int | None = None, batch_size: int = 32) -> str | list[str]:
+    """Translate one text or a list (``tokenizer``: a ``tokenizers.Tokenizer``, or attnlab's wrapper)."""
+    backend = getattr(tokenizer, "backend", tokenizer)
+    single = isinstance(texts, str)
+    texts = [texts] if single else list(texts)
+    sources = _sources(backend, texts, model.config.max_seq_len)
+    results = [""] * len(texts)
+    todo = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))  # similar lengths
+    for k in range(0, len(todo), batch_size):
+        chunk = todo[k:k + batch_size]
+        batch = collate([(sources[i], []) for i in chunk])
+        hyps = decode(model, batch["src"], batch["src_mask"], num_beams=num_beams, length_penalty=length_penalty,
+                      max_new_tokens=max_new_tokens)
+        for i, h in zip(chunk, hyps):
+            results[i] = backend.decode([t for t in h if t != END], skip_special_tokens=True).strip()
+    return results[0] if single else results
+
+
+def evaluate(model, tokenizer, pairs: list[tuple[str, str]], *, num_beams: int = 1, length_penalty: float = 1.0,
+             batch_size: int = 32) -> dict:
+    """sacreBLEU corpus BLEU and chrF of the model's translations of ``pairs`` (source, reference)."""
+    import sacrebleu
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # over-long sources are truncated, as documented
+        hyps = translate(model, tokenizer, [s for s, _ in pairs], num_beams=num_beams,
+                         length_penalty=length_penalty, batch_size=batch_size)
+    refs = [[r for _, r in pairs]]
+    return {"bleu": sacrebleu.corpus_bleu(hyps, refs).score, "chrf": sacrebleu.corpus_chrf(hyps, refs).score,
+            "hypotheses": hyps}
+
+
+@torch.no_grad()
+def cross_attention(model, src_ids: list[int], tgt_ids: list[int]) -> Tensor:
+    """Mean over heads of the last decoder layer's cross-attention probabilities, (T, S) for ``<s> tgt``."""
+    attn = model.decoder.blocks[-1].cross_attn
+    got = {}
+
+    def hook(mod, args, kwargs, output):
+        x, memory = args[0], kwargs["memory"]
+        B, T, _ = x.shape
+        q = mod.q_proj(x).view(B, T, mod.n_heads, mod.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k, _ = mod.project_kv(memory)  # (B, K, S, D)
+        k = k.repeat_interleave(mod.n_heads // mod.n_kv_heads, 1)  # (B, H, S, D)
+        got["p"] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(mod.head_dim), -1)[0].mean(0)  # (T, S)
+
+    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    was = model.training
+    model.eval()
+    try:
+        model(torch.tensor([[START] + tgt_ids]), encoder_input_ids=torch.tensor([src_ids]))
+    finally:
+        handle.remove()
+        model.train(was)
+    return got["p"]
