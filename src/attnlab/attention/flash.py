@@ -140,32 +140,41 @@ def _key_tile_padding(mask: Tensor | None, j0: int, j1: int, kv_heads: int) -> t
     return (not bool(tile.any())), tile.repeat_interleave(kv_heads, dim=0)[:, None, :]  # (B*K, 1, bk)
 
 
-def _flat(x: Tensor, acc: torch.dtype) -> Tensor:
-    """(B, K, T, D) -> (B*K, T, D) in the accumulation dtype (a view when it already is)."""
-    return x.to(acc).reshape(-1, x.shape[2], x.shape[3])
+def _rows(x: Tensor, kv_heads: int) -> Tensor:
+    """(B, H, T, ...) -> (B*K, T*G, ...): ``_to_rows`` with batch and K/V heads merged; a view when G = 1 and the
+    layout allows (contiguous inputs), else a copy."""
+    x = _to_rows(x, kv_heads)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _forward(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float, bq: int, bk: int
-) -> tuple[Tensor, Tensor]:
-    """Tiled online-softmax forward. Returns out (B, H, Tq, D) in q.dtype and lse (B, H, Tq) float32+."""
-    B, H, Tq, D = q.shape
-    K, Tk = k.shape[1], k.shape[2]
-    G = H // K
-    acc = torch.promote_types(q.dtype, torch.float32)  # accumulate in float32 at least
+def _forward_rows(
+    qr: Tensor, kr: Tensor, vr: Tensor, mask: Tensor | None, groups: int, causal: bool, scale: float, bq: int, bk: int,
+    out: Tensor, lse: Tensor,
+) -> None:
+    """Tiled online-softmax forward *in place*, continuing from a partial result.
+
+    qr (BK, Tq*G, D) query rows, kr/vr (BK, Tk, D), any float dtype; mask (BK / K', Tk) bool key padding whose
+    rows repeat over the K' = BK / mask rows heads of each batch element. out (BK, Tq*G, D) and lse (BK, Tq*G)
+    (float32+, lse in base e) hold attention over the keys seen so far (zeros and -inf: none yet) and are
+    updated to attention over those keys and these: a normalised partial result is the online-softmax state
+    acc = out, m = lse, l = 1, so continuing from it applies the identity of ``merge_partials`` without a temporary.
+    Allocates only per tile (independent of Tq and Tk), plus float32 copies of K/V if they are not float32.
+    """
+    BK, TG, D = qr.shape
+    G, Tk = groups, kr.shape[1]
+    Tq = TG // G
+    acc = out.dtype
+    kv_heads = 1 if mask is None else BK // mask.shape[0]
     offset = Tk - Tq
-    qs = _flat(_to_rows(q.to(acc) * (scale * _LOG2E), K), acc)  # (BK, Tq*G, D): scores come out in base 2
-    kf, vf = _flat(k, acc), _flat(v, acc)  # (BK, Tk, D); no copy for contiguous float32 inputs
-    out = torch.zeros(B * K, Tq * G, D, dtype=acc, device=q.device)  # (BK, Tq*G, D)
-    lse = torch.full((B * K, Tq * G), _NEG_INF, dtype=acc, device=q.device)  # (BK, Tq*G)
+    kf, vf = kr.to(acc), vr.to(acc)  # no copy for float32 inputs
     for i0, i1, tiles in _tile_plan(Tq, Tk, bq, bk, causal):
         r0, r1 = i0 * G, i1 * G
-        qt = qs[:, r0:r1]  # (BK, R, D)
-        o = out[:, r0:r1]  # (BK, R, D) view: the unnormalised accumulator of this query tile
-        m = torch.full(qt.shape[:-1], _NEG_INF, dtype=acc, device=q.device)  # (BK, R) running max
-        l = torch.zeros_like(m)  # (BK, R) running denominator
+        qt = qr[:, r0:r1].to(acc) * (scale * _LOG2E)  # (BK, R, D) pre-scaled: scores come out in base 2
+        o = out[:, r0:r1]  # (BK, R, D) view: the accumulator of this query tile
+        m = lse[:, r0:r1] * _LOG2E  # (BK, R) running max, base 2
+        l = (~torch.isneginf(m)).to(acc)  # (BK, R) running denominator: 1 for a partial result, 0 for none
         for j0, j1, diag in tiles:
-            skip, pad = _key_tile_padding(mask, j0, j1, K)
+            skip, pad = _key_tile_padding(mask, j0, j1, kv_heads)
             if skip:
                 continue
             s = _masked_scores(qt, kf[:, j0:j1], diag=diag, pad=pad, i0=i0, i1=i1, j0=j0, offset=offset, groups=G)
@@ -176,11 +185,69 @@ def _forward(
             l = l * alpha + p.sum(dim=-1)
             o.mul_(alpha[..., None]).baddbmm_(p, vf[:, j0:j1])  # acc' = alpha * acc + p @ v: (BK, R, D)
             m = m_new
+            del s, p  # free this tile before the next one is computed
         empty = l == 0  # rows that saw no key: zeros and lse = -inf
         o.div_(l.masked_fill(empty, 1.0)[..., None])
         lse[:, r0:r1] = ((m + torch.log2(l)) * _LN2).masked_fill(empty, _NEG_INF)  # back to base e
-    out4 = _from_rows(out.view(B, K, Tq * G, D), G)  # (B, H, Tq, D)
+
+
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float, bq: int, bk: int
+) -> tuple[Tensor, Tensor]:
+    """Tiled online-softmax forward. Returns out (B, H, Tq, D) in q.dtype and lse (B, H, Tq) float32+."""
+    B, H, Tq, D = q.shape
+    K, Tk = k.shape[1], k.shape[2]
+    G = H // K
+    acc = torch.promote_types(q.dtype, torch.float32)  # accumulate in float32 at least
+    out = torch.zeros(B * K, Tq * G, D, dtype=acc, device=q.device)  # (BK, Tq*G, D)
+    lse = torch.full((B * K, Tq * G), _NEG_INF, dtype=acc, device=q.device)  # (BK, Tq*G)
+    _forward_rows(_rows(q, K), k.reshape(B * K, Tk, D), v.reshape(B * K, Tk, D), mask, G, causal, scale, bq, bk,
+                  out, lse)
+    out4 = _from_rows(out.view(B, K, Tq * G, D), G)  # (B, H, Tq, D): a view for G = 1
     return out4.to(q.dtype), _from_rows(lse.view(B, K, Tq * G), G)  # (B, H, Tq, D), (B, H, Tq)
+
+
+def _backward_rows(
+    qr: Tensor, kr: Tensor, vr: Tensor, outr: Tensor, lser: Tensor, dor: Tensor, dlser: Tensor | None,
+    mask: Tensor | None, groups: int, causal: bool, scale: float, bq: int, bk: int,
+    dq: Tensor, dk: Tensor, dv: Tensor,
+) -> None:
+    """FlashAttention-2 backward in row layout, *accumulating* into dq (BK, Tq*G, D) and dk, dv (BK, Tk, D).
+
+    Inputs as in ``_forward_rows``; outr, lser, dor, dlser are the (global) output, its lse (base e), the
+    gradient of the output and of the lse, in rows. Each tile's probabilities are recomputed from the lse.
+    Allocates only per tile, plus float32 copies of K/V if they are not float32.
+    """
+    BK, TG, D = qr.shape
+    G, Tk = groups, kr.shape[1]
+    Tq = TG // G
+    acc = dq.dtype
+    kv_heads = 1 if mask is None else BK // mask.shape[0]
+    offset = Tk - Tq
+    kf, vf = kr.to(acc), vr.to(acc)  # (BK, Tk, D); no copy for float32 inputs
+    for i0, i1, tiles in _tile_plan(Tq, Tk, bq, bk, causal):
+        r0, r1 = i0 * G, i1 * G
+        qt = qr[:, r0:r1].to(acc) * (scale * _LOG2E)  # (BK, R, D) pre-scaled: scores in base 2
+        dot, dqt = dor[:, r0:r1].to(acc), dq[:, r0:r1]  # (BK, R, D)
+        deltat = (dot * outr[:, r0:r1].to(acc)).sum(dim=-1, keepdim=True)  # (BK, R, 1): rowsum(dO * O)
+        if dlser is not None:
+            deltat = deltat - dlser[:, r0:r1, None].to(acc)  # d lse / d s = p: dlse enters as -Delta
+        lt = lser[:, r0:r1, None].to(acc) * _LOG2E  # (BK, R, 1) in base 2
+        lt = lt.masked_fill(torch.isneginf(lt), float("inf"))  # empty rows: p = 2^(s - inf) = 0
+        for j0, j1, diag in tiles:
+            skip, pad = _key_tile_padding(mask, j0, j1, kv_heads)
+            if skip:
+                continue
+            kt, vt = kf[:, j0:j1], vf[:, j0:j1]  # (BK, bk, D)
+            s = _masked_scores(qt, kt, diag=diag, pad=pad, i0=i0, i1=i1, j0=j0, offset=offset, groups=G)
+            p = s.sub_(lt).exp2_()  # (BK, R, bk) the forward's probabilities, recomputed
+            dv[:, j0:j1].baddbmm_(p.transpose(1, 2), dot)  # dV += P^T dO: (BK, bk, D), summed over the group
+            ds = torch.bmm(dot, vt.transpose(1, 2))  # dP = dO V^T: (BK, R, bk)
+            ds.sub_(deltat).mul_(p)  # dS = P * (dP - Delta)
+            # s = scale * q k^T while qt = q * scale * log2(e): dQ = scale * dS K, dK = scale * dS^T Q = ln 2 * dS^T qt
+            dqt.baddbmm_(ds, kt, alpha=scale)  # (BK, R, D)
+            dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), qt, alpha=_LN2)  # (BK, bk, D)
+            del s, p, ds  # free this tile before the next one is computed
 
 
 def _backward(
@@ -192,37 +259,14 @@ def _backward(
     K, Tk = k.shape[1], k.shape[2]
     G = H // K
     acc = torch.promote_types(q.dtype, torch.float32)
-    offset = Tk - Tq
-    qs = _flat(_to_rows(q.to(acc) * (scale * _LOG2E), K), acc)  # (BK, Tq*G, D): scores in base 2
-    do = _flat(_to_rows(dout.to(acc), K), acc)  # (BK, Tq*G, D)
-    delta = (do * _flat(_to_rows(out.to(acc), K), acc)).sum(dim=-1)  # (BK, Tq*G): rowsum(dO * O)
-    if dlse is not None:
-        delta = delta - _to_rows(dlse.to(acc), K).reshape(B * K, Tq * G)  # d lse / d s = p: dlse enters as -Delta
-    lse_r = _to_rows(lse.to(acc) * _LOG2E, K).reshape(B * K, Tq * G)  # (BK, Tq*G) in base 2
-    lse_r = lse_r.masked_fill(torch.isneginf(lse_r), float("inf"))  # empty rows: p = 2^(s - inf) = 0
-    kf, vf = _flat(k, acc), _flat(v, acc)  # (BK, Tk, D)
-    dq = torch.zeros_like(qs)  # (BK, Tq*G, D), gradient w.r.t. the pre-scaled q
+    dq = torch.zeros(B * K, Tq * G, D, dtype=acc, device=q.device)  # (BK, Tq*G, D)
     dk = torch.zeros(B * K, Tk, D, dtype=acc, device=q.device)  # (BK, Tk, D)
     dv = torch.zeros_like(dk)
-    for i0, i1, tiles in _tile_plan(Tq, Tk, bq, bk, causal):
-        r0, r1 = i0 * G, i1 * G
-        qt, dot, dqt = qs[:, r0:r1], do[:, r0:r1], dq[:, r0:r1]  # (BK, R, D)
-        lt, deltat = lse_r[:, r0:r1, None], delta[:, r0:r1, None]  # (BK, R, 1)
-        for j0, j1, diag in tiles:
-            skip, pad = _key_tile_padding(mask, j0, j1, K)
-            if skip:
-                continue
-            kt, vt = kf[:, j0:j1], vf[:, j0:j1]  # (BK, bk, D)
-            s = _masked_scores(qt, kt, diag=diag, pad=pad, i0=i0, i1=i1, j0=j0, offset=offset, groups=G)
-            p = s.sub_(lt).exp2_()  # (BK, R, bk) the forward's probabilities, recomputed
-            dv[:, j0:j1].baddbmm_(p.transpose(1, 2), dot)  # dV += P^T dO: (BK, bk, D), summed over the group
-            ds = torch.bmm(dot, vt.transpose(1, 2))  # dP = dO V^T: (BK, R, bk)
-            ds.sub_(deltat).mul_(p)  # dS = P * (dP - Delta)
-            dqt.baddbmm_(ds, kt)  # (BK, R, D)
-            dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), qt)  # (BK, bk, D)
-    # s = scale * q k^T while qs = q * scale * log2(e): dQ = scale * dS K, dK = scale * dS^T Q = dS^T qs * ln 2
-    dq4 = _from_rows((dq * scale).view(B, K, Tq * G, D), G)  # (B, H, Tq, D)
-    return dq4.to(q.dtype), (dk * _LN2).view(B, K, Tk, D).to(k.dtype), dv.view(B, K, Tk, D).to(v.dtype)
+    _backward_rows(_rows(q, K), k.reshape(B * K, Tk, D), v.reshape(B * K, Tk, D), _rows(out, K), _rows(lse, K),
+                   _rows(dout, K), None if dlse is None else _rows(dlse, K), mask, G, causal, scale, bq, bk,
+                   dq, dk, dv)
+    dq4 = _from_rows(dq.view(B, K, Tq * G, D), G)  # (B, H, Tq, D): a view for G = 1
+    return dq4.to(q.dtype), dk.view(B, K, Tk, D).to(k.dtype), dv.view(B, K, Tk, D).to(v.dtype)
 
 
 class _FlashAttention(torch.autograd.Function):
