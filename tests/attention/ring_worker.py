@@ -22,7 +22,9 @@ def attention_cases(rank, world):
     errors = {}
     for layout in ("contiguous", "zigzag"):
         for causal in (False, True):
-            for kv_heads in (4, 1):
+            # head_groups=3: the (batch, kv head) pairs go round in groups (whole batch elements, or a batch
+            # element's kv heads split, also with G = 2 query heads per kv head); None: the default (one group here)
+            for kv_heads, head_groups in ((4, None), (1, None), (4, 3), (2, 3), (1, 3)):
                 for padded in (False, True):
                     g = torch.Generator().manual_seed(len(errors))  # the same inputs on every rank
                     chunk = 7  # not a multiple of any tile size
@@ -41,9 +43,9 @@ def attention_cases(rank, world):
                     local = [shard(t.float(), rank, world, layout=layout, dim=2).requires_grad_() for t in (q, k, v)]
                     out = ring_attention(*local, causal=causal, layout=layout,
                                          key_padding_mask=shard(mask, rank, world, layout=layout, dim=1) if padded else None,
-                                         timeout=60)
+                                         timeout=60, head_groups=head_groups)
                     out.backward(shard(dout.float(), rank, world, layout=layout, dim=2))
-                    name = f"{layout}-causal{causal}-kv{kv_heads}-pad{padded}"
+                    name = f"{layout}-causal{causal}-kv{kv_heads}-groups{head_groups}-pad{padded}"
                     pairs = [(out, ref)] + [(loc.grad, f.grad) for loc, f in zip(local, full)]
                     errs = []
                     for got, want in pairs:

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from attnlab import ModelConfig, build_model
 from attnlab.attention import flash_attention, get_kernel, merge_partials
-from attnlab.attention.flash import _tile_plan, default_block_sizes
+from attnlab.attention.flash import (
+    _backward_rows,
+    _forward_rows,
+    _from_rows,
+    _rows,
+    _tile_plan,
+    default_block_sizes,
+)
 
 
 def reference(q, k, v, *, causal=False, mask=None, scale=None):
@@ -194,6 +201,57 @@ def test_merge_partials_handles_empty_sides_without_nan():
         merge_partials(out_a, lse_a, out_b[:, :1], lse_b)
     with pytest.raises(ValueError, match="lse_a and lse_b"):
         merge_partials(out_a, lse_a[..., :2], out_b, lse_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_rows_continues_a_partial_result_in_place_like_merge_partials(dtype):
+    """What ring attention relies on: the in-place forward started from (out, lse) of some keys equals
+    merge_partials with the result over the other keys, and attention over all keys; rows empty on one
+    side or both (lse = -inf) included."""
+    B, H, K, Tq, Tk, D = 2, 6, 3, 7, 20, 8
+    G = H // K
+    q, k, v = (t.detach() for t in make(B, H, K, Tq, Tk, D, dtype))
+    mask = torch.ones(B, Tk, dtype=torch.bool)
+    mask[1, :10] = False  # batch 1: the first half is empty (-inf lse before continuing)
+    mask[0, 10:] = False  # batch 0: the second half adds nothing
+    out_a, lse_a = flash_attention(q, k[:, :, :10], v[:, :, :10], key_padding_mask=mask[:, :10], block_q=3, block_k=4)
+    out_b, lse_b = flash_attention(q, k[:, :, 10:], v[:, :, 10:], key_padding_mask=mask[:, 10:], block_q=3, block_k=4)
+    acc = torch.promote_types(dtype, torch.float32)
+    out, lse = _rows(out_a.to(acc), K).clone(), _rows(lse_a, K).clone()  # (BK, Tq*G, D), (BK, Tq*G)
+    _forward_rows(_rows(q, K), k[:, :, 10:].reshape(B * K, 10, D), v[:, :, 10:].reshape(B * K, 10, D),
+                  mask[:, 10:], G, False, 1 / math.sqrt(D), 3, 4, out, lse)
+    out, lse = _from_rows(out.view(B, K, Tq * G, D), G), _from_rows(lse.view(B, K, Tq * G), G)
+    merged_out, merged_lse = merge_partials(out_a, lse_a, out_b, lse_b)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.to(dtype), merged_out, **tol)
+    torch.testing.assert_close(lse, merged_lse, **tol)
+    ref_out, ref_lse = reference(q, k, v, mask=mask)
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, **tol)
+    # a row with no key on either side stays zeros and -inf
+    empty_out, empty_lse = torch.zeros(1, G, D, dtype=acc), torch.full((1, G), float("-inf"), dtype=acc)
+    _forward_rows(q[:1, :G, :1].reshape(1, G, D), k[:1, 0], v[:1, 0], torch.zeros(1, Tk, dtype=torch.bool), G,
+                  False, 1.0, 1, 4, empty_out, empty_lse)
+    assert torch.equal(empty_out, torch.zeros_like(empty_out)) and torch.isneginf(empty_lse).all()
+
+
+def test_backward_rows_accumulates_into_given_gradients():
+    """Gradients of two key halves accumulated into one dq (and disjoint dk/dv slices) equal the full backward."""
+    B, H, K, T, D = 1, 4, 2, 9, 8
+    G = H // K
+    q, k, v = make(B, H, K, T, T, D, torch.float64)
+    out, lse = flash_attention(q, k, v, causal=False)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    dq, dk, dv = (torch.zeros(B * K, n, D, dtype=torch.float64) for n in (T * G, T, T))
+    args = [_rows(t.detach(), K) for t in (q, out, lse, dout)]
+    kr, vr = (t.detach().reshape(B * K, T, D) for t in (k, v))
+    for cols in (slice(0, 4), slice(4, T)):
+        _backward_rows(args[0], kr[:, cols], vr[:, cols], args[1], args[2], args[3], None, None, G, False,
+                       1 / math.sqrt(D), 2, 3, dq, dk[:, cols], dv[:, cols])
+    torch.testing.assert_close(_from_rows(dq.view(B, K, T * G, D), G), q.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dk.view(k.shape), k.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dv.view(v.shape), v.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_registry_kernel_matches_naive():

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnlab.attention.ring import block_pairs, shard, shard_positions, unshard
+from attnlab.attention.ring import (
+    block_pairs,
+    default_head_groups,
+    head_groups_of,
+    shard,
+    shard_positions,
+    unshard,
+)
 
 WORKER = Path(__file__).with_name("ring_worker.py")
 
@@ -81,3 +88,19 @@ def test_zigzag_balances_causal_work():
     assert len(set(zigzag)) == 1  # every rank the same number of sub-blocks
     with pytest.raises(ValueError, match="divisible"):
         shard(torch.zeros(1, 10), 0, 4, layout="zigzag")
+
+
+@pytest.mark.parametrize("batch, kv_heads, groups, expected",
+                         [(1, 8, 8, 8), (2, 4, 3, 4), (3, 2, 2, 2), (2, 1, 5, 2), (1, 1, 1, 1), (4, 8, 100, 32)])
+def test_head_groups_cover_every_batch_and_kv_head_pair_once(batch, kv_heads, groups, expected):
+    parts = head_groups_of(batch, kv_heads, groups)
+    assert len(parts) == expected
+    seen = [(b, h) for bs, ks in parts for b in range(batch)[bs] for h in range(kv_heads)[ks]]
+    assert sorted(seen) == [(b, h) for b in range(batch) for h in range(kv_heads)]
+    x = torch.zeros(batch, kv_heads, 4, 2)
+    assert all(x[bs, ks].is_contiguous() for bs, ks in parts)  # each group is sent without a copy
+
+
+def test_default_head_groups_split_large_shards_only():
+    assert default_head_groups(torch.zeros(2, 2, 16, 16)) == 1  # a tiny shard goes round in one piece
+    assert default_head_groups(torch.zeros(1, 8, 4096, 64)) == 8  # the bench's P = 4 shard: 1/8 in flight

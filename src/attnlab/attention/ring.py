@@ -3,17 +3,25 @@ Context") over ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
 
 The sequence is sharded over the P ranks of a process group. Each rank keeps its queries and passes its
 K/V shard around the ring: at step s it computes its queries against the block that started on rank
-r - s (a FlashAttention block, ``flash._forward``) while the next block travels, and merges the partial
-results by log-sum-exp (``merge_partials``). After P steps every query has seen every key, exactly.
-Backward runs the ring again: each rank recomputes its blocks (``flash._backward`` with the *global*
-output and lse), keeps dQ, and sends dK/dV along with the block, so they arrive home after a full turn.
+r - s (FlashAttention tiles, ``flash._forward_rows``) while the next block travels, continuing the online
+softmax of its (out, lse) in place (the log-sum-exp identity of ``merge_partials``). After P steps every
+query has seen every key, exactly. Backward runs the ring again: each rank recomputes its blocks
+(``flash._backward_rows`` with the *global* output and lse), accumulates dQ in place, and the dK/dV
+accumulators travel with their block, arriving home after a full turn.
+
+Memory: the (batch, K/V head) pairs go round the ring in ``head_groups`` groups, one group after another
+(attention is independent per head), so what is in flight — the block being computed on, the one being
+received and the travelling dK/dV — is 1/head_groups of a shard. Receive buffers are reused (ping-pong)
+and nothing of shard size is copied; per rank the peak is about out + dQ + dK + dV + 8/head_groups
+local-size tensors (docs/ring.md derives the bound).
 
 Causal load balancing: with a contiguous layout (rank r holds chunk r of P) rank 0 has almost nothing to
 compute and rank P-1 everything. The zigzag layout (rank r holds chunks r and 2P-1-r of 2P) gives every
 rank the same amount of unmasked work. ``shard``/``unshard`` convert between a full sequence and a
 rank's shard for either layout.
 
-Shape legend: B batch, H query heads, K kv heads, Tl local tokens (= T / P), D head dim, P ranks.
+Shape legend: B batch, H query heads, K kv heads, G = H // K, Tl local tokens (= T / P), D head dim, P ranks,
+n (batch, kv head) pairs in a head group.
 """
 
 from __future__ import annotations
@@ -25,8 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from attnlab.attention.flash import _backward, _forward, default_block_sizes
-from attnlab.attention.merge import merge_partials
+from attnlab.attention.flash import _backward_rows, _forward_rows, _from_rows, _rows, default_block_sizes
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -85,6 +92,27 @@ def block_pairs(q_rank: int, kv_rank: int, world: int, layout: str, causal: bool
     return pairs
 
 
+def head_groups_of(batch: int, kv_heads: int, groups: int) -> list[tuple[slice, slice]]:
+    """Split the (batch, kv head) pairs into about ``groups`` groups: (batch slice, kv-head slice) each.
+
+    Up to ``batch`` groups take whole batch elements; more split each batch element over its K/V heads.
+    Every group is a contiguous slice of a contiguous (B, K, ...) tensor, so it can be sent without a copy.
+    """
+    groups = max(1, min(groups, batch * kv_heads))
+    if groups <= batch:
+        edges = [round(i * batch / groups) for i in range(groups + 1)]
+        return [(slice(a, b), slice(0, kv_heads)) for a, b in zip(edges, edges[1:])]
+    per_batch = min(kv_heads, math.ceil(groups / batch))
+    edges = [round(i * kv_heads / per_batch) for i in range(per_batch + 1)]
+    return [(slice(b, b + 1), slice(a, c)) for b in range(batch) for a, c in zip(edges, edges[1:])]
+
+
+def default_head_groups(k: Tensor) -> int:
+    """Groups for a K shard: up to 8 (then the buffers in flight hold about one K-sized tensor), each group's
+    K block at least 256 KiB (short sequences go round in one piece: fewer, larger messages and calls)."""
+    return max(1, min(8, k.numel() * k.element_size() // 2**18))
+
+
 # ----------------------------------------------------------------------------- communication
 class _Ring:
     """Point-to-point exchange with the ring neighbours, asynchronous so it overlaps computation."""
@@ -96,13 +124,22 @@ class _Ring:
         self.recv_from = dist.get_global_rank(group, (self.rank - 1) % self.world) if group is not None else (self.rank - 1) % self.world
         self.timeout = timeout
 
-    def start(self, tensors: list[Tensor]) -> tuple[list, list[Tensor]]:
-        tensors = [t.contiguous() for t in tensors]
-        bufs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+    def start(self, send: list[Tensor], recv: list[Tensor], tag: int = 0) -> list:
+        """Send ``send`` to the next rank and receive the previous rank's into ``recv`` (same shapes), asynchronously."""
         # one tag per tensor: concurrent messages between the same two ranks must not be matched out of order
-        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group, tag=i) for i, t in enumerate(tensors)]
-        ops += [dist.P2POp(dist.irecv, b, self.recv_from, self.group, tag=i) for i, b in enumerate(bufs)]
-        return dist.batch_isend_irecv(ops), bufs
+        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group, tag=tag + i) for i, t in enumerate(send)]
+        ops += [dist.P2POp(dist.irecv, b, self.recv_from, self.group, tag=tag + i) for i, b in enumerate(recv)]
+        return dist.batch_isend_irecv(ops)
+
+    def gather_masks(self, mask: Tensor | None) -> Tensor | None:
+        """(P, B, Tl) bool: every rank's key padding mask (tiny next to K/V, so it is gathered once, not sent round)."""
+        if mask is None:
+            return None
+        if self.world == 1:
+            return mask.bool()[None]
+        everyone = [torch.empty_like(mask) for _ in range(self.world)]
+        dist.all_gather(everyone, mask.contiguous(), group=self.group)
+        return torch.stack(everyone).bool()
 
     def wait(self, reqs: list) -> None:
         try:
@@ -119,10 +156,10 @@ class _Ring:
             ) from None
 
 
-def _check_same_shapes(q: Tensor, k: Tensor, group, layout: str) -> None:
+def _check_same_shapes(q: Tensor, k: Tensor, mask: Tensor | None, head_groups: int, group, layout: str) -> None:
     """All ranks must hold shards of the same shape (a clear error instead of a hang or garbage)."""
     world = dist.get_world_size(group)
-    mine = torch.tensor(list(q.shape) + list(k.shape), dtype=torch.long)
+    mine = torch.tensor(list(q.shape) + list(k.shape) + [int(mask is not None), head_groups], dtype=torch.long)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     try:
         dist.all_gather(everyone, mine, group=group)
@@ -133,66 +170,143 @@ def _check_same_shapes(q: Tensor, k: Tensor, group, layout: str) -> None:
         ) from None
     for rank, shape in enumerate(everyone):
         if not torch.equal(shape, mine):
-            raise ValueError(f"ring attention: rank {rank} holds q/k shards {shape.tolist()}, this rank "
-                             f"{mine.tolist()}; every rank needs a shard of the same length (shard() helps)")
+            raise ValueError(f"ring attention: rank {rank} holds q/k shards, has a padding mask, uses head "
+                             f"groups {shape.tolist()}, this rank {mine.tolist()}; every rank needs a shard of the same "
+                             f"length (shard() helps), all or none a key padding mask, and the same head_groups")
     if layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"the zigzag layout needs an even local length (two chunks), got {q.shape[2]}")
 
 
+def _result_rows(full: Tensor, bs: slice, hs: slice, n: int, groups: int, fill: float) -> Tensor:
+    """Where a head group's (n, Tl*G, ...) result accumulates: a view of ``full`` (B, H, Tl, ...) when G = 1,
+    else a new row buffer (``_put_rows`` writes it back); ``fill`` is its initial value."""
+    if groups == 1:
+        return full[bs, hs].view(n, *full.shape[2:])
+    rows_shape = (n, full.shape[2] * groups, *full.shape[3:])
+    return torch.full(rows_shape, fill, dtype=full.dtype, device=full.device)
+
+
+def _put_rows(full: Tensor, rows: Tensor, bs: slice, hs: slice, groups: int) -> None:
+    if groups > 1:
+        nb = bs.stop - bs.start
+        full[bs, hs] = _from_rows(rows.view(nb, rows.shape[0] // nb, *rows.shape[1:]), groups)
+
+
+def _kv_rows(x: Tensor, bs: slice, ks: slice) -> Tensor:
+    """(n, Tl, D) contiguous block of a head group's keys or values (a view for contiguous inputs)."""
+    return x[bs, ks].reshape(-1, *x.shape[2:]).contiguous()
+
+
+def _forward_group(ring: _Ring, qr: Tensor, kv: list[Tensor], masks: Tensor | None, groups: int, layout: str,
+                   causal: bool, scale: float, bq: int, bk: int, out: Tensor, lse: Tensor) -> None:
+    """One head group round the ring: out (n, Tl*G, D) and lse (n, Tl*G) accumulate in place.
+
+    kv: this rank's [K, V] of the group, (n, Tl, D) contiguous; masks (P, nb, Tl) or None. While the block of
+    step s is computed on, it is sent on and the block of step s + 1 received into the buffer that held
+    step s - 1 (ping-pong: two buffers per tensor, allocated once).
+    """
+    Tl = kv[0].shape[1]
+    spare = None  # a received block that has been passed on: the next receive buffer
+    for step in range(ring.world):
+        src = (ring.rank - step) % ring.world
+        if step < ring.world - 1:  # the block travels on while this rank computes on it
+            recv = spare if spare is not None else [torch.empty_like(t) for t in kv]
+            reqs = ring.start(kv, recv)
+        mb = None if masks is None else masks[src]  # (nb, Tl)
+        for rows, cols, diag in block_pairs(ring.rank, src, ring.world, layout, causal, Tl):
+            r = slice(rows.start * groups, rows.stop * groups)
+            _forward_rows(qr[:, r], kv[0][:, cols], kv[1][:, cols], None if mb is None else mb[:, cols], groups,
+                          diag, scale, bq, bk, out[:, r], lse[:, r])
+        if step < ring.world - 1:
+            ring.wait(reqs)
+            spare = kv if step > 0 else None  # step 0 sent this rank's own K/V: not ours to overwrite
+            kv = recv
+
+
+def _backward_group(ring: _Ring, qr: Tensor, kv: list[Tensor], outr: Tensor, lser: Tensor, dor: Tensor,
+                    masks: Tensor | None, groups: int, layout: str, causal: bool, scale: float, bq: int, bk: int,
+                    dq: Tensor, dkv: list[Tensor]) -> None:
+    """One head group round the ring backward: dq (n, Tl*G, D) accumulates in place; dkv gets this rank's dK, dV.
+
+    K/V travel as in the forward (overlapping the computation); the dK/dV accumulated for a block travel
+    with it once this rank has added its share, so after P hops each rank's own are home.
+    """
+    n, Tl, D = kv[0].shape
+    acc = dq.dtype
+    grads = [torch.zeros(n, Tl, D, dtype=acc), torch.zeros(n, Tl, D, dtype=acc)]  # dK, dV of the current block
+    kv_spare = grad_spare = None  # ping-pong receive buffers
+    for step in range(ring.world):
+        src = (ring.rank - step) % ring.world
+        reqs = []
+        if step < ring.world - 1:  # K/V travel on while this rank computes
+            kv_recv = kv_spare if kv_spare is not None else [torch.empty_like(t) for t in kv]
+            reqs += ring.start(kv, kv_recv)
+        mb = None if masks is None else masks[src]
+        for rows, cols, diag in block_pairs(ring.rank, src, ring.world, layout, causal, Tl):
+            r = slice(rows.start * groups, rows.stop * groups)
+            _backward_rows(qr[:, r], kv[0][:, cols], kv[1][:, cols], outr[:, r], lser[:, r], dor[:, r], None,
+                           None if mb is None else mb[:, cols], groups, diag, scale, bq, bk,
+                           dq[:, r], grads[0][:, cols], grads[1][:, cols])
+        if ring.world > 1:  # dK/dV move on with their block
+            grad_recv = grad_spare if grad_spare is not None else [torch.empty_like(t) for t in grads]
+            reqs += ring.start(grads, grad_recv, tag=2)
+            ring.wait(reqs)
+            grad_spare, grads = grads, grad_recv
+        if step < ring.world - 1:
+            kv_spare = kv if step > 0 else None
+            kv = kv_recv
+    for dst, g in zip(dkv, grads):
+        dst.copy_(g.view(dst.shape))
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, causal, scale, layout, group, timeout):  # type: ignore[override]
+    def forward(ctx, q, k, v, mask, causal, scale, layout, group, timeout, head_groups):  # type: ignore[override]
         ring = _Ring(group, timeout)
         B, H, Tl, D = q.shape
-        bq, bk = default_block_sizes(Tl, Tl, H // k.shape[1])
-        out = torch.zeros(B, H, Tl, D, dtype=torch.promote_types(q.dtype, torch.float32))
-        lse = torch.full((B, H, Tl), float("-inf"), dtype=out.dtype)
-        block = [k, v] + ([mask] if mask is not None else [])
-        for step in range(ring.world):
-            src = (ring.rank - step) % ring.world
-            reqs, nxt = ring.start(block) if step < ring.world - 1 else ([], None)
-            kb, vb = block[0], block[1]
-            mb = block[2].bool() if mask is not None else None
-            for rows, cols, diag in block_pairs(ring.rank, src, ring.world, layout, causal, Tl):
-                o, l = _forward(q[:, :, rows], kb[:, :, cols], vb[:, :, cols], None if mb is None else mb[:, cols],
-                                diag, scale, bq, bk)
-                out[:, :, rows], lse[:, :, rows] = merge_partials(out[:, :, rows], lse[:, :, rows], o.to(out.dtype), l)
-            ring.wait(reqs)
-            if nxt is not None:
-                block = nxt
+        K = k.shape[1]
+        G = H // K
+        acc = torch.promote_types(q.dtype, torch.float32)
+        masks = ring.gather_masks(mask)  # (P, B, Tl) or None
+        sub = Tl // len(chunk_ids(0, ring.world, layout))
+        bq, bk = default_block_sizes(sub, sub, G)
+        out = torch.zeros(B, H, Tl, D, dtype=acc)
+        lse = torch.full((B, H, Tl), float("-inf"), dtype=acc)
+        for bs, ks in head_groups_of(B, K, head_groups):
+            hs = slice(ks.start * G, ks.stop * G)
+            qr = _rows(q[bs, hs], ks.stop - ks.start)  # (n, Tl*G, D)
+            o, l = _result_rows(out, bs, hs, qr.shape[0], G, 0.0), _result_rows(lse, bs, hs, qr.shape[0], G, -math.inf)
+            _forward_group(ring, qr, [_kv_rows(k, bs, ks), _kv_rows(v, bs, ks)], None if masks is None else masks[:, bs],
+                           G, layout, causal, scale, bq, bk, o, l)
+            _put_rows(out, o, bs, hs, G)
+            _put_rows(lse, l, bs, hs, G)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.save_for_backward(q, k, v, out, lse, masks)
         ctx.causal, ctx.scale, ctx.layout, ctx.group, ctx.timeout = causal, scale, layout, group, timeout
+        ctx.head_groups = head_groups
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, k, v, out, lse, masks = ctx.saved_tensors
         ring = _Ring(ctx.group, ctx.timeout)
-        Tl = q.shape[2]
-        bq, bk = default_block_sizes(Tl, Tl, q.shape[1] // k.shape[1])
+        B, H, Tl, D = q.shape
+        K = k.shape[1]
+        G = H // K
         acc = torch.promote_types(q.dtype, torch.float32)
+        sub = Tl // len(chunk_ids(0, ring.world, ctx.layout))
+        bq, bk = default_block_sizes(sub, sub, G)
         dq = torch.zeros(q.shape, dtype=acc)
         dk, dv = torch.zeros(k.shape, dtype=acc), torch.zeros(v.shape, dtype=acc)
-        block = [k, v] + ([mask] if mask is not None else [])
-        for step in range(ring.world):
-            src = (ring.rank - step) % ring.world
-            kb, vb = block[0], block[1]
-            mb = block[2].bool() if mask is not None else None
-            for rows, cols, diag in block_pairs(ring.rank, src, ring.world, ctx.layout, ctx.causal, Tl):
-                g_q, g_k, g_v = _backward(q[:, :, rows], kb[:, :, cols], vb[:, :, cols], out[:, :, rows],
-                                          lse[:, :, rows], dout[:, :, rows], None,
-                                          None if mb is None else mb[:, cols], diag, ctx.scale, bq, bk)
-                dq[:, :, rows] += g_q
-                dk[:, :, cols] += g_k
-                dv[:, :, cols] += g_v
-            if ring.world == 1:  # one process: the block never leaves home
-                break
-            # the block moves on, carrying the dK/dV accumulated for it; after a full turn it is home
-            reqs, nxt = ring.start(block + [dk, dv])
-            ring.wait(reqs)
-            block, dk, dv = nxt[:-2], nxt[-2], nxt[-1]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        for bs, ks in head_groups_of(B, K, ctx.head_groups):
+            hs, nk = slice(ks.start * G, ks.stop * G), ks.stop - ks.start
+            qr, outr, lser, dor = (_rows(t[bs, hs], nk) for t in (q, out, lse, dout))  # (n, Tl*G, ...)
+            dqr = _result_rows(dq, bs, hs, qr.shape[0], G, 0.0)
+            _backward_group(ring, qr, [_kv_rows(k, bs, ks), _kv_rows(v, bs, ks)], outr, lser, dor,
+                            None if masks is None else masks[:, bs], G, ctx.layout, ctx.causal, ctx.scale, bq, bk,
+                            dqr, [dk[bs, ks], dv[bs, ks]])
+            _put_rows(dq, dqr, bs, hs, G)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def ring_attention(
@@ -206,12 +320,16 @@ def ring_attention(
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
     timeout: float | None = None,
+    head_groups: int | None = None,
 ) -> Tensor:
     """Exact attention over a sequence sharded across the ranks of ``group`` (default: the world).
 
     q (B, H, Tl, D), k/v (B, K, Tl, D): this rank's shard in ``layout`` (see ``shard``);
     key_padding_mask (B, Tl) bool for this shard's keys. Returns this rank's (B, H, Tl, D) output.
     ``timeout`` (seconds) bounds each exchange: a dead peer gives an error instead of a hang.
+    ``head_groups``: the (batch, K/V head) pairs go round the ring in this many groups, one after another;
+    more groups hold less in flight (about 8 / head_groups K-sized tensors) at the cost of more, smaller
+    messages and kernel calls. Default ``default_head_groups(k)``: up to 8, each group's K at least 256 KiB.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("ring attention needs torch.distributed initialised (e.g. launch with torchrun and "
@@ -223,10 +341,13 @@ def ring_attention(
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[2] != k.shape[2]:
         raise ValueError("ring attention shards queries and keys alike: q and k need the same local length")
-    _check_same_shapes(q, k, group, layout)
+    if head_groups is not None and (not isinstance(head_groups, int) or head_groups < 1):
+        raise ValueError(f"head_groups must be a positive int or None; got {head_groups!r}")
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)  # gloo sends no bools
+    groups = default_head_groups(k) if head_groups is None else head_groups
+    _check_same_shapes(q, k, mask, groups, group, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _RingAttention.apply(q, k, v, mask, causal, scale, layout, group, timeout)
+    return _RingAttention.apply(q, k, v, mask, causal, scale, layout, group, timeout, groups)
 
 
 def ring_kernel(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Tensor | None = None,
