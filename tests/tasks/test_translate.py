@@ -36,7 +36,7 @@ def sources(tok, texts):
     return b["src"], b["src_mask"]
 
 
-TEXTS = ["the light of day", "and the king said to the woman", "water over earth", "night came"]
+TEXTS = ["the light of day", "and the king said to the woman", "water over earth", "night came", "the dark day"]
 
 
 def test_beam_one_is_greedy(model, tok):
@@ -66,6 +66,11 @@ def test_beam_scores_equal_the_teacher_forced_log_probability(model, tok):
                               return_scores=True)
     hyps = [r[: r.index(END) + 1] if END in r else r for r in out[:, 1:].tolist()]
     torch.testing.assert_close(torch.tensor(sequence_logprob(model, src, mask, hyps), dtype=torch.float64), scores)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_batch_translates_like_one_text_at_a_time(model, tok, beams):
+    assert translate(model, tok, TEXTS, num_beams=beams) == [translate(model, tok, t, num_beams=beams) for t in TEXTS]
 
 
 def test_translate_edge_cases(model, tok):

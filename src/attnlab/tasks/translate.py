@@ -171,14 +171,21 @@ def translate(model, tokenizer, texts: str | list[str], *, num_beams: int = 1, l
     texts = [texts] if single else list(texts)
     sources = _sources(backend, texts, model.config.max_seq_len)
     results = [""] * len(texts)
-    todo = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))  # similar lengths
-    for k in range(0, len(todo), batch_size):
-        chunk = todo[k:k + batch_size]
-        batch = collate([(sources[i], []) for i in chunk])
-        hyps = decode(model, batch["src"], batch["src_mask"], num_beams=num_beams, length_penalty=length_penalty,
-                      max_new_tokens=max_new_tokens)
-        for i, h in zip(chunk, hyps):
-            results[i] = backend.decode([t for t in h if t != END], skip_special_tokens=True).strip()
+    # batches of sources of one length: no padding, and a text's translation never depends on its batch mates
+    # (the default output limit, 2 * length + 10, is the same for every row)
+    by_length: dict[int, list[int]] = {}
+    for i, s in enumerate(sources):
+        if s:
+            by_length.setdefault(len(s), []).append(i)
+    for length in sorted(by_length):
+        group = by_length[length]
+        for k in range(0, len(group), batch_size):
+            chunk = group[k:k + batch_size]
+            src = torch.tensor([sources[i] for i in chunk], dtype=torch.long)  # (B, S)
+            hyps = decode(model, src, torch.ones_like(src), num_beams=num_beams, length_penalty=length_penalty,
+                          max_new_tokens=max_new_tokens)
+            for i, h in zip(chunk, hyps):
+                results[i] = backend.decode([t for t in h if t != END], skip_special_tokens=True).strip()
     return results[0] if single else results
 
 
