@@ -115,11 +115,14 @@ def _hypotheses(out: Tensor) -> list[list[int]]:
 def sequence_logprob(model, src: Tensor, src_mask: Tensor, hyps: list[list[int]]) -> list[float]:
     """Sum of log p(token) of each hypothesis (its EOS included) by one teacher-forced forward (B rows)."""
     T = max(1, max(len(h) for h in hyps))
-    tgt_in = torch.full((len(hyps), T), PAD, dtype=torch.long)
+    tgt_in = torch.full((len(hyps), T), PAD, dtype=torch.long)  # (B, T): <s> h[:-1], right-padded
+    tgt_out = torch.full((len(hyps), T), PAD, dtype=torch.long)  # (B, T): h
     for i, h in enumerate(hyps):
-        tgt_in[i, : len(h)] = torch.tensor([START] + h[:-1], dtype=torch.long) if h else torch.tensor([START])
+        tgt_in[i, : len(h)] = torch.tensor(([START] + h)[: len(h)], dtype=torch.long)
+        tgt_out[i, : len(h)] = torch.tensor(h, dtype=torch.long)
+    real = torch.arange(T)[None] < torch.tensor([len(h) for h in hyps])[:, None]  # (B, T)
     logp = torch.log_softmax(model(tgt_in, encoder_input_ids=src, encoder_attention_mask=src_mask).double(), -1)
-    return [float(sum(logp[i, t, tok] for t, tok in enumerate(h))) for i, h in enumerate(hyps)]
+    return (logp.gather(-1, tgt_out[..., None])[..., 0] * real).sum(-1).tolist()  # (B,)
 
 
 def score(logprob: float, length: int, length_penalty: float) -> float:
