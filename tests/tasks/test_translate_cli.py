@@ -56,6 +56,9 @@ def test_data_command_without_apt_prints_the_manual_command(tmp_path, monkeypatc
 def test_train_translation_needs_data(tmp_path, capsys):
     assert main(["train", "--task", "translation", "--out", str(tmp_path / "x")]) == 2
     assert "attnlab data translation" in capsys.readouterr().err
+    assert main(["train", "--task", "translation", "--data", str(tmp_path), "--vocab-size", "500", "--out",
+                 str(tmp_path / "y")]) == 2
+    assert "--vocab-size N" in capsys.readouterr().err
 
 
 def test_shipped_name_says_how_to_make_it(capsys):

@@ -179,6 +179,10 @@ def main(argv: list[str]) -> int:
     if args.task == "translation":
         from attnlab.tasks.translate import build_translation_run
 
+        if args.vocab_size is not None or args.tokenizer:
+            raise ValueError("--task translation uses the tokenizer of its --data folder; choose its size with "
+                             "`attnlab data translation --vocab-size N`")
+
         task, model_fields, extra_files, info = build_translation_run(args.data, model_fields,
                                                                       seed=train.get("seed", 0))
     elif args.task:
