@@ -1,4 +1,4 @@
-"""``attnlab bench ring``: ring attention on P = 1, 2, 4 processes of this machine (gloo).
+"""``attnlab bench ring``: ring attention on P processes of this machine (gloo), by default P = 1, 2, 4.
 
 For one total sequence length it measures, side by side: exactness against single-process attention,
 per-rank peak extra memory (the process's resident-set high-water mark, in a fresh process per rank, minus
@@ -35,7 +35,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D: int, layout: str) -> None:
+def _traced(fn, inputs: tuple, unit: int) -> str:
+    """The live tensors at the forward and backward peaks of one more call (``--trace``), in local units."""
+    from attnlab.bench.memtrace import LiveTensors
+
+    for t in inputs:
+        t.grad = None
+    with LiveTensors() as tracker:
+        tracker.exclude(*inputs)
+        out_t = fn()
+        tracker.phase = "bwd"
+        out_t.sum().backward()
+    return tracker.report(unit, "u")
+
+
+def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D: int, layout: str,
+           trace: bool = False) -> None:
     import torch.distributed as dist
 
     from attnlab.attention.flash import flash_attention
@@ -58,6 +73,8 @@ def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D
         out_t, _ = flash_attention(ql, kl, vl, causal=True)
         out_t.sum().backward()
         result = {"seconds": time.perf_counter() - start, "peak_extra": _rss_bytes() - base, "max_err": 0.0}
+        if trace:
+            result["trace"] = _traced(lambda: flash_attention(ql, kl, vl, causal=True)[0], (ql, kl, vl), ql.numel() * 4)
     else:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         ql, kl, vl = (shard(t, rank, world, layout=layout, dim=2).clone().requires_grad_() for t in (q, k, v))
@@ -73,6 +90,11 @@ def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D
         out_t.sum().backward()
         seconds = time.perf_counter() - start
         peak = _rss_bytes() - base
+        traced = None
+        if trace:
+            del out_t
+            traced = _traced(lambda: ring_attention(ql, kl, vl, causal=True, layout=layout, timeout=600), (ql, kl, vl),
+                             ql.numel() * 4)
         # exactness on a short slice of the problem: compare with single-process flash attention
         ref_T = 64 * world
         gq = torch.Generator().manual_seed(1)
@@ -82,11 +104,13 @@ def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D
                              layout=layout, timeout=600)
         err = float((got.double() - shard(ref, rank, world, layout=layout, dim=2)).abs().max())
         result = {"seconds": seconds, "peak_extra": peak, "max_err": err}
+        if traced is not None:
+            result["trace"] = traced
         dist.destroy_process_group()
     Path(f"{out}.{rank}.json").write_text(json.dumps(result))
 
 
-def run_world(world: int, T: int, H: int, K: int, D: int, layout: str) -> list[dict]:
+def run_world(world: int, T: int, H: int, K: int, D: int, layout: str, trace: bool = False) -> list[dict]:
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "r")
@@ -94,7 +118,8 @@ def run_world(world: int, T: int, H: int, K: int, D: int, layout: str) -> list[d
         # resident set follows the live tensors: memory freed by the warm-up call is not silently reused
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
         procs = [subprocess.Popen([sys.executable, "-m", "attnlab.bench.ring", "--worker", str(r), str(world),
-                                   str(port), out, str(T), str(H), str(K), str(D), layout], env=env)
+                                   str(port), out, str(T), str(H), str(K), str(D), layout, str(int(trace))],
+                                  env=env)
                  for r in range(world)]
         for p in procs:
             if p.wait() != 0:
@@ -117,9 +142,9 @@ def block_counts(world: int, layout: str) -> list[tuple[int, int]]:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--worker":
         a = argv[1:]
-        worker(int(a[0]), int(a[1]), int(a[2]), a[3], int(a[4]), int(a[5]), int(a[6]), int(a[7]), a[8])
+        worker(int(a[0]), int(a[1]), int(a[2]), a[3], int(a[4]), int(a[5]), int(a[6]), int(a[7]), a[8], a[9] == "1")
         return 0
-    p = parser("attnlab bench ring", "Ring attention on 1, 2, 4 processes: exactness, per-rank memory, balance.")
+    p = parser("attnlab bench ring", "Ring attention on P processes: exactness, per-rank memory, balance.")
     p.add_argument("--seq", type=int, default=16384, help="total sequence length")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -128,6 +153,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--budget-gib", type=float, default=80.0, help="memory per device for the projection")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="write a PNG of per-rank memory vs P")
+    p.add_argument("--trace", action="store_true",
+                   help="after the measurement, trace one more call: the tensors live at the forward and backward "
+                        "peaks of rank 0, in units u of one local (B, H, T/P, D) fp32 tensor")
     args = p.parse_args(argv)
     rows = []
     for world in args.worlds:
@@ -136,7 +164,9 @@ def main(argv: list[str]) -> int:
                 raise ValueError(f"--seq {args.seq} must be divisible by {2 * world}")
             print(f"P={world} {layout} ...", flush=True)
             ranks = run_world(world, args.seq, args.heads, args.kv_heads, args.head_dim,
-                              "zigzag" if layout == "single" else layout)
+                              "zigzag" if layout == "single" else layout, args.trace)
+            if args.trace:
+                print(ranks[0]["trace"], flush=True)
             counts = block_counts(world, layout) if world > 1 else [(1, 0)]
             work = [c for c, _ in counts]
             rows.append({"P": world, "layout": layout,
