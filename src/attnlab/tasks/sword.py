@@ -99,7 +99,11 @@ def _conf(root: Path, module: str) -> Path:
 
 def read_module(root: str | Path, module: str) -> Verses:
     """Every verse of a SWORD Bible module as raw OSIS markup, in the module's canonical order."""
-    from pysword.modules import SwordModules
+    try:
+        from pysword.modules import SwordModules
+    except ImportError:
+        raise ValueError("reading the SWORD modules needs the `pysword` package: pip install pysword "
+                         "(`make install` brings it)") from None
 
     library = SwordModules(str(root))
     found = library.parse_modules()

@@ -195,7 +195,11 @@ def translate(model, tokenizer, texts: str | list[str], *, num_beams: int = 1, l
 def evaluate(model, tokenizer, pairs: list[tuple[str, str]], *, num_beams: int = 1, length_penalty: float = 1.0,
              batch_size: int = 32) -> dict:
     """sacreBLEU corpus BLEU and chrF of the model's translations of ``pairs`` (source, reference)."""
-    import sacrebleu
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ValueError("BLEU and chrF need the `sacrebleu` package: pip install sacrebleu "
+                         "(`make install` brings it)") from None
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # over-long sources are truncated, as documented
