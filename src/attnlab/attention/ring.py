@@ -193,7 +193,7 @@ def _put_rows(full: Tensor, rows: Tensor, bs: slice, hs: slice, groups: int) -> 
 
 
 def _kv_rows(x: Tensor, bs: slice, ks: slice) -> Tensor:
-    """(n, Tl, D) contiguous block of a head group's keys or values (a view for contiguous inputs)."""
+    """(n, Tl, D) contiguous block of a head group's keys or values (a view for contiguous x)."""
     return x[bs, ks].reshape(-1, *x.shape[2:]).contiguous()
 
 
@@ -226,14 +226,15 @@ def _forward_group(ring: _Ring, qr: Tensor, kv: list[Tensor], masks: Tensor | No
 def _backward_group(ring: _Ring, qr: Tensor, kv: list[Tensor], outr: Tensor, lser: Tensor, dor: Tensor,
                     masks: Tensor | None, groups: int, layout: str, causal: bool, scale: float, bq: int, bk: int,
                     dq: Tensor, dkv: list[Tensor]) -> None:
-    """One head group round the ring backward: dq (n, Tl*G, D) accumulates in place; dkv gets this rank's dK, dV.
+    """One head group round the ring backward: dq (n, Tl*G, D) accumulates in place; dkv, this rank's (n, Tl, D)
+    dK and dV slices (zeros on entry), receive its gradients.
 
     K/V travel as in the forward (overlapping the computation); the dK/dV accumulated for a block travel
-    with it once this rank has added its share, so after P hops each rank's own are home.
+    with it once this rank has added its share, so after P hops each rank's own are home. The output slices
+    are one of the two dK/dV ping-pong buffers: the block of step 0 accumulates in them.
     """
-    n, Tl, D = kv[0].shape
-    acc = dq.dtype
-    grads = [torch.zeros(n, Tl, D, dtype=acc), torch.zeros(n, Tl, D, dtype=acc)]  # dK, dV of the current block
+    Tl = kv[0].shape[1]
+    grads = list(dkv)  # dK, dV of the block being computed on
     kv_spare = grad_spare = None  # ping-pong receive buffers
     for step in range(ring.world):
         src = (ring.rank - step) % ring.world
@@ -256,7 +257,8 @@ def _backward_group(ring: _Ring, qr: Tensor, kv: list[Tensor], outr: Tensor, lse
             kv_spare = kv if step > 0 else None
             kv = kv_recv
     for dst, g in zip(dkv, grads):
-        dst.copy_(g.view(dst.shape))
+        if g is not dst:  # an odd number of hops left them in the other buffer
+            dst.copy_(g)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -304,7 +306,7 @@ class _RingAttention(torch.autograd.Function):
             dqr = _result_rows(dq, bs, hs, qr.shape[0], G, 0.0)
             _backward_group(ring, qr, [_kv_rows(k, bs, ks), _kv_rows(v, bs, ks)], outr, lser, dor,
                             None if masks is None else masks[:, bs], G, ctx.layout, ctx.causal, ctx.scale, bq, bk,
-                            dqr, [dk[bs, ks], dv[bs, ks]])
+                            dqr, [dk[bs, ks].view(-1, Tl, D), dv[bs, ks].view(-1, Tl, D)])
             _put_rows(dq, dqr, bs, hs, G)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
