@@ -82,8 +82,11 @@ class MultiHeadAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
-        out, _ = self.kernel(q, k, v, causal=self.causal, mask=key_mask, scale=None)  # (B, H, T, D)
+        if cache is not None and getattr(cache, "attends", False):
+            out = cache.attend(layer, q, k, v)  # (B, H, T, D): a static-shape decode step (inference/static.py)
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
+            out, _ = self.kernel(q, k, v, causal=self.causal, mask=key_mask, scale=None)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.dropout(self.o_proj(out))

@@ -25,16 +25,23 @@ class KVCache:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        slots: int | None = None,
     ) -> None:
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"a cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        # ``slots`` >= max_len allocates more positions than may be used: static-shape decoding
+        # (inference/static.py) rounds the capacity up so that one compiled graph serves many max_len.
+        slots = max_len if slots is None else slots
+        if slots < max_len:
+            raise ValueError(f"slots={slots} must be at least max_len={max_len}")
+        shape = (n_layers, batch, n_kv_heads, slots, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, K, S, D)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_mask: Tensor | None = None  # (B, S) bool, True = a real token; None = all real
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row
         self.length = 0
         self.max_len = max_len
+        self.slots = slots
         self.batch_size = batch
 
     # ---------------------------------------------------------------- protocol
@@ -70,7 +77,7 @@ class KVCache:
         if self.key_mask is None:
             if bool(keep.all()):
                 return
-            self.key_mask = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=self.k.device)
+            self.key_mask = torch.ones(self.batch_size, self.slots, dtype=torch.bool, device=self.k.device)
         self.key_mask[:, self.length - n:self.length] &= keep.to(self.key_mask.device)
         self.seen = self.key_mask[:, :self.length].sum(dim=1)
 
@@ -115,7 +122,7 @@ class KVCache:
         if attention_mask is not None:
             new_mask = attention_mask.to(device=self.k.device, dtype=torch.bool)
             if self.key_mask is None and not bool(new_mask.all()):
-                self.key_mask = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=self.k.device)
+                self.key_mask = torch.ones(self.batch_size, self.slots, dtype=torch.bool, device=self.k.device)
         else:
             new_mask = None
         if self.key_mask is not None:

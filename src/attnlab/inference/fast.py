@@ -12,9 +12,13 @@ speculative decoding, the benchmarks — stay the same:
   ``layers/linear.py``; ``"bf16"`` converts the model to bfloat16 and packs every linear weight for oneDNN;
   ``"int8"`` stores linear weights as int8 with per-output-channel scales (weight-only quantisation;
   activations, norms, embeddings and the KV cache stay bfloat16).
-- **compile**: ``torch.compile`` (inductor) over the model's forward, with a clean eager fallback (and a
-  warning) when no compiler is available. Shapes change with the cache length, so the first calls compile
-  and may recompile; it pays off only for long generations — ``attnlab bench decode`` measures it.
+- **compile**: ``"static"`` (what ``True`` means for a decoder-only model) compiles each decode call of n
+  tokens into a graph with static shapes — the whole preallocated cache attended under a mask, positions
+  and slots passed as tensors — once per (batch, n, cache slots), reused every step
+  (``inference/static.py``); prefill stays eager. ``"dynamic"`` (what ``True`` means for other families)
+  is ``torch.compile(dynamic=True)`` over the whole forward: the cache length changes every step, so it
+  compiles for minutes and decoded slower than eager here. Both fall back to eager, with a warning, when
+  no compiler works.
 
 The KV cache is already preallocated and written in place (``inference/cache.py``) and ``generate`` runs
 under ``torch.inference_mode``. A prepared model cannot be trained or saved (its weights are packed or
@@ -32,6 +36,7 @@ from attnlab.layers.linear import Linear
 from attnlab.layers.quant import Int8Linear, PackedLinear
 
 PRECISIONS = ("fp32", "bf16", "int8")
+COMPILE_MODES = (False, True, "static", "dynamic")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
 
 
@@ -78,10 +83,21 @@ def _replace_linears(model: nn.Module, make) -> int:
 
 
 def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool = True,
-                       compile: bool = False) -> nn.Module:
-    """Prepare ``model`` in place for fast generation (see the module docstring); returns it."""
+                       compile: bool | str = False) -> nn.Module:
+    """Prepare ``model`` in place for fast generation (see the module docstring); returns it.
+
+    ``compile``: False (eager), ``"static"`` (static-shape decode graphs, decoder-only models),
+    ``"dynamic"`` (``torch.compile(dynamic=True)`` over the forward), or True: static where it applies,
+    dynamic otherwise.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not valid; choose one of: {', '.join(PRECISIONS)}")
+    if compile not in COMPILE_MODES or isinstance(compile, int) and not isinstance(compile, bool):
+        raise ValueError(f"compile={compile!r} is not valid; choose False, True, 'static' or 'dynamic'")
+    from attnlab.inference import static
+
+    if compile is True:
+        compile = "static" if static.unsupported_reason(model) is None else "dynamic"
     if getattr(model, "prepared_for_decode", None):
         raise ValueError(f"this model is already prepared for decoding ({model.prepared_for_decode}); "
                          f"prepare a fresh copy to change precision")
@@ -100,7 +116,9 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
         else:
             _replace_linears(model, lambda lin: Int8Linear(lin.weight, lin.bias, torch.bfloat16))
     model.prepared_for_decode = f"precision={precision}, fuse={fuse}, compile={compile}"
-    if compile:
+    if compile == "static":
+        static.install(model)
+    elif compile == "dynamic":
         _compile_forward(model)
     return model
 

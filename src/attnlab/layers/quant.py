@@ -39,6 +39,19 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
+@torch.library.custom_op("attnlab::packed_linear", mutates_args=())
+def packed_linear(rows: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """oneDNN's product with a pre-packed bf16 weight, (N, C) -> (N, F), as one opaque operator: inductor
+    lowers ``mkldnn._linear_pointwise`` only for weights it packed itself (frozen constants), so a compiled
+    decode step (inference/static.py) calls the kernel through this op instead."""
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(rows: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    return rows.new_empty(rows.shape[0], out_features)
+
+
 class PackedLinear(nn.Module):
     """A bf16 linear layer whose weight is pre-packed for the CPU's oneDNN kernel (inference only)."""
 
@@ -61,7 +74,10 @@ class PackedLinear(nn.Module):
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features)
-        y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        if torch.compiler.is_compiling():
+            y = packed_linear(rows, self.weight, self.bias, self.out_features)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -1,0 +1,271 @@
+"""Static-shape decoding: one compiled graph per (batch, tokens per call, cache slots), reused every step.
+
+Eager decoding of a small model on a CPU is dominated by dispatch, not by weight reads: each of the ~70
+operations per layer costs a few microseconds whatever its size. ``torch.compile`` fuses most of them away,
+but the eager decode step attends to ``cache[:length]``, a shape that changes every step, so a compiled
+graph either recompiles each step or is compiled with dynamic shapes (slow to compile, slow to run).
+
+Here a decode call of ``n`` tokens has shapes that do not depend on the cache length:
+
+- the new K/V are written into the preallocated (L, B, K, S, D) buffers at their slots with an in-graph
+  ``index_copy_`` (the slots are a tensor input);
+- attention reads all S slots under a mask (B, n, S): slot j is visible to new token i when
+  j <= length + i (causal within the new tokens, nothing beyond them) and the cache's key mask marks j as a
+  real token (left padding, speculative holes);
+- positions (RoPE or learned, counting real tokens) come in as a tensor, computed by ``KVCache.begin``.
+
+So the graph is compiled once per (B, n, S) and replayed. ``n`` is rounded up to a power of two
+(``bucket``): plain decoding runs n = 1, speculative verification of γ = 3 drafts n = 4, γ = 4 the 8-token
+graph with three padding rows (written past the new tokens, where nothing sees them, their logits dropped),
+so any γ needs at most five graphs. The cache's slots S are rounded up too (``StaticDecoder.slots_for``: a
+power of two, at least 256, with room for the padding rows), so generations of different lengths share
+graphs; the extra slots are masked out and the cache still refuses tokens beyond the ``max_len`` it was
+asked for. Prefill (an empty cache, or more than ``max_tokens`` tokens) stays on the eager path, as does
+anything the static path does not cover.
+
+The model's contract is unchanged: ``model(tokens, cache=cache, attention_mask=...) -> logits``, so
+``generate``, speculative decoding, ``crop`` and holes work as before. The decoder's own modules run inside
+the graph (norm placement, fused projections, bf16/int8 linears); only attention is replaced, through the
+cache protocol (``cache.attends`` / ``cache.attend`` in ``attention/mha.py``).
+
+Shape legend: L layers, B batch, n new tokens, S cache slots, H heads, K kv heads, G = H / K, D head dim,
+V vocab.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.inference.cache import KVCache
+
+MIN_SLOTS = 256  # cache slots are rounded up to a power of two at least this large (see slots_for)
+MAX_TOKENS = 16  # calls with more new tokens than this (prompts) run eagerly
+
+
+class StaticSlots:
+    """What attention sees inside a static decode call: the whole (L, B, K, S, D) cache, the slots the
+    ``n`` new tokens are written to, and which of the S slots each new token may attend to."""
+
+    attends = True  # attention/mha.py hands q, k, v to ``attend`` instead of calling its kernel
+
+    def __init__(self, k: list[Tensor], v: list[Tensor], slots: Tensor, allowed: Tensor) -> None:
+        self.k, self.v = k, v  # L x (B, K, S, D): per-layer views of the cache buffers
+        self.slots = slots  # (n,) long
+        self.allowed = allowed  # (B, n, S) bool
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q (B, H, n, D) and the new k/v (B, K, n, D), positions applied -> (B, H, n, D)."""
+        B, H, n, D = q.shape
+        K = k.shape[1]
+        G = H // K
+        ck, cv = self.k[layer], self.v[layer]  # (B, K, S, D)
+        ck.index_copy_(2, self.slots, k.to(ck.dtype))
+        cv.index_copy_(2, self.slots, v.to(cv.dtype))
+        S = ck.shape[2]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        qg = q.reshape(B, K, G * n, D).to(acc)  # query heads grouped by the KV head they share
+        scores = torch.matmul(qg, ck.to(acc).transpose(-1, -2)) * (D ** -0.5)  # (B, K, G*n, S)
+        scores = scores.view(B, K, G, n, S).masked_fill(~self.allowed[:, None, None], float("-inf"))
+        top = scores.amax(dim=-1, keepdim=True)
+        top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # a row with no key gives zeros
+        p = torch.exp(scores - top).view(B, K, G * n, S)
+        out = torch.matmul(p, cv.to(acc)) / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)  # (B, K, G*n, D)
+        return out.view(B, H, n, D).to(q.dtype)
+
+
+def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, slots: Tensor, key_mask: Tensor,
+                k: list[Tensor], v: list[Tensor]) -> Tensor:
+    """One decode call with static shapes: tokens/positions (B, n), slots (n,), key_mask (B, S) real
+    slots, k/v the cache's per-layer (B, K, S, D) buffers (written in place) -> logits (B, n, V).
+
+    The buffers come in as one tensor per layer (views of the (L, B, K, S, D) cache): written through a
+    view of a single (L, ...) input, inductor copied the whole cache at every layer instead of writing
+    the new slots in place."""
+    S = key_mask.shape[1]
+    visible = torch.arange(S, device=key_mask.device)[None, None, :] <= slots[None, :, None]  # (1, n, S)
+    allowed = visible & key_mask[:, None, :]  # (B, n, S)
+    x = model.run_stack(model.embed(tokens), positions, cache=StaticSlots(k, v, slots, allowed))
+    return model.lm_head(x)  # (B, n, V)
+
+
+@dataclass
+class CompileStats:
+    graphs: dict[tuple, float] = field(default_factory=dict)  # (B, n, S, dtype) -> seconds of its first call
+    static_calls: int = 0
+    eager_calls: int = 0
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the static path cannot run ``model`` (None when it can)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or cfg.family != "decoder" or not hasattr(model, "run_stack"):
+        return "static-shape decoding covers decoder-only models"
+    if cfg.attention_mechanism != "softmax":
+        return f"static-shape decoding does not cover attention_mechanism={cfg.attention_mechanism!r}"
+    if cfg.attention_kernel == "ring":
+        return "static-shape decoding does not cover the ring kernel (it shards the sequence over processes)"
+    return None
+
+
+def bucket(n: int) -> int:
+    """Tokens per compiled call: n rounded up to a power of two (1, 2, 4, 8, 16), so that speculative
+    decoding with any γ (and a hybrid drafter's catch-up feeds) needs at most five graphs."""
+    return 1 << (n - 1).bit_length()
+
+
+class StaticDecoder:
+    """Routes a prepared decoder's decode calls through compiled static-shape graphs (see the module
+    docstring); prefill and anything uncovered goes to the eager forward. Installed by
+    ``prepare_for_decode(..., compile="static")``; ``model.static_decoder.stats`` lists the graphs compiled
+    and the seconds each first call took (compilation included).
+
+    ``skip_guards``: once a graph exists for a call's (B, n, S, dtype), run it with
+    ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: dynamo then checks only the guards that
+    tell its compiled graphs apart, instead of every parameter of the model on every call. Safe here
+    because this class compiles each key itself first and the prepared model's weights never change.
+    """
+
+    def __init__(self, model: nn.Module, *, mode: str | None = None, max_tokens: int = MAX_TOKENS,
+                 min_slots: int = MIN_SLOTS, skip_guards: bool = True, compiler=None) -> None:
+        self.model = model
+        self.eager_forward = model.forward
+        self.eager_new_cache = model.new_cache
+        self.max_tokens, self.min_slots, self.skip_guards = max_tokens, min_slots, skip_guards
+        self.stats = CompileStats()
+        self.failed: str | None = None
+        self._ones: dict[tuple, Tensor] = {}
+        self._arange: dict[tuple, Tensor] = {}
+        # a copy of decode_step's code object per model: dynamo keeps compiled graphs (and guards) per code
+        # object, so each model's graphs are told apart by their shapes alone (see ``skip_guards``) and no
+        # model's graphs count against another's recompile limit
+        step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, "decode_step")
+        try:
+            compile_fn = torch.compile if compiler is None else compiler
+            self.compiled = compile_fn(step, dynamic=False, fullgraph=True, mode=mode)
+        except Exception as exc:  # no compiler backend on this platform
+            self._fail(f"torch.compile is not available here ({type(exc).__name__}: {str(exc)[:200]})")
+
+    def _fail(self, why: str) -> None:
+        self.failed = why
+        warnings.warn(f"{why}; decoding stays eager", stacklevel=4)
+
+    # ------------------------------------------------------------------ installed on the model
+    def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None):
+        """The model's cache, with its slots rounded up (see ``slots_for``)."""
+        cache = self.eager_new_cache(batch, max_len, dtype=dtype)
+        if not isinstance(cache, KVCache) or self.failed:
+            return cache
+        return KVCache(cache.k.shape[0], batch, cache.k.shape[2], cache.k.shape[4], cache.max_len,
+                       dtype=cache.k.dtype, device=cache.k.device, slots=self.slots_for(cache.max_len))
+
+    def slots_for(self, max_len: int) -> int:
+        """Slots allocated for a cache of ``max_len`` positions: room for the padding of a bucketed call
+        (``max_tokens`` more), rounded up to a power of two of at least ``min_slots``, and at most the
+        model's context (plus that room) rounded up to a multiple of ``min_slots``. Few distinct S means few
+        graphs; attention reads at most twice the slots in use."""
+        need = max_len + self.max_tokens
+        ceiling = -(-(self.model.config.max_seq_len + self.max_tokens) // self.min_slots) * self.min_slots
+        return max(need, min(max(self.min_slots, 1 << (need - 1).bit_length()), ceiling))
+
+    def covers(self, cache, T: int) -> bool:
+        return (not self.failed and isinstance(cache, KVCache) and 0 < cache.length and T <= self.max_tokens
+                and cache.length + bucket(T) <= cache.slots
+                and cache.length + T <= self.model.config.max_seq_len)
+
+    def forward(self, input_ids: Tensor, cache=None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        B, T = input_ids.shape
+        if position_ids is not None or not self.covers(cache, T):
+            self.stats.eager_calls += 1
+            return self.eager_forward(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids)
+        if cache.batch_size != B:
+            raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {B}")
+        positions, _ = cache.begin(T, attention_mask)  # (B, T); raises when the tokens do not fit
+        n = bucket(T)
+        tokens = input_ids
+        if n > T:  # padding rows: written past the new tokens (never visible to them), logits dropped
+            tokens = torch.cat([input_ids, input_ids[:, -1:].expand(B, n - T)], dim=1)
+            positions = torch.cat([positions, positions[:, -1:].expand(B, n - T)], dim=1)
+        tokens, positions = _canonical(tokens), _canonical(positions)
+        key_mask = cache.key_mask if cache.key_mask is not None else self._all_real(B, cache)
+        slots = self._slot_range(n, cache.k.device) + cache.length
+        key = (B, n, cache.slots, cache.k.dtype, str(cache.k.device))
+        known = key in self.stats.graphs
+        start = time.perf_counter()
+        try:
+            if known and self.skip_guards:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    logits = self.compiled(self.model, tokens, positions, slots, key_mask, *self._layers(cache))
+            else:
+                _allow_recompiles(len(self.stats.graphs) + 1)
+                logits = self.compiled(self.model, tokens, positions, slots, key_mask, *self._layers(cache))
+        except Exception as exc:  # e.g. no C++ compiler for inductor: report once, run eagerly
+            self._fail(f"static-shape compilation failed ({type(exc).__name__}: {str(exc)[:300]})")
+            self.stats.eager_calls += 1
+            return self.eager_forward(input_ids, cache=cache, attention_mask=attention_mask)
+        if not known:
+            self.stats.graphs[key] = time.perf_counter() - start
+        self.stats.static_calls += 1
+        cache.commit(T, attention_mask)
+        return logits if n == T else logits[:, :T]  # (B, T, V)
+
+    # ------------------------------------------------------------------ helpers
+    def _all_real(self, B: int, cache: KVCache) -> Tensor:
+        key = (B, cache.slots, cache.k.device)
+        if key not in self._ones:
+            self._ones[key] = torch.ones(B, cache.slots, dtype=torch.bool, device=cache.k.device)
+        return self._ones[key]
+
+    @staticmethod
+    def _layers(cache: KVCache) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-layer views of the cache buffers, kept on the cache until its buffers change (reorder)."""
+        views = getattr(cache, "_static_views", None)
+        if views is None or views[0] is not cache.k or views[1] is not cache.v:
+            views = (cache.k, cache.v, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+            cache._static_views = views
+        return views[2], views[3]
+
+    def _slot_range(self, n: int, device: torch.device) -> Tensor:
+        key = (n, device)
+        if key not in self._arange:
+            self._arange[key] = torch.arange(n, device=device)
+        return self._arange[key]
+
+
+def _canonical(t: Tensor) -> Tensor:
+    """``t`` with row-major strides: dynamo's guards compare strides, and a (B, 1) column cut from a wider
+    tensor (``ids[:, -1:]``) has other strides than a fresh one — a different graph, not the compiled one."""
+    stride, expect = t.stride(), 1
+    for dim in range(t.dim() - 1, -1, -1):
+        if stride[dim] != expect:
+            return t.clone(memory_format=torch.contiguous_format)
+        expect *= t.shape[dim]
+    return t
+
+
+def _allow_recompiles(graphs: int) -> None:
+    """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object; a model can need more (five
+    token buckets times a few cache sizes, times batch sizes): raise the (process-wide) cap when needed."""
+    if graphs >= torch._dynamo.config.recompile_limit:
+        torch._dynamo.config.recompile_limit = 2 * graphs
+
+
+def install(model: nn.Module, *, mode: str | None = None, skip_guards: bool = True,
+            compiler=None) -> StaticDecoder | None:
+    """Put a ``StaticDecoder`` in front of ``model.forward`` and ``model.new_cache`` (None, with a warning,
+    when the model is not covered)."""
+    why = unsupported_reason(model)
+    if why is not None:
+        warnings.warn(f"{why}; decoding stays eager", stacklevel=3)
+        return None
+    static = StaticDecoder(model, mode=mode, skip_guards=skip_guards, compiler=compiler)
+    model.static_decoder = static
+    model.forward = static.forward
+    model.new_cache = static.new_cache
+    return static

@@ -1,0 +1,300 @@
+"""Static-shape decoding (inference/static.py): the same tokens and, in fp32, the same logits (1e-5) as the
+eager path at every step, for every decoder shape; speculative decoding stays exact; crop, holes, left
+padding and capacity errors behave as in the eager cache; no compiler -> eager with a warning.
+
+Most tests run the static step *uncompiled* (``compiler=no_compile``: the same masks, slots, padding rows
+and cache writes, no compile time); a few compile it with inductor (tiny models, a few graphs), and the
+full inductor matrix is marked slow.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.inference import static
+from attnlab.inference.fast import prepare_for_decode
+
+SHAPES = {
+    "mha-rope-tied": dict(n_heads=4, n_kv_heads=4, position="rope", tie_embeddings=True),
+    "gqa-rope-untied": dict(n_heads=4, n_kv_heads=2, position="rope", tie_embeddings=False, attn_qkv_bias=True),
+    "mqa-learned-tied": dict(n_heads=4, n_kv_heads=1, position="learned", tie_embeddings=True, ffn="gelu",
+                             norm="layer"),
+    "gqa-learned-post": dict(n_heads=4, n_kv_heads=2, position="learned", tie_embeddings=False,
+                             norm_position="post", norm="layer", attention_kernel="naive"),
+}
+
+
+def no_compile(fn, **kwargs):
+    """A 'compiler' that returns the function itself: the static path, run eagerly."""
+    return fn
+
+
+def aot_eager(fn, **kwargs):
+    """Dynamo + functionalization (the in-place cache writes of the graph), without inductor's C++ step."""
+    return torch.compile(fn, backend="aot_eager", dynamic=False, fullgraph=True)
+
+
+def make(seed: int = 0, layers: int = 2, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = attnlab.ModelConfig(family="decoder", vocab_size=300, d_model=64, n_layers=layers, head_dim=16,
+                              d_ff=128, max_seq_len=128, init_std=0.2, **kw)
+    return attnlab.build_model(cfg).eval()
+
+
+def prepared(ref, compiler=no_compile, precision: str = "fp32"):
+    model = prepare_for_decode(copy.deepcopy(ref), precision=precision)
+    assert static.install(model, compiler=compiler) is not None
+    return model
+
+
+def batch(B: int, T: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) ids and, for B > 1, a left-padding mask (row b has b*2 padding tokens)."""
+    ids = torch.randint(0, 300, (B, T), generator=torch.Generator().manual_seed(seed))
+    if B == 1:
+        return ids, None
+    mask = torch.ones_like(ids)
+    for b in range(B):
+        mask[b, :2 * b] = 0
+    return ids, mask
+
+
+@torch.inference_mode()
+def step_logits(model, ids, mask, steps: int) -> torch.Tensor:
+    """Greedy decode by hand: the logits of the prompt's last token, then of each fed token -> (B, steps, V)."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + steps)
+    logits = model(ids, cache=cache, attention_mask=mask)[:, -1]
+    out = [logits]
+    for _ in range(steps - 1):
+        logits = model(logits.argmax(-1)[:, None], cache=cache)[:, -1]
+        out.append(logits)
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("B", [1, 3])
+def test_static_step_gives_the_eager_logits_and_tokens(shape, B):
+    ref = make(0, **SHAPES[shape])
+    eager = prepare_for_decode(copy.deepcopy(ref))
+    fast = prepared(ref)
+    ids, mask = batch(B, 9)
+    torch.testing.assert_close(step_logits(fast, ids, mask, 24), step_logits(eager, ids, mask, 24),
+                               rtol=1e-5, atol=1e-5)
+    assert fast.static_decoder.stats.static_calls == 23  # every step after the prompt took the static path
+    want = attnlab.generate(ref, ids, 24, attention_mask=mask)
+    assert torch.equal(attnlab.generate(fast, ids, 24, attention_mask=mask), want)
+
+
+def test_functionalized_graph_writes_the_cache_in_place():
+    """Through dynamo + AOT (the cache buffers are graph inputs mutated by index_copy_), batch with padding."""
+    ref = make(0, **SHAPES["gqa-rope-untied"])
+    eager = prepare_for_decode(copy.deepcopy(ref))
+    fast = prepared(ref, compiler=aot_eager)
+    ids, mask = batch(3, 7)
+    torch.testing.assert_close(step_logits(fast, ids, mask, 12), step_logits(eager, ids, mask, 12),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+@pytest.mark.parametrize("B", [1, 3])
+def test_speculative_with_static_target_and_draft_is_plain_greedy(gamma, B):
+    """γ + 1 = 2, 4, 7 tokens per verification (7 runs the 8-token graph with a padding row); the draft
+    feeds 1 or 2; rows of a batch accept different counts (holes) and finish at different times."""
+    ref = make(0, **SHAPES["gqa-rope-untied"])
+    close = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in close.parameters():
+            p.add_(torch.randn_like(p) * 0.03)
+    target, draft = prepared(ref), prepared(close)
+    ids, mask = batch(B, 8, seed=gamma)
+    want = attnlab.generate(ref, ids, 30, attention_mask=mask)
+    out, stats = attnlab.speculative_generate(target, draft, ids, 30, gamma=gamma, attention_mask=mask,
+                                              return_stats=True)
+    assert torch.equal(out, want)
+    assert 0 < stats.acceptance_rate < 1  # some rollback (crop) happened in both caches
+    assert target.static_decoder.stats.static_calls > 0 and draft.static_decoder.stats.static_calls > 0
+    assert max(key[1] for key in target.static_decoder.stats.graphs) == static.bucket(gamma + 1)
+
+
+@torch.inference_mode()
+def test_crop_and_redecode_match_the_eager_cache():
+    ref = make(0, **SHAPES["mha-rope-tied"])
+    eager = prepare_for_decode(copy.deepcopy(ref))
+    fast = prepared(ref)
+    ids, _ = batch(1, 6)
+    more = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(7))
+    outs = []
+    for model in (eager, fast):
+        cache = model.new_cache(1, 40)
+        model(ids, cache=cache)
+        first = model(more[:, :3], cache=cache)  # 3 tokens: the 4-token graph with a padding row
+        cache.crop(7)  # roll back two of them (speculative rejection)
+        again = torch.cat([model(more[:, 3 + i:4 + i], cache=cache) for i in range(2)], dim=1)
+        outs.append((first, again, cache.length))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+    assert outs[0][2] == outs[1][2] == 9
+
+
+@torch.inference_mode()
+def test_capacity_errors_are_the_eager_ones():
+    fast = prepared(make(0, **SHAPES["gqa-rope-untied"]))
+    cache = fast.new_cache(1, 10)
+    assert cache.max_len == 10 and cache.slots >= 10 + static.MAX_TOKENS  # room for padding rows
+    fast(torch.randint(0, 300, (1, 8)), cache=cache)
+    fast(torch.tensor([[1]]), cache=cache)
+    fast(torch.tensor([[2]]), cache=cache)
+    with pytest.raises(ValueError, match="holds 10 positions and already has 10"):
+        fast(torch.tensor([[3]]), cache=cache)
+    with pytest.raises(ValueError, match="exceeds the model's context of 128 tokens"):
+        attnlab.generate(fast, torch.randint(0, 300, (1, 100)), 40)
+    with pytest.raises(ValueError, match="cache was made for batch 1"):
+        fast(torch.tensor([[1], [2]]), cache=cache)
+
+
+def test_generations_of_different_lengths_share_graphs():
+    fast = prepared(make(0, **SHAPES["gqa-rope-untied"]))
+    ids, _ = batch(1, 5)
+    for n in (3, 10, 40):
+        attnlab.generate(fast, ids, n)
+    assert list(fast.static_decoder.stats.graphs) == [(1, 1, 256, torch.float32, "cpu")]
+    assert static.bucket(1) == 1 and static.bucket(3) == 4 and static.bucket(5) == 8 and static.bucket(16) == 16
+    sd = fast.static_decoder
+    assert sd.slots_for(10) == sd.slots_for(128) == 256  # the context (128) + 16 padding rows, rounded up
+    assert fast.static_decoder.stats.eager_calls == 3  # the prompts
+
+
+def _broken_compile(fn, **kw):
+    def run(*a, **k):
+        raise RuntimeError("no C++ compiler")
+    return run
+
+
+def _missing_compile(fn, **kw):
+    raise RuntimeError("no backend")
+
+
+@pytest.mark.parametrize("failure", ["at the first call", "at torch.compile"])
+def test_no_compiler_falls_back_to_eager_with_a_warning(monkeypatch, failure):
+    ref = make(1, **SHAPES["gqa-rope-untied"])
+    monkeypatch.setattr(torch, "compile", _broken_compile if failure == "at the first call" else _missing_compile)
+    ids, mask = batch(3, 6)
+    with pytest.warns(UserWarning, match="decoding stays eager"):
+        fast = prepare_for_decode(copy.deepcopy(ref), compile="static")
+        out = attnlab.generate(fast, ids, 12, attention_mask=mask)
+    assert fast.static_decoder.failed
+    assert torch.equal(out, attnlab.generate(ref, ids, 12, attention_mask=mask))
+    with warnings.catch_warnings():  # reported once
+        warnings.simplefilter("error")
+        attnlab.generate(fast, ids, 4, attention_mask=mask)
+
+
+def test_compile_knob():
+    ref = make(0, **SHAPES["gqa-rope-untied"])
+    with pytest.raises(ValueError, match="compile='yes' is not valid"):
+        prepare_for_decode(copy.deepcopy(ref), compile="yes")
+    with pytest.raises(ValueError, match="compile=1 is not valid"):
+        prepare_for_decode(copy.deepcopy(ref), compile=1)
+    m = prepare_for_decode(copy.deepcopy(ref), compile=True)  # True = static for a decoder (compiles lazily)
+    assert "compile=static" in m.prepared_for_decode and m.static_decoder is not None
+    infini = make(0, n_heads=4, attention_mechanism="infini", segment_len=8)
+    assert static.unsupported_reason(infini) is not None
+    with pytest.warns(UserWarning, match="does not cover attention_mechanism='infini'"):
+        prepare_for_decode(infini, compile="static")
+
+
+@torch.inference_mode()
+def forced_logits(model, ids, mask, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits of each decode step when ``tokens`` (B, N) are fed one by one after the prompt -> (B, N, V)."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + tokens.shape[1])
+    model(ids, cache=cache, attention_mask=mask)
+    return torch.cat([model(tokens[:, i:i + 1], cache=cache).float() for i in range(tokens.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_static_logits(precision):
+    """bf16/int8 through the static path (uncompiled here): along the same tokens, its logits are as close to
+    fp32's as the eager path's at the same precision (rounding differs: attention accumulates in fp32 over
+    all slots), and the eager path's tokens where the logits are decisive."""
+    ref = make(2, **SHAPES["gqa-rope-untied"])
+    eager = prepare_for_decode(copy.deepcopy(ref), precision=precision)
+    fast = prepared(ref, precision=precision)
+    assert fast.new_cache(3, 20).k.dtype == torch.bfloat16
+    ids, mask = batch(3, 7)
+    tokens = attnlab.generate(ref, ids, 16, attention_mask=mask)[:, 7:]
+    want = forced_logits(ref, ids, mask, tokens)
+    err = {name: float((forced_logits(m, ids, mask, tokens) - want).norm() / want.norm())
+           for name, m in (("eager", eager), ("static", fast))}
+    assert err["static"] < max(1.5 * err["eager"], 0.01), err
+    assert err["eager"] < 0.05, err
+    got, base = forced_logits(fast, ids, mask, tokens), forced_logits(eager, ids, mask, tokens)
+    top2 = base.topk(2, dim=-1).values
+    decisive = (top2[..., 0] - top2[..., 1]) > 0.1 * base.std()
+    assert bool(decisive.any())
+    assert torch.equal(got.argmax(-1)[decisive], base.argmax(-1)[decisive])
+
+
+# ------------------------------------------------------------------------------------------ inductor
+@pytest.fixture(scope="module")
+def compiled_gqa():
+    ref = make(0, **SHAPES["gqa-rope-untied"])
+    return ref, prepare_for_decode(copy.deepcopy(ref), compile="static")
+
+
+def test_inductor_graph_gives_the_eager_logits_with_left_padding(compiled_gqa):
+    """One inductor graph (batch 3, one token per call) on a tiny model: a few seconds with a warm cache."""
+    ref, fast = compiled_gqa
+    eager = prepare_for_decode(copy.deepcopy(ref))
+    ids, mask = batch(3, 9)
+    torch.testing.assert_close(step_logits(fast, ids, mask, 16), step_logits(eager, ids, mask, 16),
+                               rtol=1e-5, atol=1e-5)
+    assert fast.static_decoder.failed is None and len(fast.static_decoder.stats.graphs) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("B", [1, 3])
+def test_inductor_matrix(shape, B):
+    ref = make(0, **SHAPES[shape])
+    eager = prepare_for_decode(copy.deepcopy(ref))
+    fast = prepare_for_decode(copy.deepcopy(ref), compile="static")
+    ids, mask = batch(B, 9)
+    torch.testing.assert_close(step_logits(fast, ids, mask, 12), step_logits(eager, ids, mask, 12),
+                               rtol=1e-5, atol=1e-5)
+    assert fast.static_decoder.failed is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("B", [1, 3])
+def test_inductor_speculative_is_plain_greedy(compiled_gqa, B):
+    ref, target = compiled_gqa
+    close = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in close.parameters():
+            p.add_(torch.randn_like(p) * 0.03)
+    draft = prepare_for_decode(close, compile="static")  # same architecture: shares the target's graphs
+    ids, mask = batch(B, 8, seed=4)
+    want = attnlab.generate(ref, ids, 24, attention_mask=mask)
+    assert torch.equal(attnlab.speculative_generate(target, draft, ids, 24, gamma=3, attention_mask=mask), want)
+    assert target.static_decoder.failed is None and draft.static_decoder.failed is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_inductor_low_precision_compiles(precision):
+    """bf16 (oneDNN packed weights through the attnlab::packed_linear op) and int8 (_weight_int8pack_mm)
+    compile without falling back; along the same tokens, the logits are as close to fp32's as eager's."""
+    ref = make(2, **SHAPES["gqa-rope-untied"])
+    eager = prepare_for_decode(copy.deepcopy(ref), precision=precision)
+    fast = prepare_for_decode(copy.deepcopy(ref), precision=precision, compile="static")
+    ids, _ = batch(1, 7)
+    tokens = attnlab.generate(ref, ids, 12)[:, 7:]
+    want = forced_logits(ref, ids, None, tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = forced_logits(fast, ids, None, tokens)
+    assert fast.static_decoder.failed is None and fast.static_decoder.stats.static_calls == 12
+    err = float((got - want).norm() / want.norm())
+    assert err < max(1.5 * float((forced_logits(eager, ids, None, tokens) - want).norm() / want.norm()), 0.01)
