@@ -5,8 +5,11 @@ Models: a random Llama with SmolLM2-135M's geometry (30 layers, d 576, 9 heads /
 vocabulary; ``smollm2-135m``) and the shipped default target (``default``, exported to a HF Llama
 directory) — both written once and loaded by each library. For every (batch, prompt length):
 
-- HF ``generate`` in fp32 and bf16; attnlab ``prepare_for_decode`` in fp32, bf16 and int8 (optionally
-  also compiled, ``--compile``).
+- HF ``generate`` in fp32 and bf16; attnlab ``prepare_for_decode`` in fp32, bf16 and int8 (``--precisions``
+  restricts them; HF fp32 always runs, as the reference), optionally also compiled (``--compile``: rows
+  ``attnlab static``, the static-shape decode graphs of ``inference/static.py``; ``--compile dynamic``:
+  ``attnlab dynamic``, ``torch.compile(dynamic=True)`` over the forward). Compiled variants are warmed up
+  (compiled) before timing; ``compile_s`` reports the seconds their first calls took.
 - prefill tok/s = batch x prompt / time of the first token; decode tok/s = batch x (N - 1) / (time of
   N tokens - time of 1 token): the per-token cost after the prompt.
 - same tokens: attnlab fp32 must give HF fp32's greedy tokens, or no speed-up is reported for any row
@@ -110,7 +113,8 @@ def _time_interleaved(runs: dict[str, object], new_tokens: int, repeats: int) ->
 
 
 def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                compile_too: bool, bandwidth: float, seed: int = 0) -> list[dict]:
+                compile_too: bool | str, bandwidth: float, seed: int = 0,
+                precisions: tuple[str, ...] = ("fp32", "bf16", "int8")) -> list[dict]:
     import transformers
 
     import attnlab
@@ -120,8 +124,10 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
-    runs, meta = {}, {}
+    runs, meta, compiled_models = {}, {}, {}
     for precision, dtype in HF_DTYPES.items():
+        if precision != "fp32" and precision not in precisions:
+            continue
         hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
 
         def run_hf(n: int, hf=hf) -> torch.Tensor:
@@ -131,16 +137,21 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
 
         key = f"transformers {transformers.__version__}|{precision}"
         runs[key], meta[key] = run_hf, None
-    variants = [(p, False) for p in ("fp32", "bf16", "int8")] + ([(p, True) for p in ("fp32", "bf16", "int8")]
-                                                                 if compile_too else [])
+    mode = {True: "static", False: None}.get(compile_too, compile_too)
+    ours = list(dict.fromkeys(("fp32",) + tuple(precisions)))  # attnlab fp32 is the exactness reference
+    variants = [(p, False) for p in ours] + ([(p, mode) for p in precisions] if mode else [])
     for precision, compiled in variants:
-        model = prepare_for_decode(copy.deepcopy(base), precision=precision, compile=compiled)
+        model = prepare_for_decode(copy.deepcopy(base), precision=precision, compile=compiled or False)
 
         def run_ours(n: int, model=model) -> torch.Tensor:
             return attnlab.generate(model, ids, n)[:, prompt_len:]
 
-        key = "attnlab" + (" compiled" if compiled else "") + f"|{precision}"
+        key = "attnlab" + (f" {compiled}" if compiled else "") + f"|{precision}"
         runs[key], meta[key] = run_ours, weight_bytes(model)
+        if compiled:
+            start = time.perf_counter()
+            run_ours(new_tokens)  # compiles every graph the timed runs use
+            compiled_models[key] = (model, time.perf_counter() - start)
     rows = []
     timings = _time_interleaved(runs, new_tokens, repeats)
     bandwidth = max(bandwidth, timings.pop("bandwidth")[0])
@@ -152,6 +163,12 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
         if meta[key] is not None:
             row["roofline"] = meta[key] * (decode / batch) / bandwidth
             row["bandwidth_GBps"] = bandwidth / 1e9
+        if key in compiled_models:
+            model, warmup = compiled_models[key]
+            sd = getattr(model, "static_decoder", None)
+            row["compile_s"] = sum(sd.stats.graphs.values()) if sd is not None else warmup
+            if sd is not None and sd.failed:
+                row["impl"] += " (fell back to eager)"
         rows.append(row)
     _judge(rows)
     return rows
@@ -167,8 +184,9 @@ def _judge(rows: list[dict]) -> None:
         r["agree"] = float((r["tokens"] == ref["tokens"]).float().mean())
         if r["impl"].startswith("attnlab"):
             r["same_tokens"] = torch.equal(r["tokens"], ref["tokens"])
-            target = hf.get(r["precision"], hf["bf16"])  # int8 is compared with HF's best low precision
-            r["vs_hf"] = (r["decode_tok_s"] / target["decode_tok_s"]) if exact else "outputs differ: not reported"
+            target = hf.get(r["precision"], hf.get("bf16"))  # int8 is compared with HF's best low precision
+            r["vs_hf"] = ("outputs differ: not reported" if not exact else
+                          r["decode_tok_s"] / target["decode_tok_s"] if target is not None else "n/a")
             r["vs_hf_fp32"] = (r["decode_tok_s"] / hf["fp32"]["decode_tok_s"]) if exact else "n/a"
     for r in rows:
         r.pop("tokens")
@@ -188,7 +206,7 @@ def plot(rows: list[dict], path: str) -> None:
         vals = [next((r["decode_tok_s"] for r in rows if (r["model"], r["batch"], r["prompt"]) == s
                       and r["impl"] == impl and r["precision"] == prec), 0.0) for s in settings]
         ax.bar([i + j * width for i in range(len(settings))], vals, width,
-               label=f"{impl.split(' ')[0]}{' compiled' if 'compiled' in impl else ''} {prec}")
+               label=f"{impl.split(' ')[0]}{' ' + impl.split(' ')[1] if impl.startswith('attnlab ') else ''} {prec}")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))])
     ax.set_xticklabels([f"{m}\nbatch {b}, prompt {p}" for m, b, p in settings], fontsize=8)
     ax.set_ylabel("decode tokens/s (greedy)")
@@ -209,7 +227,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--prompts", default="128", help="comma-separated prompt lengths (e.g. 128,2048)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="also time attnlab with torch.compile")
+    p.add_argument("--compile", nargs="?", const="static", default=None, choices=["static", "dynamic"],
+                   help="also time attnlab compiled: static-shape decode graphs (the default) or 'dynamic'")
+    p.add_argument("--precisions", default="fp32,bf16,int8",
+                   help="comma-separated attnlab precisions to time (HF fp32 and attnlab fp32 always run)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write rows and machine info to this JSON file")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here")
@@ -222,6 +243,10 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2 (decode speed is measured after the first token)")
+    precisions = tuple(x.strip() for x in args.precisions.split(",") if x.strip())
+    bad = [x for x in precisions if x not in ("fp32", "bf16", "int8")]
+    if bad or not precisions:
+        raise ValueError(f"--precisions {args.precisions!r}: choose from fp32, bf16, int8")
     bandwidth = bandwidth_probe()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,11 +271,12 @@ def main(argv: list[str]) -> int:
                         continue
                     rows += run_setting(name, hf_dir, batch=batch, prompt_len=prompt_len,
                                         new_tokens=args.new_tokens, repeats=args.repeats,
-                                        compile_too=args.compile, bandwidth=bandwidth)
+                                        compile_too=args.compile or False, bandwidth=bandwidth,
+                                        precisions=precisions)
     info = machine() | {"copy_bandwidth_GBps": bandwidth / 1e9}
     print(f"machine: {info}")
     print(markdown_table(rows, ["model", "impl", "precision", "batch", "prompt", "prefill_tok_s", "decode_tok_s",
-                                "roofline", "agree", "same_tokens", "vs_hf", "vs_hf_fp32"]))
+                                "roofline", "agree", "same_tokens", "vs_hf", "vs_hf_fp32", "compile_s"]))
     write_json(args.json, {"machine": info, "rows": rows})
     if args.plot:
         plot(rows, args.plot)

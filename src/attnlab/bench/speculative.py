@@ -8,6 +8,11 @@ them alike. Every speculative output is compared with the plain output: a speed-
 identical tokens. It also compares the measured tokens per target call with (1 − α^(γ+1)) / (1 − α) for the
 measured per-token acceptance rate α, and times prompt lookup on input-grounded prompts (a function from
 the test split, then a request to repeat it).
+
+``--precision P`` prepares target and draft with the fast decode path; ``--static`` (precision fp32 unless
+given) also compiles both into static-shape decode graphs (``inference/static.py``): each graph is
+compiled in an untimed round before the timed ones, and ``compile_s`` in the JSON reports how long the
+first calls took.
 """
 
 from __future__ import annotations
@@ -58,16 +63,22 @@ def grounded_prompts(tokenizer, n: int, max_len: int, seed: int = 0) -> list[lis
 
 
 def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_tokens: int,
-        gammas: list[int], repeats: int = 2, precision: str | None = None) -> tuple[list[dict], list[dict]]:
+        gammas: list[int], repeats: int = 2, precision: str | None = None,
+        static: bool = False, info: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Rows per (prompt set, method) and the formula check; ``info`` (if given) receives the static graphs
+    compiled per model and the seconds their first calls took."""
     from attnlab.hub import from_pretrained, load_tokenizer
     from attnlab.inference.generate import generate
     from attnlab.inference.speculative import expected_tokens_per_call, speculative_generate
 
     target, draft = from_pretrained(target_name), from_pretrained(draft_name)
+    if static and precision is None:
+        precision = "fp32"
     if precision is not None:  # both through the fast decode path (speculation multiplies its gain)
         from attnlab.inference.fast import prepare_for_decode
 
-        target, draft = (prepare_for_decode(m, precision=precision) for m in (target, draft))
+        target, draft = (prepare_for_decode(m, precision=precision, compile="static" if static else False)
+                         for m in (target, draft))
     tok = load_tokenizer(target_name)
     variants = [("plain", None, None)] + [(f"draft γ={g}", draft, g) for g in gammas]
     from attnlab.inference.drafters import HybridDrafter
@@ -83,7 +94,7 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
             x = torch.tensor([ids])
             plain = generate(target, x, new_tokens)  # also the warm-up
             best: dict[str, tuple[float, object]] = {}
-            for _ in range(repeats):  # every variant once per round: load spikes hit them alike; keep the best
+            for rnd in range(repeats + int(static)):  # every variant once per round: load spikes hit them alike
                 for name, d, g in variants:
                     start = time.perf_counter()
                     if d is None:
@@ -92,6 +103,8 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
                         res = speculative_generate(target, d, x, new_tokens, gamma=g, adaptive=name.endswith("adaptive"),
                                                    return_stats=True)
                     secs = time.perf_counter() - start
+                    if static and rnd == 0:
+                        continue  # the untimed round that compiles this prompt's graphs
                     if name not in best or secs < best[name][0]:
                         best[name] = (secs, res)
             for name, _, _ in variants:
@@ -119,6 +132,11 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
                                     "measured_tokens_per_call": toks / max(calls, 1),
                                     "formula_tokens_per_call": expected_tokens_per_call(alpha, g)})
             rows.append(row)
+    if static and info is not None:
+        for role, m in (("target", target), ("draft", draft)):
+            sd = getattr(m, "static_decoder", None)
+            info[role] = ({"graphs": len(sd.stats.graphs), "compile_s": sum(sd.stats.graphs.values()),
+                           "failed": sd.failed} if sd is not None else {"failed": "not covered"})
     return rows, formula
 
 
@@ -157,13 +175,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default=None,
                    help="prepare target and draft with the fast decode path at this precision")
+    p.add_argument("--static", action="store_true",
+                   help="also compile target and draft into static-shape decode graphs (precision fp32 unless "
+                        "--precision is given)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    info: dict = {}
     rows, formula = run(args.target, args.draft, args.prompts, args.prompt_len, args.new_tokens, args.gammas,
-                        args.repeats, args.precision)
+                        args.repeats, args.precision, args.static, info)
     print(f"machine: {machine()}")
     print(markdown_table(rows, ["prompts", "method", "tok_per_s", "acceptance", "alpha", "tokens_per_call",
                                 "identical", "speedup"]))
@@ -172,5 +194,8 @@ def main(argv: list[str]) -> int:
                                    "formula_tokens_per_call"]))
     if args.plot:
         plot(rows, args.plot)
-    write_json(args.json, {"machine": machine(), "rows": rows, "formula": formula})
+    if info:
+        print(f"static decode graphs: {info}")
+    write_json(args.json, {"machine": machine(), "rows": rows, "formula": formula, "precision": args.precision or ("fp32" if args.static else None),
+                           "static": info or None})
     return 0

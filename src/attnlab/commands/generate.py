@@ -61,7 +61,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stats", action="store_true", help="print speed (and speculative statistics) at the end")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="weights for decoding: fp32 (exact), bf16, or int8 weight-only (default fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (eager if no compiler)")
+    p.add_argument("--compile", nargs="?", const=True, default=False, choices=["static", "dynamic"],
+                   help="torch.compile the decode steps (eager if no compiler): static-shape graphs for a decoder "
+                        "(the default), or 'dynamic' (the whole forward with dynamic shapes; slow to compile)")
     p.add_argument("--reference", action="store_true",
                    help="run the unprepared model (no fused projections; for comparisons)")
     args = p.parse_args(argv)
@@ -143,6 +145,11 @@ def main(argv: list[str]) -> int:
     if args.stats:
         print(f"[{len(generated)} tokens in {seconds:.2f} s: {len(generated) / max(seconds, 1e-9):.1f} tok/s]",
               file=sys.stderr)
+        for name, m in (("model", model), ("draft", getattr(draft, "model", draft))):
+            sd = getattr(m, "static_decoder", None)
+            if sd is not None:
+                print(f"[{name}: {len(sd.stats.graphs)} static decode graphs, first calls (compilation) "
+                      f"{sum(sd.stats.graphs.values()):.1f} s; {sd.failed or 'compiled'}]", file=sys.stderr)
         if stats is not None:
             s = stats.as_dict()
             print(f"[speculative: acceptance {s['acceptance_rate']:.2f} (α {s['alpha']:.2f} per position), {s['tokens_per_call']:.2f} tokens per "

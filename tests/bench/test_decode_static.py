@@ -1,0 +1,49 @@
+"""The benchmarks run the static-shape decode path as rows of their own (``bench decode --compile``,
+``bench speculative --static``). torch.compile is replaced by the identity here, so the static path runs
+uncompiled: this checks the wiring and the exactness judgement, not the speed."""
+
+import json
+
+import pytest
+import torch
+
+
+def _identity_compile(fn, **kwargs):
+    return fn
+
+
+def test_bench_decode_static_row(monkeypatch, tmp_path):
+    pytest.importorskip("transformers")
+    from attnlab.bench import decode
+
+    monkeypatch.setattr(torch, "compile", _identity_compile)
+    out = tmp_path / "d.json"
+    code = decode.main(["--models", "tiny", "--precisions", "fp32", "--compile", "--new-tokens", "4",
+                        "--repeats", "1", "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["impl"].split()[0], r["precision"]) for r in rows] == [
+        ("transformers", "fp32"), ("attnlab", "fp32"), ("attnlab", "fp32")]
+    static = next(r for r in rows if r["impl"] == "attnlab static")
+    assert static["same_tokens"] is True and isinstance(static["vs_hf"], float) and static["compile_s"] >= 0
+
+
+def test_bench_decode_rejects_unknown_precisions():
+    pytest.importorskip("transformers")
+    from attnlab.bench import decode
+
+    with pytest.raises(ValueError, match="choose from fp32, bf16, int8"):
+        decode.main(["--models", "tiny", "--precisions", "fp16"])
+
+
+def test_bench_speculative_static(monkeypatch, tmp_path):
+    from attnlab.bench import speculative
+
+    monkeypatch.setattr(torch, "compile", _identity_compile)
+    out = tmp_path / "s.json"
+    assert speculative.main(["--prompts", "1", "--prompt-len", "16", "--new-tokens", "8", "--gammas", "2",
+                             "--repeats", "1", "--static", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["precision"] == "fp32"
+    assert data["static"]["target"]["graphs"] >= 1 and data["static"]["draft"]["failed"] is None
+    assert all(r.get("identical", True) for r in data["rows"])
