@@ -97,6 +97,24 @@ def test_functionalized_graph_writes_the_cache_in_place():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_graph_for_another_grad_mode_is_compiled_not_a_failure():
+    """Skipping guards (``skip_guards``) must not turn a needed recompile (no_grad instead of inference
+    mode, a cache made outside inference mode) into a fallback to eager."""
+    ref = make(0, **SHAPES["gqa-rope-untied"])
+    eager = prepare_for_decode(copy.deepcopy(ref))
+    fast = prepared(ref, compiler=aot_eager)
+    ids, mask = batch(3, 7)
+    step_logits(fast, ids, mask, 4)  # compiled under inference mode
+    with torch.no_grad():
+        cache, want_cache = fast.new_cache(3, 20), eager.new_cache(3, 20)
+        fast(ids, cache=cache, attention_mask=mask)
+        eager(ids, cache=want_cache, attention_mask=mask)
+        tok = torch.tensor([[5], [6], [7]])
+        torch.testing.assert_close(fast(tok, cache=cache), eager(tok, cache=want_cache), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(tok, cache=cache), eager(tok, cache=want_cache), rtol=1e-5, atol=1e-5)
+    assert fast.static_decoder.failed is None and fast.static_decoder.stats.static_calls == 5
+
+
 @pytest.mark.parametrize("gamma", [1, 3, 6])
 @pytest.mark.parametrize("B", [1, 3])
 def test_speculative_with_static_target_and_draft_is_plain_greedy(gamma, B):
@@ -136,6 +154,20 @@ def test_crop_and_redecode_match_the_eager_cache():
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
     assert outs[0][2] == outs[1][2] == 9
+
+
+def test_beam_search_reorders_the_static_cache():
+    """Beam search selects cache rows (``reorder`` replaces the buffers): the per-layer views follow."""
+    from attnlab.inference.beam import beam_search
+
+    ref = make(0, **SHAPES["gqa-rope-untied"])
+    fast = prepared(ref)
+    ids, mask = batch(3, 6)
+    want = beam_search(ref, ids, 10, num_beams=3, attention_mask=mask, return_scores=True)
+    got = beam_search(fast, ids, 10, num_beams=3, attention_mask=mask, return_scores=True)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert fast.static_decoder.stats.static_calls == 9
 
 
 @torch.inference_mode()

@@ -198,13 +198,19 @@ class StaticDecoder:
         key = (B, n, cache.slots, cache.k.dtype, str(cache.k.device))
         known = key in self.stats.graphs
         start = time.perf_counter()
+        args = (self.model, tokens, positions, slots, key_mask, *self._layers(cache))
         try:
+            logits = None
             if known and self.skip_guards:
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    logits = self.compiled(self.model, tokens, positions, slots, key_mask, *self._layers(cache))
-            else:
+                try:
+                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                        logits = self.compiled(*args)
+                except RuntimeError as exc:  # dynamo wants a graph our key does not tell apart (e.g. grad
+                    if "skip_guard_eval_unsafe" not in str(exc):  # mode): raised before running; recompile
+                        raise
+            if logits is None:
                 _allow_recompiles(len(self.stats.graphs) + 1)
-                logits = self.compiled(self.model, tokens, positions, slots, key_mask, *self._layers(cache))
+                logits = self.compiled(*args)
         except Exception as exc:  # e.g. no C++ compiler for inductor: report once, run eagerly
             self._fail(f"static-shape compilation failed ({type(exc).__name__}: {str(exc)[:300]})")
             self.stats.eager_calls += 1
