@@ -272,8 +272,8 @@ class _RingAttention(torch.autograd.Function):
         masks = ring.gather_masks(mask)  # (P, B, Tl) or None
         sub = Tl // len(chunk_ids(0, ring.world, layout))
         bq, bk = default_block_sizes(sub, sub, G)
-        out = torch.zeros(B, H, Tl, D, dtype=acc)
-        lse = torch.full((B, H, Tl), float("-inf"), dtype=acc)
+        out = torch.zeros(B, H, Tl, D, dtype=acc, device=q.device)
+        lse = torch.full((B, H, Tl), float("-inf"), dtype=acc, device=q.device)
         for bs, ks in head_groups_of(B, K, head_groups):
             hs = slice(ks.start * G, ks.stop * G)
             qr = _rows(q[bs, hs], ks.stop - ks.start)  # (n, Tl*G, D)
@@ -298,8 +298,8 @@ class _RingAttention(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)
         sub = Tl // len(chunk_ids(0, ring.world, ctx.layout))
         bq, bk = default_block_sizes(sub, sub, G)
-        dq = torch.zeros(q.shape, dtype=acc)
-        dk, dv = torch.zeros(k.shape, dtype=acc), torch.zeros(v.shape, dtype=acc)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk, dv = torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)
         for bs, ks in head_groups_of(B, K, ctx.head_groups):
             hs, nk = slice(ks.start * G, ks.stop * G), ks.stop - ks.start
             qr, outr, lser, dor = (_rows(t[bs, hs], nk) for t in (q, out, lse, dout))  # (n, Tl*G, ...)
