@@ -118,8 +118,9 @@ def test_a_graph_for_another_grad_mode_is_compiled_not_a_failure():
 @pytest.mark.parametrize("gamma", [1, 3, 6])
 @pytest.mark.parametrize("B", [1, 3])
 def test_speculative_with_static_target_and_draft_is_plain_greedy(gamma, B):
-    """γ + 1 = 2, 4, 7 tokens per verification (7 runs the 8-token graph with a padding row); the draft
-    feeds 1 or 2; rows of a batch accept different counts (holes) and finish at different times."""
+    """γ + 1 = 2, 4, 7 tokens per verification, fewer in the last rounds (they reuse a wider graph with
+    padding rows); the draft feeds 1 or 2; rows of a batch accept different counts (holes) and finish at
+    different times."""
     ref = make(0, **SHAPES["gqa-rope-untied"])
     close = copy.deepcopy(ref)
     with torch.no_grad():
@@ -133,7 +134,8 @@ def test_speculative_with_static_target_and_draft_is_plain_greedy(gamma, B):
     assert torch.equal(out, want)
     assert 0 < stats.acceptance_rate < 1  # some rollback (crop) happened in both caches
     assert target.static_decoder.stats.static_calls > 0 and draft.static_decoder.stats.static_calls > 0
-    assert max(key[1] for key in target.static_decoder.stats.graphs) == static.bucket(gamma + 1)
+    widths = sorted(key[1] for key in target.static_decoder.stats.graphs)
+    assert widths[-1] == gamma + 1 and len(widths) <= 2  # shorter last rounds mostly reuse it, padded
 
 
 @torch.inference_mode()
@@ -147,10 +149,13 @@ def test_crop_and_redecode_match_the_eager_cache():
     for model in (eager, fast):
         cache = model.new_cache(1, 40)
         model(ids, cache=cache)
-        first = model(more[:, :3], cache=cache)  # 3 tokens: the 4-token graph with a padding row
-        cache.crop(7)  # roll back two of them (speculative rejection)
+        model(more, cache=cache)  # 5 tokens (the static path compiles its 5-wide graph) ...
+        cache.crop(6)  # ... all rolled back (speculative rejection)
+        first = model(more[:, :3], cache=cache)  # 3 tokens: through the 5-wide graph, 2 padding rows
+        cache.crop(7)
         again = torch.cat([model(more[:, 3 + i:4 + i], cache=cache) for i in range(2)], dim=1)
         outs.append((first, again, cache.length))
+    assert {key[1] for key in fast.static_decoder.stats.graphs} == {5, 1}
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
     assert outs[0][2] == outs[1][2] == 9
@@ -192,7 +197,6 @@ def test_generations_of_different_lengths_share_graphs():
     for n in (3, 10, 40):
         attnlab.generate(fast, ids, n)
     assert list(fast.static_decoder.stats.graphs) == [(1, 1, 256, torch.float32, "cpu")]
-    assert static.bucket(1) == 1 and static.bucket(3) == 4 and static.bucket(5) == 8 and static.bucket(16) == 16
     sd = fast.static_decoder
     assert sd.slots_for(10) == sd.slots_for(128) == 256  # the context (128) + 16 padding rows, rounded up
     assert fast.static_decoder.stats.eager_calls == 3  # the prompts

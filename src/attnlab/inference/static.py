@@ -14,14 +14,15 @@ Here a decode call of ``n`` tokens has shapes that do not depend on the cache le
   real token (left padding, speculative holes);
 - positions (RoPE or learned, counting real tokens) come in as a tensor, computed by ``KVCache.begin``.
 
-So the graph is compiled once per (B, n, S) and replayed. ``n`` is rounded up to a power of two
-(``bucket``): plain decoding runs n = 1, speculative verification of γ = 3 drafts n = 4, γ = 4 the 8-token
-graph with three padding rows (written past the new tokens, where nothing sees them, their logits dropped),
-so any γ needs at most five graphs. The cache's slots S are rounded up too (``StaticDecoder.slots_for``: a
-power of two, at least 256, with room for the padding rows), so generations of different lengths share
-graphs; the extra slots are masked out and the cache still refuses tokens beyond the ``max_len`` it was
-asked for. Prefill (an empty cache, or more than ``max_tokens`` tokens) stays on the eager path, as does
-anything the static path does not cover.
+So the graph is compiled once per (B, n, S) and replayed: plain decoding runs n = 1, speculative
+verification n = γ + 1, the draft 1 or 2. A call with a width that has no graph yet runs the narrowest
+compiled one of up to twice its width, with padding rows (written past the new tokens, where nothing sees
+them; their logits dropped), so speculative decoding's shorter last rounds do not each compile a graph
+(``StaticDecoder.width``). The cache's slots S are rounded up (``StaticDecoder.slots_for``: a power of two,
+at least 256, with room for the padding rows), so generations of different lengths share graphs; the
+extra slots are masked out and the cache still refuses tokens beyond the ``max_len`` it was asked for.
+Prefill (an empty cache, or more than ``max_tokens`` tokens) stays on the eager path, as does anything
+the static path does not cover.
 
 The model's contract is unchanged: ``model(tokens, cache=cache, attention_mask=...) -> logits``, so
 ``generate``, speculative decoding, ``crop`` and holes work as before. The decoder's own modules run inside
@@ -113,12 +114,6 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def bucket(n: int) -> int:
-    """Tokens per compiled call: n rounded up to a power of two (1, 2, 4, 8, 16), so that speculative
-    decoding with any γ (and a hybrid drafter's catch-up feeds) needs at most five graphs."""
-    return 1 << (n - 1).bit_length()
-
-
 class StaticDecoder:
     """Routes a prepared decoder's decode calls through compiled static-shape graphs (see the module
     docstring); prefill and anything uncovered goes to the eager forward. Installed by
@@ -141,6 +136,7 @@ class StaticDecoder:
         self.failed: str | None = None
         self._ones: dict[tuple, Tensor] = {}
         self._arange: dict[tuple, Tensor] = {}
+        self._widths: dict[tuple, int] = {}
         # a copy of decode_step's code object per model: dynamo keeps compiled graphs (and guards) per code
         # object, so each model's graphs are told apart by their shapes alone (see ``skip_guards``) and no
         # model's graphs count against another's recompile limit
@@ -165,7 +161,7 @@ class StaticDecoder:
                        dtype=cache.k.dtype, device=cache.k.device, slots=self.slots_for(cache.max_len))
 
     def slots_for(self, max_len: int) -> int:
-        """Slots allocated for a cache of ``max_len`` positions: room for the padding of a bucketed call
+        """Slots allocated for a cache of ``max_len`` positions: room for the padding rows of a call
         (``max_tokens`` more), rounded up to a power of two of at least ``min_slots``, and at most the
         model's context (plus that room) rounded up to a multiple of ``min_slots``. Few distinct S means few
         graphs; attention reads at most twice the slots in use."""
@@ -175,8 +171,21 @@ class StaticDecoder:
 
     def covers(self, cache, T: int) -> bool:
         return (not self.failed and isinstance(cache, KVCache) and 0 < cache.length and T <= self.max_tokens
-                and cache.length + bucket(T) <= cache.slots
-                and cache.length + T <= self.model.config.max_seq_len)
+                and cache.length + T <= cache.slots and cache.length + T <= self.model.config.max_seq_len)
+
+    def width(self, B: int, T: int, cache: KVCache) -> int:
+        """Tokens per compiled call for T new ones: the narrowest graph already compiled for this (B, S)
+        with T to 2T tokens (the extra rows are padding), else T itself (a new graph). A product with
+        more rows costs more on this CPU (5 rows ~1.5x 4, 8 rows ~2x), so widths are not rounded up to
+        fixed buckets; reusing a compiled one serves the rare odd widths (speculative decoding's shorter
+        last rounds, an adaptive γ, a hybrid drafter's catch-up feeds) without compiling each."""
+        key = (B, T, cache.slots, cache.k.dtype, str(cache.k.device))
+        w = self._widths.get(key)
+        if w is None:
+            fits = [k[1] for k in self.stats.graphs
+                    if (k[0],) + k[2:] == (B,) + key[2:] and T <= k[1] <= 2 * T]
+            w = self._widths[key] = min(fits, default=T)
+        return w if cache.length + w <= cache.slots else T
 
     def forward(self, input_ids: Tensor, cache=None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> Tensor:
@@ -187,7 +196,7 @@ class StaticDecoder:
         if cache.batch_size != B:
             raise ValueError(f"cache was made for batch {cache.batch_size}, input has batch {B}")
         positions, _ = cache.begin(T, attention_mask)  # (B, T); raises when the tokens do not fit
-        n = bucket(T)
+        n = self.width(B, T, cache)
         tokens = input_ids
         if n > T:  # padding rows: written past the new tokens (never visible to them), logits dropped
             tokens = torch.cat([input_ids, input_ids[:, -1:].expand(B, n - T)], dim=1)
@@ -217,6 +226,7 @@ class StaticDecoder:
             return self.eager_forward(input_ids, cache=cache, attention_mask=attention_mask)
         if not known:
             self.stats.graphs[key] = time.perf_counter() - start
+            self._widths.clear()  # a new width may serve calls that compiled nothing so far
         self.stats.static_calls += 1
         cache.commit(T, attention_mask)
         return logits if n == T else logits[:, :T]  # (B, T, V)
@@ -256,8 +266,8 @@ def _canonical(t: Tensor) -> Tensor:
 
 
 def _allow_recompiles(graphs: int) -> None:
-    """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object; a model can need more (five
-    token buckets times a few cache sizes, times batch sizes): raise the (process-wide) cap when needed."""
+    """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object; a model can need more (a few
+    widths times a few cache sizes, times batch sizes): raise the (process-wide) cap when needed."""
     if graphs >= torch._dynamo.config.recompile_limit:
         torch._dynamo.config.recompile_limit = 2 * graphs
 
