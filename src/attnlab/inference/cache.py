@@ -1,6 +1,6 @@
 """KV cache: preallocated, sized by ``n_kv_heads``, written in place, with ``crop`` for rollback.
 
-Shape legend: L layers, B batch, K kv heads, S cache capacity (max_len), T new tokens, D head dim.
+Shape legend: L layers, B batch, K kv heads, S cache slots (max_len, or more: ``slots``), T new tokens, D head dim.
 
 The cache stores K/V once per *KV head*: a GQA model with K = H/4 needs a quarter of an MHA cache,
 and ``nbytes()`` measures exactly that from the allocated buffers. When a batch has padding (left-padded

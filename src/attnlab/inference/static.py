@@ -97,7 +97,7 @@ def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, slots: Tens
 
 @dataclass
 class CompileStats:
-    graphs: dict[tuple, float] = field(default_factory=dict)  # (B, n, S, dtype) -> seconds of its first call
+    graphs: dict[tuple, float] = field(default_factory=dict)  # (B, n, S, dtype, device) -> s of its 1st call
     static_calls: int = 0
     eager_calls: int = 0
 
@@ -120,10 +120,14 @@ class StaticDecoder:
     ``prepare_for_decode(..., compile="static")``; ``model.static_decoder.stats`` lists the graphs compiled
     and the seconds each first call took (compilation included).
 
-    ``skip_guards``: once a graph exists for a call's (B, n, S, dtype), run it with
+    ``skip_guards``: once a graph exists for a call's (B, n, S, dtype, device), run it with
     ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: dynamo then checks only the guards that
-    tell its compiled graphs apart, instead of every parameter of the model on every call. Safe here
-    because this class compiles each key itself first and the prepared model's weights never change.
+    tell this model's graphs apart (its own code object: shapes), instead of every parameter of the model
+    on every call. Safe here because a key is run this way only once its graph exists, inputs get row-major
+    strides, and a prepared model's weights never change; a recompile dynamo still asks for (another grad
+    mode) is raised before anything runs and is then compiled normally.
+
+    ``compiler`` replaces ``torch.compile`` (tests run the step uncompiled or with another backend).
     """
 
     def __init__(self, model: nn.Module, *, mode: str | None = None, max_tokens: int = MAX_TOKENS,
