@@ -120,3 +120,28 @@ def build_task_run(task: str, model_fields: dict, *, seed: int = 0):
 def test_split(task: str, tok=None) -> list[tuple[list[int], list[int]]]:
     tok = tok or char_tokenizer()
     return encode_pairs(tok, make_task(task).test)
+
+
+def cross_attention(model, src_ids: list[int], tgt_ids: list[int]) -> Tensor:
+    """Mean over heads of the last decoder layer's cross-attention probabilities, (T, S) for ``<s> tgt``."""
+    attn = model.decoder.blocks[-1].cross_attn
+    got = {}
+
+    def hook(mod, args, kwargs, output):
+        x, memory = args[0], kwargs["memory"]
+        B, T, _ = x.shape
+        q = mod.q_proj(x).view(B, T, mod.n_heads, mod.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k, _ = mod.project_kv(memory)  # (B, K, S, D)
+        k = k.repeat_interleave(mod.n_heads // mod.n_kv_heads, 1)  # (B, H, S, D)
+        got["p"] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(mod.head_dim), -1)[0].mean(0)  # (T, S)
+
+    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[START] + tgt_ids]), encoder_input_ids=torch.tensor([src_ids]))
+    finally:
+        handle.remove()
+        model.train(was)
+    return got["p"]

@@ -18,14 +18,13 @@ Shape legend: B batch, S source length, T target length, V vocab.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from attnlab.tasks.seq2seq_data import END, PAD, START, Seq2SeqTask, collate
+from attnlab.tasks.seq2seq_data import END, PAD, START, Seq2SeqTask, collate, cross_attention  # noqa: F401
 from attnlab.tasks.translation import SOURCE, TARGET, load_split
 
 # the model of `attnlab train --task translation` unless a preset or --set says otherwise
@@ -208,28 +207,3 @@ def evaluate(model, tokenizer, pairs: list[tuple[str, str]], *, num_beams: int =
     refs = [[r for _, r in pairs]]
     return {"bleu": sacrebleu.corpus_bleu(hyps, refs).score, "chrf": sacrebleu.corpus_chrf(hyps, refs).score,
             "hypotheses": hyps}
-
-
-@torch.no_grad()
-def cross_attention(model, src_ids: list[int], tgt_ids: list[int]) -> Tensor:
-    """Mean over heads of the last decoder layer's cross-attention probabilities, (T, S) for ``<s> tgt``."""
-    attn = model.decoder.blocks[-1].cross_attn
-    got = {}
-
-    def hook(mod, args, kwargs, output):
-        x, memory = args[0], kwargs["memory"]
-        B, T, _ = x.shape
-        q = mod.q_proj(x).view(B, T, mod.n_heads, mod.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k, _ = mod.project_kv(memory)  # (B, K, S, D)
-        k = k.repeat_interleave(mod.n_heads // mod.n_kv_heads, 1)  # (B, H, S, D)
-        got["p"] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(mod.head_dim), -1)[0].mean(0)  # (T, S)
-
-    handle = attn.register_forward_hook(hook, with_kwargs=True)
-    was = model.training
-    model.eval()
-    try:
-        model(torch.tensor([[START] + tgt_ids]), encoder_input_ids=torch.tensor([src_ids]))
-    finally:
-        handle.remove()
-        model.train(was)
-    return got["p"]

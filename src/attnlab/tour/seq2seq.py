@@ -8,7 +8,6 @@ cross-attention map of the trained model on a test example.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -56,32 +55,9 @@ def _train(steps: int, seed: int, out: Path):
     return model.eval()
 
 
-def _cross_attention(model, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-    """Mean over heads of the last decoder layer's cross-attention probabilities, (T, S)."""
-    block = model.decoder.blocks[-1]
-    attn = block.cross_attn
-    got = {}
-
-    def hook(mod, args, kwargs, output):
-        x, memory = args[0], kwargs["memory"]
-        B, T, _ = x.shape
-        q = mod.q_proj(x).view(B, T, mod.n_heads, mod.head_dim).transpose(1, 2)
-        k, _ = mod.project_kv(memory)
-        k = k.repeat_interleave(mod.n_heads // mod.n_kv_heads, 1)
-        got["p"] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(mod.head_dim), -1)[0].mean(0)
-
-    handle = attn.register_forward_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(tgt_in, encoder_input_ids=src)
-    finally:
-        handle.remove()
-    return got["p"]
-
-
 def encoder_decoder(out: Path, quick: bool, seed: int) -> Section:
     from attnlab.tasks.numbers import char_tokenizer
-    from attnlab.tasks.seq2seq_data import START, exact_match, test_split
+    from attnlab.tasks.seq2seq_data import cross_attention, exact_match, test_split
 
     s = Section("seq2seq", "Encoder vs decoder vs encoder-decoder (cross-attention)",
                 "An encoder attends in both directions, a decoder only to the past; joining them with "
@@ -109,7 +85,7 @@ def encoder_decoder(out: Path, quick: bool, seed: int) -> Section:
             b.cross_attn.forward = f
     tok = char_tokenizer()
     src_ids, tgt_ids = test[0]
-    p = _cross_attention(model, torch.tensor([src_ids]), torch.tensor([[START] + tgt_ids]))
+    p = cross_attention(model, src_ids, tgt_ids)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(min(12, 2 + 0.25 * len(src_ids)), 3.2))
     ax.imshow(p.numpy(), aspect="auto", cmap="viridis")
