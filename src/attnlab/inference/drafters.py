@@ -87,7 +87,7 @@ class ModelDrafter:
         """Tokens committed in a round this drafter did not propose (a hybrid's lookup round): each row's
         ``proposals[:accepted]`` and its new token join the tokens still to be fed, one forward later.
         Rows that committed fewer tokens than the longest get holes, so every row's positions stay right."""
-        B, G = proposals.shape
+        G = proposals.shape[1]
         n = accepted + 1  # (B,)
         width = int(n.max())
         toks = torch.cat([proposals, new_tokens[:, None]], dim=1)  # (B, G+1)
@@ -149,14 +149,15 @@ class PromptLookupDrafter:
                         return follow
         return []
 
+    @staticmethod
+    def padded(follow: list[int], seq: list[int], gamma: int) -> list[int]:
+        """``gamma`` proposals: the lookup's, then repeats of the last one (or of the last token when there is
+        no match: cheap to verify, usually rejected)."""
+        return follow + [follow[-1] if follow else seq[-1]] * (gamma - len(follow))
+
     def propose(self, gamma: int, sampling: Sampling, generator: torch.Generator | None,
                 rows: Tensor | None = None) -> tuple[Tensor, None]:
-        out = []
-        for seq in self.history:
-            follow = self._lookup(seq, gamma)
-            # no match: repeat the last token (cheap to verify, usually rejected)
-            follow = follow + [follow[-1] if follow else seq[-1]] * (gamma - len(follow))
-            out.append(follow)
+        out = [self.padded(self._lookup(seq, gamma), seq, gamma) for seq in self.history]
         self.proposals = torch.tensor(out, dtype=torch.long, device=self.device)
         return self.proposals, None
 
@@ -202,10 +203,7 @@ class HybridDrafter:
             self.proposals, probs = self.model_drafter.propose(gamma, sampling, generator, rows)
             return self.proposals, probs
         self.lookup_rounds += 1
-        out = []
-        for b, seq in enumerate(self.lookup.history):
-            follow = follows.get(b) or [seq[-1]]
-            out.append(follow + [follow[-1]] * (gamma - len(follow)))
+        out = [self.lookup.padded(follows.get(b, []), seq, gamma) for b, seq in enumerate(self.lookup.history)]
         self.proposals = torch.tensor(out, dtype=torch.long, device=self.lookup.device)
         return self.proposals, None
 
