@@ -37,12 +37,16 @@ def test_translate_command(trained, capsys):
 
 
 def test_bench_translation(trained, tmp_path, capsys):
-    assert main(["bench", "translation", "--model", str(trained), "--limit", "4", "--beam", "2", "--examples", "2",
+    assert main(["bench", "translation", "--model", str(trained), "--limit", "4", "--beam", "3,2", "--examples", "2",
                  "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "translation.json").read_text())
-    assert [r["decoding"] for r in result["rows"]] == ["greedy", "beam 2 (length penalty 1)"]
+    assert [r["decoding"] for r in result["rows"]] == ["greedy", "beam 2 (length penalty 1)",
+                                                       "beam 3 (length penalty 1)"]
     assert (tmp_path / "cross_attention.png").stat().st_size > 1000
     assert "BLEU" in capsys.readouterr().out
+    for bad in ("1", "two"):
+        assert main(["bench", "translation", "--model", str(trained), "--beam", bad, "--out", str(tmp_path)]) == 2
+        assert "--beam" in capsys.readouterr().err
 
 
 def test_data_command_without_apt_prints_the_manual_command(tmp_path, monkeypatch, capsys):

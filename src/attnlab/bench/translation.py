@@ -1,7 +1,7 @@
 """``attnlab bench translation``: sacreBLEU BLEU and chrF of a translation model on the held-out test books,
 greedy and beam search side by side, plus a cross-attention alignment map of a few test sentences.
 
-    attnlab bench translation --model runs/en-es [--data data/en-es] [--beam 4] [--length-penalty 1.0]
+    attnlab bench translation --model runs/en-es [--data data/en-es] [--beam 4 | --beam 2,4,8] [--length-penalty 1.0]
                               [--limit N] [--out bench-out/translation]
 
 ``--data`` defaults to the data folder recorded in the model's ``task.json`` at training time. The test split
@@ -59,14 +59,18 @@ def main(argv: list[str]) -> int:
     p = parser("attnlab bench translation", "BLEU/chrF on the test books, greedy vs beam; alignment map.")
     p.add_argument("--model", required=True, help="a translation model directory or translate-en-es")
     p.add_argument("--data", help="the `attnlab data translation` folder (default: the one the model was trained on)")
-    p.add_argument("--beam", type=int, default=4, help="beam width compared with greedy (default 4)")
+    p.add_argument("--beam", default="4", help="beam width(s) compared with greedy, comma-separated (default 4)")
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--limit", type=int, default=None, help="score only the first N test pairs")
     p.add_argument("--examples", type=int, default=3, help="test sentences in the cross-attention figure")
     p.add_argument("--out", default="bench-out/translation", help="folder for translation.json and the figure")
     args = p.parse_args(argv)
-    if args.beam < 2:
-        raise ValueError("--beam must be >= 2 (greedy is always scored)")
+    try:
+        widths = sorted({int(b) for b in str(args.beam).split(",") if b.strip()})
+    except ValueError:
+        raise ValueError(f"--beam {args.beam}: give whole numbers, comma-separated (e.g. 2,4,8)") from None
+    if not widths or widths[0] < 2:
+        raise ValueError(f"--beam {args.beam}: each width must be >= 2 (greedy is always scored)")
 
     from attnlab.hub import from_pretrained, load_tokenizer, resolve_path
     from attnlab.tasks.translate import evaluate
@@ -86,7 +90,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, examples = [], {}
-    for beams in (1, args.beam):
+    for beams in (1, *widths):
         start = time.perf_counter()
         res = evaluate(model, tok, pairs, num_beams=beams, length_penalty=args.length_penalty)
         seconds = time.perf_counter() - start
