@@ -41,3 +41,34 @@ def test_key_in_window_counts_the_examples_retrieval_accuracy_sees():
     expected = sum(395 - seq.index(KEY) <= 100 - 6 for seq, _ in examples) / 20
     assert key_in_window(400, 20, 3, 100) == expected
     assert key_in_window(400, 20, 3, 400) == 1.0 and key_in_window(400, 20, 3, 20) == 0.0
+
+
+def test_key_share_of_the_first_layer_equals_a_float64_reference_from_the_weights():
+    """Layer 0's memory keys and queries are functions of the token alone (RoPE only rotates the local
+    attention), so the passkey block's share of the read can be recomputed from the weights."""
+    from attnlab import build_model
+    from attnlab.bench.infini import key_share, model_config, quick_settings
+
+    torch.manual_seed(0)
+    s = quick_settings()
+    model = build_model(model_config(s, "infini")).eval()
+    length, n, seed = 4 * s.train_len, 6, 11
+    got = key_share(model, length, n, seed)
+    assert len(got) == model.config.n_layers and all(0 < x <= 1 for x in got)
+
+    block0, L = model.blocks[0], s.segment_len
+    H, K, D = model.config.n_heads, model.config.n_kv_heads, model.config.head_dim
+    gen, shares = torch.Generator().manual_seed(seed), []
+    with torch.no_grad():
+        for _ in range(n):
+            seq, _ = make_example(length, gen)
+            prompt = seq[:-5]
+            start, written = seq.index(KEY), (len(prompt) // L) * L
+            if start + 6 >= written:
+                continue
+            h = block0.attn_norm(model.embed(torch.tensor(prompt))).double()  # (T, d)
+            sk = torch.nn.functional.elu(h[:written] @ block0.attn.k_proj.weight.double().T).view(-1, K, D) + 1
+            sq = torch.nn.functional.elu(h[-1] @ block0.attn.q_proj.weight.double().T).view(H, D) + 1
+            w = torch.einsum("hd,thd->ht", sq, sk[:, torch.arange(H) // (H // K)])  # (H, T): σ(q)·σ(k_t)
+            shares.append(float((w[:, start:start + 7].sum(1) / w.sum(1)).max()))
+    assert shares and got[0] == pytest.approx(sum(shares) / len(shares), rel=1e-5)
