@@ -37,8 +37,14 @@ def test_translate_command(trained, capsys):
 
 
 def test_bench_translation(trained, tmp_path, capsys):
+    run = tmp_path / "run"  # a training record with two evaluations, as `attnlab train` writes it
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 10, "train_loss": 5.0, "elapsed_s": 12.0}, {"step": 10, "split": "validation", "loss": 4.9, "bleu": 0.5},
+        {"step": 20, "train_loss": 4.0, "elapsed_s": 25.0}, {"step": 20, "split": "validation", "loss": 4.1, "bleu": 2.0}]))
     assert main(["bench", "translation", "--model", str(trained), "--limit", "4", "--beam", "3,2", "--examples", "2",
-                 "--out", str(tmp_path)]) == 0
+                 "--out", str(tmp_path), "--curves", str(run)]) == 0
+    assert (tmp_path / "learning_curve.png").stat().st_size > 1000
     result = json.loads((tmp_path / "translation.json").read_text())
     assert [r["decoding"] for r in result["rows"]] == ["greedy", "beam 2 (length penalty 1)",
                                                        "beam 3 (length penalty 1)"]
@@ -47,6 +53,12 @@ def test_bench_translation(trained, tmp_path, capsys):
     for bad in ("1", "two"):
         assert main(["bench", "translation", "--model", str(trained), "--beam", bad, "--out", str(tmp_path)]) == 2
         assert "--beam" in capsys.readouterr().err
+    assert main(["bench", "translation", "--model", str(trained), "--limit", "2", "--out", str(tmp_path),
+                 "--curves", str(tmp_path / "nowhere")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    assert main(["bench", "translation", "--model", str(trained), "--limit", "2", "--out", str(tmp_path),
+                 "--curves", str(trained)]) == 2  # trained too briefly to have evaluated
+    assert "no validation records" in capsys.readouterr().err
 
 
 def test_data_command_without_apt_prints_the_manual_command(tmp_path, monkeypatch, capsys):

@@ -55,6 +55,40 @@ def draw_alignments(path: Path, model, backend, sources: list[str]) -> None:
     plt.close(fig)
 
 
+def draw_curves(path: Path, runs: list[str]) -> None:
+    """Validation loss and BLEU against elapsed training time, one line per training run directory (read from
+    its ``metrics.jsonl``; each evaluation is placed at the elapsed time of the training step it follows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in runs:
+        log = Path(run) / "metrics.jsonl"
+        if not log.is_file():
+            raise ValueError(f"--curves {run}: no metrics.jsonl there (a directory written by `attnlab train`)")
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
+        evals = [r for r in records if r.get("split") == "validation" and r["step"] in elapsed]
+        if not evals:
+            raise ValueError(f"--curves {run}: metrics.jsonl has no validation records")
+        cfg = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
+        label = f"{Path(run).name} ({cfg.get('norm_position', '?')}-norm)"
+        t = [elapsed[r["step"]] / 60 for r in evals]
+        ax_loss.plot(t, [r["loss"] for r in evals], "o-", ms=3, label=label)
+        ax_bleu.plot(t, [r.get("bleu", float("nan")) for r in evals], "o-", ms=3, label=label)
+    ax_loss.set_ylabel("validation loss (label-smoothed)")
+    ax_bleu.set_ylabel("validation BLEU (greedy, 64 verses)")
+    for ax in (ax_loss, ax_bleu):
+        ax.set_xlabel("training time (minutes)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> int:
     p = parser("attnlab bench translation", "BLEU/chrF on the test books, greedy vs beam; alignment map.")
     p.add_argument("--model", required=True, help="a translation model directory or translate-en-es")
@@ -64,6 +98,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--limit", type=int, default=None, help="score only the first N test pairs")
     p.add_argument("--examples", type=int, default=3, help="test sentences in the cross-attention figure")
     p.add_argument("--out", default="bench-out/translation", help="folder for translation.json and the figure")
+    p.add_argument("--curves", default=None,
+                   help="comma-separated training run directories: also plot their learning curves (learning_curve.png)")
     args = p.parse_args(argv)
     try:
         widths = sorted({int(b) for b in str(args.beam).split(",") if b.strip()})
@@ -100,6 +136,8 @@ def main(argv: list[str]) -> int:
         examples[name] = res["hypotheses"][:5]
     short = [s for s, _ in pairs if 8 <= len(tok.encode(s)) <= 24] or [s for s, _ in pairs]  # readable maps
     draw_alignments(out / "cross_attention.png", model, tok.backend, short[: args.examples])
+    if args.curves:
+        draw_curves(out / "learning_curve.png", [r for r in args.curves.split(",") if r.strip()])
     print(f"test split of {data}: {len(pairs)} pairs, {model.num_parameters():,} parameters")
     print(markdown_table(rows, ["decoding", "BLEU", "chrF", "sentences/s"]))
     write_json(out / "translation.json", {"model": str(args.model), "data": str(data), "pairs": len(pairs),
