@@ -19,6 +19,7 @@ Shape legend: B batch, T tokens, N streamed tokens, C chunk.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,7 @@ class Settings:
     multiples: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     stream_lengths: list[int] = field(default_factory=lambda: [8192, 32768, 131072, 524288, 1048576])
     chunk: int = 4096
+    stream_repeats: int = 3  # fresh processes per streamed length (median)
     seed: int = 0
 
 
@@ -60,7 +62,8 @@ def full_settings() -> Settings:
 
 def quick_settings() -> Settings:
     return Settings(train_len=64, segment_len=16, d_model=32, steps=6, baseline_steps=4, batch=4, warmup=2,
-                    eval_examples=4, multiples=[1, 4], stream_lengths=[2048, 8192], chunk=1024)
+                    eval_examples=4, multiples=[1, 4], stream_lengths=[2048, 8192], chunk=1024,
+                    stream_repeats=1)
 
 
 def model_config(s: Settings, mechanism: str):
@@ -215,13 +218,18 @@ def stream_worker(model_dir: str, n_tokens: int, chunk: int, out: str) -> None:
 
 
 def stream_memory(model_dir: Path, s: Settings, kv_bytes_per_token: float) -> list[dict]:
+    """Per length, the median of ``s.stream_repeats`` fresh processes (the allocator's page reuse moves a
+    single process's peak by a few MiB either way)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in s.stream_lengths:
-            out = Path(tmp) / f"{n}.json"
-            subprocess.run([sys.executable, "-m", "attnlab.bench.infini", "--worker", str(model_dir), str(n),
-                            str(s.chunk), str(out)], check=True)
-            r = json.loads(out.read_text())
+            runs = []
+            for i in range(s.stream_repeats):
+                out = Path(tmp) / f"{n}-{i}.json"
+                subprocess.run([sys.executable, "-m", "attnlab.bench.infini", "--worker", str(model_dir), str(n),
+                                str(s.chunk), str(out)], check=True)
+                runs.append(json.loads(out.read_text()))
+            r = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
             rows.append({"tokens": n, "peak_rss_MiB": r["peak_rss"] / 2**20, "peak_extra_MiB": r["peak_extra"] / 2**20,
                          "state_bytes": r["state_bytes"], "kv_cache_MiB": n * kv_bytes_per_token / 2**20,
                          "tok_s": n / r["seconds"]})
