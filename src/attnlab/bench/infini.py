@@ -19,6 +19,7 @@ Shape legend: B batch, T tokens, N streamed tokens, C chunk.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -217,6 +218,12 @@ def stream_worker(model_dir: str, n_tokens: int, chunk: int, out: str) -> None:
                                      "seconds": seconds}))
 
 
+# glibc keeps freed heap blocks mapped (and fragments) at its own discretion, which moved one process's peak
+# RSS by up to ~15 MiB from run to run (measured: 8k vs 1M tokens 260 vs 271 MiB by default, 253.0 vs 254.3
+# MiB with these): with blocks over 64 KiB mmapped and the heap trimmed at once, RSS follows live memory
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def stream_memory(model_dir: Path, s: Settings, kv_bytes_per_token: float) -> list[dict]:
     """Per length, the median of ``s.stream_repeats`` fresh processes (the allocator's page reuse moves a
     single process's peak by a few MiB either way)."""
@@ -227,7 +234,7 @@ def stream_memory(model_dir: Path, s: Settings, kv_bytes_per_token: float) -> li
             for i in range(s.stream_repeats):
                 out = Path(tmp) / f"{n}-{i}.json"
                 subprocess.run([sys.executable, "-m", "attnlab.bench.infini", "--worker", str(model_dir), str(n),
-                                str(s.chunk), str(out)], check=True)
+                                str(s.chunk), str(out)], check=True, env=WORKER_ENV)
                 runs.append(json.loads(out.read_text()))
             r = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
             rows.append({"tokens": n, "peak_rss_MiB": r["peak_rss"] / 2**20, "peak_extra_MiB": r["peak_extra"] / 2**20,
