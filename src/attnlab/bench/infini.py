@@ -140,6 +140,17 @@ def key_share(model: torch.nn.Module, length: int, n: int, seed: int, n_digits: 
     write, read = infini.memory_write, infini.memory_read
     gen = torch.Generator().manual_seed(seed)
     shares: list[list[float]] = []
+    keys: list[torch.Tensor] = []  # σ(k) of each segment written, in call order (layer by layer)
+    queries: list[torch.Tensor] = []  # σ(q) of each segment's last query, in call order
+
+    def traced_write(M, z, k, v, rule):
+        keys.append(infini.sigma(k))  # (1, K, L, D)
+        return write(M, z, k, v, rule)
+
+    def traced_read(q, M, z):
+        queries.append(infini.sigma(q[..., -1:, :]))  # (1, K, G, 1, D)
+        return read(q, M, z)
+
     for _ in range(n):
         seq, _ = make_example(length, gen, n_digits)
         prompt = seq[:-n_digits]
@@ -147,16 +158,8 @@ def key_share(model: torch.nn.Module, length: int, n: int, seed: int, n_digits: 
         block = torch.arange(start, start + n_digits + 2)
         if int(block[-1]) >= (T // L) * L:
             continue  # the block is still in the local segment: memory is not involved
-        keys, queries = [], []
-
-        def traced_write(M, z, k, v, rule):
-            keys.append(infini.sigma(k))  # (1, K, L, D)
-            return write(M, z, k, v, rule)
-
-        def traced_read(q, M, z):
-            queries.append(infini.sigma(q[..., -1:, :]))  # (1, K, G, 1, D): the segment's last query
-            return read(q, M, z)
-
+        keys.clear()
+        queries.clear()
         with mock.patch.object(infini, "memory_write", traced_write), mock.patch.object(infini, "memory_read", traced_read):
             model(torch.tensor([prompt]))
         nw, nr = T // L, -(-T // L)  # complete segments written, segments read, per layer
