@@ -47,3 +47,24 @@ def test_bench_speculative_static(monkeypatch, tmp_path):
     assert data["precision"] == "fp32"
     assert data["static"]["target"]["graphs"] >= 1 and data["static"]["draft"]["failed"] is None
     assert all(r.get("identical", True) for r in data["rows"])
+
+
+def test_speculative_ceiling_is_tokens_per_call_over_round_cost():
+    from attnlab.bench.speculative import ceiling
+
+    # α = 0.5, γ = 2: 1 + 0.5 + 0.25 = 1.75 tokens per target call; a round = 2 x 1 ms + 6 ms = 8 ms, plain 4 ms
+    assert ceiling(0.5, 2, {1: 4e-3, 3: 6e-3}, 1e-3) == pytest.approx(1.75 * 4 / 8)
+    # a free draft and a verify call as cheap as one token: the speed-up is the tokens per call
+    assert ceiling(0.9, 4, {1: 1.0, 5: 1.0}, 0.0) == pytest.approx((1 - 0.9**5) / 0.1)
+
+
+def test_bench_speculative_costs(tmp_path):
+    from attnlab.bench import speculative
+
+    out = tmp_path / "s.json"
+    assert speculative.main(["--prompts", "1", "--prompt-len", "16", "--new-tokens", "8", "--gammas", "2",
+                             "--repeats", "1", "--costs", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["call_costs_s"]["target"]) == {"1", "3"} and set(data["call_costs_s"]["draft"]) == {"1"}
+    assert all(c > 0 for c in data["call_costs_s"]["target"].values())
+    assert all(f["ceiling_speedup"] > 0 for f in data["formula"])

@@ -64,9 +64,9 @@ def grounded_prompts(tokenizer, n: int, max_len: int, seed: int = 0) -> list[lis
 
 def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_tokens: int,
         gammas: list[int], repeats: int = 2, precision: str | None = None,
-        static: bool = False, info: dict | None = None) -> tuple[list[dict], list[dict]]:
+        static: bool = False, info: dict | None = None, models: dict | None = None) -> tuple[list[dict], list[dict]]:
     """Rows per (prompt set, method) and the formula check; ``info`` (if given) receives the static graphs
-    compiled per model and the seconds their first calls took."""
+    compiled per model and the seconds their first calls took, ``models`` the (prepared) target and draft."""
     from attnlab.hub import from_pretrained, load_tokenizer
     from attnlab.inference.generate import generate
     from attnlab.inference.speculative import expected_tokens_per_call, speculative_generate
@@ -79,6 +79,8 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
 
         target, draft = (prepare_for_decode(m, precision=precision, compile="static" if static else False)
                          for m in (target, draft))
+    if models is not None:
+        models.update(target=target, draft=draft)
     tok = load_tokenizer(target_name)
     variants = [("plain", None, None)] + [(f"draft γ={g}", draft, g) for g in gammas]
     from attnlab.inference.drafters import HybridDrafter
@@ -140,6 +142,39 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
     return rows, formula
 
 
+@torch.inference_mode()
+def call_costs(model, widths: list[int], prompt_len: int = 128, calls: int = 20, rounds: int = 5) -> dict[int, float]:
+    """Seconds of one ``model`` call that feeds ``w`` new tokens to a cache holding ``prompt_len``, per width
+    (best of ``rounds`` means over ``calls``; the cache is cropped back after every call)."""
+    g = torch.Generator().manual_seed(0)
+    cache = model.new_cache(1, prompt_len + max(widths) + 1)
+    model(torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g), cache=cache)
+    costs = {}
+    for w in widths:
+        x = torch.randint(0, model.config.vocab_size, (1, w), generator=g)
+        for _ in range(3):  # warm-up (and, for static graphs, the compile of this width)
+            model(x, cache=cache)
+            cache.crop(prompt_len)
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                model(x, cache=cache)
+                cache.crop(prompt_len)
+            best = min(best, (time.perf_counter() - start) / calls)
+        costs[w] = best
+    return costs
+
+
+def ceiling(alpha: float, gamma: int, target_cost: dict[int, float], draft_cost: float) -> float:
+    """Speed-up over plain decoding if a round cost nothing but its model calls: γ draft calls of one token and
+    one target call of γ + 1, for the tokens per call that ``alpha`` predicts."""
+    from attnlab.inference.speculative import expected_tokens_per_call
+
+    round_cost = gamma * draft_cost + target_cost[gamma + 1]
+    return expected_tokens_per_call(alpha, gamma) * target_cost[1] / round_cost
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -178,24 +213,39 @@ def main(argv: list[str]) -> int:
     p.add_argument("--static", action="store_true",
                    help="also compile target and draft into static-shape decode graphs (precision fp32 unless "
                         "--precision is given)")
+    p.add_argument("--costs", action="store_true",
+                   help="also time single calls of each width and print each draft row's ceiling: the speed-up "
+                        "if a round cost only its model calls")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     info: dict = {}
+    models: dict = {}
     rows, formula = run(args.target, args.draft, args.prompts, args.prompt_len, args.new_tokens, args.gammas,
-                        args.repeats, args.precision, args.static, info)
+                        args.repeats, args.precision, args.static, info, models)
+    costs = None
+    if args.costs:
+        costs = {"target": call_costs(models["target"], sorted({1, *[g + 1 for g in args.gammas]}), args.prompt_len),
+                 "draft": call_costs(models["draft"], [1], args.prompt_len)}
+        for f in formula:
+            f["ceiling_speedup"] = ceiling(f["alpha"], f["gamma"], costs["target"], costs["draft"][1])
     print(f"machine: {machine()}")
     print(markdown_table(rows, ["prompts", "method", "tok_per_s", "acceptance", "alpha", "tokens_per_call",
                                 "identical", "speedup"]))
     print()
     print(markdown_table(formula, ["prompts", "gamma", "alpha", "measured_tokens_per_call",
-                                   "formula_tokens_per_call"]))
+                                   "formula_tokens_per_call"] + (["ceiling_speedup"] if costs else [])))
+    if costs:
+        print("ms per call, by new tokens fed: target " + ", ".join(f"{w}: {c * 1e3:.2f}" for w, c in costs["target"].items())
+              + f"; draft 1: {costs['draft'][1] * 1e3:.2f}")
     if args.plot:
         plot(rows, args.plot)
     if info:
         print(f"static decode graphs: {info}")
     write_json(args.json, {"machine": machine(), "rows": rows, "formula": formula, "precision": args.precision or ("fp32" if args.static else None),
-                           "static": info or None})
+                           "static": info or None,
+                           "call_costs_s": None if costs is None else {k: {str(w): c for w, c in v.items()}
+                                                                       for k, v in costs.items()}})
     return 0
