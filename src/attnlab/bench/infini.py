@@ -82,7 +82,7 @@ def train(s: Settings, mechanism: str, out: Path, max_minutes: float | None) -> 
     """Train (or finish training, or reuse) the ``mechanism`` model in ``out`` with the ordinary Trainer."""
     from attnlab import build_model
     from attnlab.tasks.passkey import PasskeyTask
-    from attnlab.training.trainer import TrainConfig, Trainer
+    from attnlab.training.trainer import TrainConfig, Trainer, read_metrics
 
     torch.manual_seed(s.seed)
     model = build_model(model_config(s, mechanism))
@@ -99,9 +99,7 @@ def train(s: Settings, mechanism: str, out: Path, max_minutes: float | None) -> 
     print(f"{mechanism}: {sum(p.numel() for p in model.parameters()):,} parameters, {steps} steps of "
           f"{s.batch} examples" + (f" (resuming {out})" if resumed else ""), file=sys.stderr, flush=True)
     result = trainer.fit(resume=resumed)
-    log = out / "metrics.jsonl"  # the whole run's record, also when it was trained by an earlier invocation
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-    records = records or trainer.history
+    records = read_metrics(out) or trainer.history  # the whole run, also when an earlier invocation trained it
     evals = [r for r in records if r.get("split") == "validation"]
     seconds = max([r["elapsed_s"] for r in records if "elapsed_s" in r], default=result["seconds"])
     return model.eval(), {"model": mechanism, "steps": result["step"], "seconds": seconds,
@@ -129,8 +127,8 @@ def key_share(model: torch.nn.Module, length: int, n: int, seed: int, n_digits: 
     """Per layer, the passkey block's share of the normaliser of the memory read that predicts the first
     answer digit: Σ_{t in block} σ(q)·σ(k_t) / σ(q)·z, for the head that weights the block most, averaged over
     the examples whose block lies in memory (not in the last, still local segment). It is the weight the
-    passkey's values get in that read-out; z counts every token written, so without keys the query ignores
-    it falls as the stream grows."""
+    passkey's values get in that read-out; z counts every token written, so unless the query ignores every
+    other key exactly, the share falls as the stream grows."""
     from unittest import mock
 
     import attnlab.attention.infini as infini

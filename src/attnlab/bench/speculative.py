@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.bench.common import machine, markdown_table, timed, write_json
 from attnlab.cli import parser
 
 
@@ -149,20 +149,15 @@ def call_costs(model, widths: list[int], prompt_len: int = 128, calls: int = 20,
     g = torch.Generator().manual_seed(0)
     cache = model.new_cache(1, prompt_len + max(widths) + 1)
     model(torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g), cache=cache)
-    costs = {}
-    for w in widths:
-        x = torch.randint(0, model.config.vocab_size, (1, w), generator=g)
-        for _ in range(3):  # warm-up (and, for static graphs, the compile of this width)
+    def feed(x: torch.Tensor) -> None:
+        for _ in range(calls):
             model(x, cache=cache)
             cache.crop(prompt_len)
-        best = float("inf")
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(calls):
-                model(x, cache=cache)
-                cache.crop(prompt_len)
-            best = min(best, (time.perf_counter() - start) / calls)
-        costs[w] = best
+
+    costs = {}
+    for w in widths:  # the warm-up round also compiles this width's static graph
+        x = torch.randint(0, model.config.vocab_size, (1, w), generator=g)
+        costs[w] = timed(lambda x=x: feed(x), repeats=rounds, warmup=1)[0] / calls
     return costs
 
 

@@ -63,12 +63,13 @@ def draw_curves(path: Path, runs: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from attnlab.training.trainer import read_metrics
+
     fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run in runs:
-        log = Path(run) / "metrics.jsonl"
-        if not log.is_file():
+        if not (Path(run) / "metrics.jsonl").is_file():
             raise ValueError(f"--curves {run}: no metrics.jsonl there (a directory written by `attnlab train`)")
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        records = read_metrics(run)
         elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
         evals = [r for r in records if r.get("split") == "validation" and r["step"] in elapsed]
         if not evals:

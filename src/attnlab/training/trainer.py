@@ -99,6 +99,14 @@ def _write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+
+def read_metrics(out: str | Path) -> list[dict]:
+    """The records of a run directory's ``metrics.jsonl`` (training rows, evaluations), in order; [] if none."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
 class Trainer:
     def __init__(self, model: nn.Module, task, cfg: TrainConfig, out: str | Path, *,
                  extra_files: Callable[[Path], None] | None = None, dist_ctx: DistContext | None = None,
@@ -311,10 +319,7 @@ class Trainer:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        records = []
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_metrics(self.out)
         train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
         val = [(r["step"], r["loss"]) for r in records if r.get("split") == "validation"]
         if not train and not val:
