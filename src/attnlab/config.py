@@ -54,6 +54,9 @@ class ModelConfig:
     ffn_bias: bool = False
     norm_bias: bool = True  # LayerNorm only; RMSNorm has no bias
     tie_embeddings: bool = True
+    # decoder: the LM head scores only this many tokens (0 = all), the ids kept in the buffer head_token_ids;
+    # every other token gets logit -inf. A speculative draft's frequent-token head (models/decoder.py).
+    head_vocab_size: int = 0
     dropout: float = 0.0
     attention_kernel: str = "sdpa"
     attention_mechanism: str = "softmax"
@@ -145,6 +148,13 @@ class ModelConfig:
         if self.family == "encoder" and self.position == "none":
             raise ValueError("an encoder needs positions: bidirectional attention cannot infer order "
                              "(choose position='learned', 'sinusoidal' or 'rope')")
+        if self.head_vocab_size:
+            if not (isinstance(self.head_vocab_size, int) and 0 < self.head_vocab_size <= self.vocab_size):
+                raise ValueError(f"head_vocab_size={self.head_vocab_size!r} must be an integer in [1, vocab_size="
+                                 f"{self.vocab_size}] (or 0 for a head over the whole vocabulary)")
+            if self.family != "decoder" or self.tie_embeddings:
+                raise ValueError("head_vocab_size needs family='decoder' and tie_embeddings=False (the head keeps "
+                                 "its own rows for the tokens it scores)")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):

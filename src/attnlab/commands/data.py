@@ -1,4 +1,6 @@
-"""``attnlab data NAME``: build a data set on this machine. ``translation``: English -> Spanish verse pairs.
+"""``attnlab data NAME``: build a data set on this machine.
+
+``translation``: English -> Spanish verse pairs.
 
     attnlab data translation --out data/en-es [--vocab-size 8000] [--cache DIR]
 
@@ -6,6 +8,14 @@ fetches the Debian packages ``sword-text-web`` and ``sword-text-sparv`` once int
 (``$ATTNLAB_CACHE/translation`` or ``~/.cache/attnlab/translation``), then writes ``train.jsonl``,
 ``validation.jsonl``, ``test.jsonl``, ``tokenizer.json`` and ``manifest.json`` into ``--out``.
 The same packages give the same files (the manifest's ``pairs_sha256`` says so).
+
+``teacher``: a teacher's greedy continuations of prompts from a corpus, with its top-K next-token
+log-probabilities at every position, for distilling a speculative draft (``training/teacher_data.py``)::
+
+    attnlab data teacher --teacher smollm2 --out data/smollm2-teacher --train 2048 --validation 64
+    attnlab train --preset smollm2-draft --tokenizer smollm2 --teacher-data data/smollm2-teacher --out runs/d
+
+An interrupted run continues where it stopped when started again with the same options.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import sys
 
 from attnlab.cli import parser
 
-DATASETS = ("translation",)
+DATASETS = ("translation", "teacher")
 
 
 def main(argv: list[str]) -> int:
@@ -25,6 +35,8 @@ def main(argv: list[str]) -> int:
     name, rest = argv[0], argv[1:]
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+    if name == "teacher":
+        return _teacher(rest)
     p = parser("attnlab data translation", "English -> Spanish Bible verse pairs (WEB / Reina-Valera 1909).")
     p.add_argument("--out", required=True, help="output folder for the pairs, the tokenizer and the manifest")
     p.add_argument("--vocab-size", type=int, default=8000, help="joint byte-level BPE vocabulary (default 8000)")
@@ -44,4 +56,55 @@ def main(argv: list[str]) -> int:
     a = manifest["alignment"]
     print(f"  dropped: {a['one_sided_or_empty']} one-sided or empty verses, {a['dropped_in_shifted_chapters']} in "
           f"{len(a['shifted_chapters'])} chapters numbered differently, {a['dropped_length_ratio']} by length ratio")
+    return 0
+
+
+def _teacher(argv: list[str]) -> int:
+    p = parser("attnlab data teacher", "A teacher's greedy continuations with its top-K log-probabilities.")
+    p.add_argument("--teacher", required=True, help="model directory, .gguf file or shipped name (e.g. smollm2)")
+    p.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
+    p.add_argument("--data", default=None, help="corpus to cut prompts from (default: the built-in stdlib corpus)")
+    p.add_argument("--train", type=int, default=2048, help="sequences from the training split")
+    p.add_argument("--validation", type=int, default=64, help="sequences from the validation split")
+    p.add_argument("--prompt-lengths", default="64,128", help="prompt lengths, one drawn per batch (comma-separated)")
+    p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens the teacher writes after each prompt")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=8, help="log-probabilities kept per position")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="bf16", help="the teacher's fast path")
+    p.add_argument("--compile", action="store_true", help="static-shape compiled decode graphs for the teacher")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        lengths = tuple(int(v) for v in args.prompt_lengths.split(","))
+    except ValueError:
+        raise ValueError(f"--prompt-lengths {args.prompt_lengths!r}: write integers separated by commas, e.g. 64,128") from None
+    for name, value in (("--batch", args.batch), ("--top-k", args.top_k), ("--new-tokens", args.new_tokens),
+                        ("--prompt-lengths", min(lengths))):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 (got {value})")
+    if args.train < 0 or args.validation < 0:
+        raise ValueError("--train and --validation count sequences: use 0 or more")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from attnlab.hub import from_pretrained, load_tokenizer
+    from attnlab.inference.fast import prepare_for_decode
+    from attnlab.training.corpus import load_corpus
+    from attnlab.training.teacher_data import build_teacher_data
+
+    teacher = from_pretrained(args.teacher)
+    if max(lengths) + args.new_tokens + 1 > teacher.config.max_seq_len:
+        raise ValueError(f"prompt {max(lengths)} + {args.new_tokens} new tokens exceed the teacher's context "
+                         f"({teacher.config.max_seq_len})")
+    teacher = prepare_for_decode(teacher, precision=args.precision, compile="static" if args.compile else False)
+    corpus = load_corpus(args.data)
+    manifest = build_teacher_data(teacher, load_tokenizer(args.teacher), corpus.documents, args.out,
+                                  sequences={"train": args.train, "validation": args.validation},
+                                  prompt_lengths=lengths, new_tokens=args.new_tokens, batch=args.batch,
+                                  k=args.top_k, seed=args.seed, teacher_name=args.teacher, progress=not args.quiet)
+    print(f"wrote {args.out}: " + ", ".join(f"{n} {s} sequences" for s, n in manifest["sequences"].items()),
+          file=sys.stderr)
     return 0

@@ -92,7 +92,7 @@ def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, slots: Tens
     visible = torch.arange(S, device=key_mask.device)[None, None, :] <= slots[None, :, None]  # (1, n, S)
     allowed = visible & key_mask[:, None, :]  # (B, n, S)
     x = model.run_stack(model.embed(tokens), positions, cache=StaticSlots(k, v, slots, allowed))
-    return model.lm_head(x)  # (B, n, V)
+    return model.head(x)  # (B, n, V)
 
 
 @dataclass

@@ -20,13 +20,20 @@ class DecoderLM(Stack, AttnlabModel):
 
     ``forward(input_ids, cache=None, attention_mask=None) -> logits (B, T, V)``. With a cache the new
     tokens attend to everything cached before them; ``attention_mask`` marks padding (0) among them.
+
+    With ``head_vocab_size`` N > 0 the head scores only the N tokens in the buffer ``head_token_ids``
+    (a draft that proposes only frequent tokens: a cheaper head per step, and exactness is untouched since
+    a speculative draft may propose from any support); the logits of the others are -inf, so callers
+    still see (B, T, V). ``forward(..., full_vocab=False)`` returns the (B, T, N) head logits (training).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         Stack.__init__(self, cfg, cfg.n_layers, causal=True)
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = Linear(cfg.d_model, cfg.head_vocab_size or cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.head_vocab_size:
+            self.register_buffer("head_token_ids", torch.arange(cfg.head_vocab_size))
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -45,7 +52,7 @@ class DecoderLM(Stack, AttnlabModel):
                        dtype=dtype or self.dtype, device=self.device)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Tensor:
+                position_ids: Tensor | None = None, full_vocab: bool = True) -> Tensor:
         """``position_ids`` (B, T) or (T,) overrides the positions (e.g. a context-parallel shard's global ones)."""
         B, T = input_ids.shape
         cfg = self.config
@@ -69,4 +76,13 @@ class DecoderLM(Stack, AttnlabModel):
         x = self.run_stack(self.embed(input_ids), positions, key_mask=key_mask, token_mask=token_mask, cache=cache)
         if cache is not None:
             cache.commit(T, attention_mask)
-        return self.lm_head(x)  # (B, T, V)
+        return self.head(x, full_vocab=full_vocab)
+
+    def head(self, x: Tensor, *, full_vocab: bool = True) -> Tensor:
+        """Final hidden states (B, T, C) -> logits (B, T, V); a head over N tokens scatters its (B, T, N)
+        into -inf (unless ``full_vocab=False``)."""
+        logits = self.lm_head(x)
+        if not self.config.head_vocab_size or not full_vocab:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.head_token_ids, logits)

@@ -34,11 +34,13 @@ PRESETS: dict[str, dict] = {
     "default-draft": {"model": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=384, max_seq_len=1024),
                       "train": dict(steps=3000, batch_size=16, lr=2e-3, warmup=100, seq_len=256, vocab_size=8192,
                                     save_dtype="bfloat16", eval_every=250, save_every=250)},
-    # a draft for SmolLM2-135M: its 49,152-token vocabulary, 2 thin layers (``--tokenizer smollm2 --distill smollm2``)
-    "smollm2-draft": {"model": dict(d_model=192, n_layers=2, n_heads=3, n_kv_heads=1, d_ff=512, max_seq_len=8192,
-                                    rope_theta=100000.0),
-                      "train": dict(steps=600, batch_size=8, lr=2e-3, warmup=30, seq_len=256, save_dtype="bfloat16",
-                                    eval_every=50, save_every=50)},
+    # a draft for SmolLM2-135M: reads its 49,152-token vocabulary, scores the 8,192 tokens SmolLM2 ranks first
+    # most often, 4 thin layers, distilled from stored teacher labels (``attnlab data teacher --teacher smollm2``,
+    # then ``--tokenizer smollm2 --teacher-data DIR``)
+    "smollm2-draft": {"model": dict(d_model=192, n_layers=4, n_heads=3, n_kv_heads=1, d_ff=512, max_seq_len=8192,
+                                    rope_theta=100000.0, tie_embeddings=False, head_vocab_size=8192),
+                      "train": dict(steps=1500, batch_size=16, lr=2e-3, warmup=100, seq_len=256,
+                                    save_dtype="bfloat16", eval_every=100, save_every=100, eval_windows=64)},
     # English -> Spanish (``--task translation --data DIR``): 3+3 pre-norm layers, GQA 8/2, GELU, 6.7M parameters
     # (GELU + LayerNorm + learned positions: 13% less CPU per step than SwiGLU + RMSNorm + RoPE, measured)
     "translate-en-es": {"model": dict(d_model=256, n_layers=3, n_encoder_layers=3, n_heads=8, n_kv_heads=2, d_ff=1024,
@@ -118,10 +120,13 @@ def build_parser():
     p.add_argument("--init", help="start from this model directory's weights (e.g. after attnlab convert)")
     p.add_argument("--distill", metavar="TEACHER",
                    help="distil from this model (directory or shipped name): KL to its next-token distribution")
+    p.add_argument("--teacher-data", metavar="DIR",
+                   help="distil from stored teacher labels (made by `attnlab data teacher`); no teacher runs")
     p.add_argument("--distill-weight", type=float, default=0.9, help="weight of the KL term (the rest: CE)")
     p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--distill-init-embeddings", action="store_true",
-                   help="start the student's token table from the teacher's, projected on its principal directions")
+                   help="start the student's token table from the teacher's, projected on its principal directions "
+                        "(with --teacher-data: the teacher named in its manifest)")
     p.add_argument("--distill-precision", choices=["fp32", "bf16"], default="fp32",
                    help="run the teacher through the fast decode path at this precision (bf16: faster forward)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -189,6 +194,10 @@ def main(argv: list[str]) -> int:
         from attnlab.tasks.seq2seq_data import build_task_run
 
         task, model_fields, extra_files, info = build_task_run(args.task, model_fields, seed=train.get("seed", 0))
+    elif args.teacher_data:
+        if args.distill:
+            raise ValueError("--teacher-data and --distill are two ways to distil: choose one")
+        task, model_fields, extra_files, info = _teacher_data_run(args, model_fields)
     else:
         task, model_fields, extra_files, info = _text_run(args, model_fields, seq_len, vocab_size, out, dist_ctx)
 
@@ -211,6 +220,20 @@ def main(argv: list[str]) -> int:
             from attnlab.training.distill import init_embeddings_from_teacher
 
             kept = init_embeddings_from_teacher(model, teacher)
+            print(f"student embeddings: teacher's table on its top {cfg.d_model} principal directions "
+                  f"({kept:.0%} of its variance)", file=sys.stderr)
+    if args.teacher_data:
+        task.check_student(model)
+        if cfg.head_vocab_size and not args.resume:
+            from attnlab.training.teacher_data import frequent_tokens
+
+            always = tuple(i for i in (cfg.eos_token_id,) if i is not None)
+            model.head_token_ids.copy_(frequent_tokens(task.train, cfg.head_vocab_size, always=always))
+        if args.distill_init_embeddings and not args.resume:
+            from attnlab.hub import from_pretrained
+            from attnlab.training.distill import init_embeddings_from_teacher
+
+            kept = init_embeddings_from_teacher(model, from_pretrained(task.train.settings["teacher"]))
             print(f"student embeddings: teacher's table on its top {cfg.d_model} principal directions "
                   f"({kept:.0%} of its variance)", file=sys.stderr)
     tcfg = TrainConfig(**{k: v for k, v in train.items() if k in TRAIN_KEYS})
@@ -266,17 +289,7 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path
     if tok_source is None and args.init and (Path(args.init) / "tokenizer.json").is_file():
         tok_source = args.init  # uptraining (e.g. after attnlab convert) keeps the model's own tokenizer
     if tok_source is not None:
-        from tokenizers import Tokenizer
-
-        path = Path(tok_source) / "tokenizer.json"
-        if path.is_file():
-            tok = Tokenizer.from_file(str(path))
-        else:  # a .gguf file or a shipped name (e.g. smollm2): its own vocabulary, as the teacher sees it
-            from attnlab.hub import load_tokenizer
-
-            wrapped = load_tokenizer(tok_source)
-            tok = wrapped.backend
-            eos_override = wrapped.eos_token_id  # the model's own end token (e.g. <|im_end|> for SmolLM2)
+        tok, eos_override = _reused_tokenizer(tok_source)
     else:
         tok = train_tokenizer(corpus.documents["train"], vocab_size)
     shards = build_shards(corpus, tok)
@@ -295,6 +308,49 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path
 
     info = (f"corpus {corpus.name}: {train_bytes / 1e6:.1f} MB train, {shards['train'].size:,} tokens "
             f"({bytes_per_token:.2f} bytes/token), vocab {tok.get_vocab_size()}")
+    return task, model_fields, extra_files, info
+
+
+def _reused_tokenizer(source) -> tuple:
+    """The tokenizer of a model directory, .gguf file or shipped name, and its end token if it names one."""
+    from tokenizers import Tokenizer
+
+    path = Path(source) / "tokenizer.json"
+    if path.is_file():
+        return Tokenizer.from_file(str(path)), None
+    from attnlab.hub import load_tokenizer
+
+    wrapped = load_tokenizer(source)  # a .gguf file or a shipped name (e.g. smollm2): its own vocabulary
+    return wrapped.backend, wrapped.eos_token_id  # the model's own end token (e.g. <|im_end|> for SmolLM2)
+
+
+def _teacher_data_run(args, model_fields: dict):
+    from attnlab.training.distill import TeacherDataTask
+    from attnlab.training.teacher_data import TeacherSequences, tokenizer_fingerprint
+    from attnlab.training.tokenizer import eos_id, save_tokenizer
+
+    train = TeacherSequences(args.teacher_data, "train")
+    source = args.tokenizer or train.settings["teacher"]
+    tok, eos_override = _reused_tokenizer(source)
+    if tokenizer_fingerprint(tok) != train.settings["tokenizer"]:
+        raise ValueError(f"--teacher-data {args.teacher_data} was made with another tokenizer than {source}'s; "
+                         f"pass the teacher's: --tokenizer {train.settings['teacher']}")
+    task = TeacherDataTask(train, TeacherSequences(args.teacher_data, "validation"),
+                           temperature=args.distill_temperature)
+    eos = eos_override if eos_override is not None else eos_id(tok)
+    model_fields = {**model_fields, "vocab_size": tok.get_vocab_size(), "eos_token_id": eos}
+    longest = max(len(r) for r in train.rows["topk_ids"])
+    model_fields.setdefault("max_seq_len", max(longest, 256))
+    if longest > model_fields["max_seq_len"]:
+        raise ValueError(f"--teacher-data sequences have {longest} positions, more than max_seq_len "
+                         f"{model_fields['max_seq_len']}")
+
+    def extra_files(directory: Path) -> None:
+        save_tokenizer(tok, directory)
+
+    positions = sum(int(n) for n in train.rows["length"])
+    info = (f"teacher data {args.teacher_data}: {train.n} sequences, {positions:,} labelled positions "
+            f"(teacher {train.settings['teacher']}, top-{train.settings['k']})")
     return task, model_fields, extra_files, info
 
 
