@@ -15,12 +15,15 @@ import torch
 from attnlab.training.checkpoint import CONFIG_NAME, is_attnlab_dir, load_model
 
 SHIPPED = {"default": "default", "default-draft": "default-draft", "numbers": "numbers",
-           "translate-en-es": "translate-en-es"}
+           "translate-en-es": "translate-en-es", "smollm2-draft": "smollm2-draft"}
 # how to make a shipped model that is absent (default: `attnlab train --preset NAME`)
 HOW_TO_MAKE = {
     "numbers": "attnlab train --task numbers --out runs/numbers",
     "translate-en-es": "attnlab data translation --out data/en-es && attnlab train --preset translate-en-es "
                        "--task translation --data data/en-es --out runs/translate-en-es",
+    "smollm2-draft": "attnlab data teacher --teacher smollm2 --out data/smollm2-teacher --compile && attnlab train "
+                     "--preset smollm2-draft --tokenizer smollm2 --teacher-data data/smollm2-teacher "
+                     "--distill-init-embeddings --bf16 --out runs/smollm2-draft",
 }
 SHIPPED_GGUF = ("smollm2",)  # names that attnlab.interop.gguf.find_shipped_gguf resolves
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attnlab
 from attnlab import ModelConfig, build_model
 from attnlab.hub import Tokenizer
 from attnlab.inference.generate import generate
@@ -176,3 +177,28 @@ def test_a_student_with_a_head_over_some_tokens_is_scored_over_those():
                 count += 1
     assert n == count and 0 < count < int(batch["mask"].sum())
     assert abs(float(loss.detach()) - total / count) < 1e-5
+
+
+def test_the_commands_end_to_end_and_their_errors(tmp_path, capsys):
+    import json
+
+    from attnlab.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 3}) + "\n"
+                              for i in range(120)))
+    data = tmp_path / "teacher"
+    base = ["data", "teacher", "--teacher", "default", "--data", str(corpus), "--out", str(data), "--train", "4",
+            "--validation", "2", "--new-tokens", "4", "--batch", "2", "--prompt-lengths", "8", "--quiet"]
+    assert main(base) == 0
+    assert main(base[:-2] + ["8,x", "--quiet"]) == 2
+    assert "--prompt-lengths '8,x'" in capsys.readouterr().err
+    assert main(base[:-2] + ["9", "--quiet"]) == 2  # the folder was made with prompt length 8
+    assert "other settings (prompt_lengths)" in capsys.readouterr().err
+    run = ["train", "--preset", "tiny", "--teacher-data", str(data), "--steps", "2", "--quiet"]
+    assert main(run + ["--tokenizer", "default", "--out", str(tmp_path / "r")]) == 0
+    assert attnlab.from_pretrained(tmp_path / "r").config.vocab_size == 8192
+    assert main(run + ["--tokenizer", "numbers", "--out", str(tmp_path / "r2")]) == 2
+    assert "made with another tokenizer" in capsys.readouterr().err
+    assert main(run + ["--distill", "default", "--out", str(tmp_path / "r3")]) == 2
+    assert "choose one" in capsys.readouterr().err

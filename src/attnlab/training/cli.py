@@ -304,7 +304,7 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_fields['max_seq_len']}")
 
     def extra_files(directory: Path) -> None:
-        save_tokenizer(tok, directory)
+        save_tokenizer(tok, directory, eos_token=tok.id_to_token(eos))
 
     info = (f"corpus {corpus.name}: {train_bytes / 1e6:.1f} MB train, {shards['train'].size:,} tokens "
             f"({bytes_per_token:.2f} bytes/token), vocab {tok.get_vocab_size()}")
@@ -346,7 +346,7 @@ def _teacher_data_run(args, model_fields: dict):
                          f"{model_fields['max_seq_len']}")
 
     def extra_files(directory: Path) -> None:
-        save_tokenizer(tok, directory)
+        save_tokenizer(tok, directory, eos_token=tok.id_to_token(eos))
 
     positions = sum(int(n) for n in train.rows["length"])
     info = (f"teacher data {args.teacher_data}: {train.n} sequences, {positions:,} labelled positions "

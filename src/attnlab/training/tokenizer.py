@@ -31,10 +31,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, directory: str | Path) -> None:
+def save_tokenizer(tok: Tokenizer, directory: str | Path, *, eos_token: str = EOS) -> None:
+    """``tokenizer.json`` and ``special_tokens.json`` (``eos_token``: a reused tokenizer's own end token)."""
     directory = Path(directory)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "special_tokens.json").write_text(json.dumps({"eos_token": EOS, "bos_token": None}) + "\n")
+    (directory / "special_tokens.json").write_text(json.dumps({"eos_token": eos_token, "bos_token": None}) + "\n")
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:
