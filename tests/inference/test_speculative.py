@@ -47,6 +47,23 @@ def test_greedy_is_identical_to_plain_greedy(target, drafts, kind, gamma, batch)
             assert stats.acceptance_rate == 1.0 and stats.alpha == 1.0 and stats.rejected == 0
 
 
+def test_the_prompt_is_fed_to_the_target_as_plain_decoding_feeds_it(target, drafts):
+    """One call with the whole prompt, then single tokens or drafts: a prompt fed as T - 1 tokens leaves K/V
+    that differ in the last bits (products over another number of rows), which in bf16 parted SmolLM2's
+    speculative output from its plain output at a near-tie."""
+    seen = []
+    handle = target.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    try:
+        ids = torch.randint(0, 40, (2, 9))
+        attnlab.generate(target, ids, 6)
+        plain_first = seen[0]
+        seen.clear()
+        attnlab.speculative_generate(target, drafts["close"], ids, 6, gamma=3)
+    finally:
+        handle.remove()
+    assert plain_first == 9 and seen[0] == 9 and all(w <= 4 for w in seen[1:])
+
+
 def test_acceptance_differs_per_row_and_stays_exact(target, drafts):
     ids = torch.randint(0, 40, (6, 7))
     mask = torch.ones_like(ids)
@@ -120,36 +137,43 @@ def test_prompt_lookup_sampling_is_exact_too():
 
 
 def test_hybrid_uses_both_sources_and_stays_exact_with_padding(target, drafts):
-    """Rows that end in a repeated pattern (lookup matches at first) whose continuations later stop
-    matching (the model drafts); a batch of 4 with left padding. A batch takes a lookup round only when
-    every generating row has a match."""
+    """Rows with a repeated pattern and a 40-token vocabulary, so that lookup (on the last token) matches in
+    some rounds and not in others (the model drafts); a batch of 4 with left padding. A batch takes a lookup
+    round only when every generating row has a match."""
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 40, (4, 12), generator=gen)
     ids[:, 6:] = torch.tensor([5, 6, 7] * 2)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     mask[3, :2] = 0
-    hybrid = HybridDrafter(drafts["close"], min_match=2)
+    hybrid = HybridDrafter(drafts["close"], min_match=1)
     for gamma in (2, 5):
         expected = attnlab.generate(target, ids, 40, attention_mask=mask)
         out, stats = attnlab.speculative_generate(target, hybrid, ids, 40, gamma=gamma, attention_mask=mask,
                                                   return_stats=True)
         assert torch.equal(out, expected)
         assert hybrid.lookup_rounds > 0 and hybrid.model_rounds > 0
-        assert stats.generated >= 4 * 40
+        assert stats.generated >= 4 * 39  # the first token comes from the prompt's own call
 
 
-def test_hybrid_sampling_is_exact():
+@pytest.mark.parametrize("prompt, min_match, source", [
+    ([0, 1, 2, 3, 4, 5, 1, 2], 1, "lookup"),  # every token occurred before: every row has a match
+    ([1, 2, 3, 1, 2], 3, "model"),  # (1, 2, t) occurred only for t = 3: some rows have none
+])
+def test_hybrid_sampling_is_exact(prompt, min_match, source):
+    """The first token comes from the prompt's call; the second from a round drafted by lookup or by the model."""
     target, draft = make(3, vocab=6, std=0.8), make(4, vocab=6, layers=1, std=0.8)
-    prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    prompt = torch.tensor([prompt])
     exact = exact_two_token_distribution(target, prompt, temperature=0.9, top_k=5)
     n = 20000
-    hybrid = HybridDrafter(draft, min_match=2)
+    hybrid = HybridDrafter(draft, min_match=min_match)
     out = attnlab.speculative_generate(target, hybrid, prompt.repeat(n, 1), 2, gamma=1, seed=2,
                                        temperature=0.9, top_k=5)
-    assert hybrid.lookup_rounds > 0 and hybrid.model_rounds > 0  # the first token by lookup, the second by the model
+    rounds = {"lookup": hybrid.lookup_rounds, "model": hybrid.model_rounds}
+    assert rounds[source] > 0 and sum(rounds.values()) == rounds[source]
+    T = prompt.shape[1]
     counts = torch.zeros(6, 6)
-    counts.index_put_((out[:, 5], out[:, 6]), torch.ones(n), accumulate=True)
+    counts.index_put_((out[:, T], out[:, T + 1]), torch.ones(n), accumulate=True)
     assert 0.5 * (counts / n - exact).abs().sum() < 0.03
 
 

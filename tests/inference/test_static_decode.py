@@ -272,6 +272,35 @@ def test_low_precision_static_logits(precision):
     assert torch.equal(got.argmax(-1)[decisive], base.argmax(-1)[decisive])
 
 
+@torch.inference_mode()
+def width_logits(model, ids, tokens, widths):
+    """Logits of ``tokens`` (B, n) fed after ``ids`` in calls of the given widths -> (B, n, V)."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + tokens.shape[1])
+    model(ids, cache=cache)
+    out, at = [], 0
+    for w in widths:
+        out.append(model(tokens[:, at:at + w], cache=cache))
+        at += w
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("compiler", ["none", "inductor"])
+def test_a_tokens_logits_do_not_depend_on_how_many_the_call_carries(compiler, precision="bf16"):
+    """Speculative verification scores γ + 1 tokens in one call; plain decoding one at a time. In bf16 (whose
+    packed linears are row-invariant) their logits must be bit-identical, or greedy speculation can part from
+    plain decoding at a near-tie."""
+    torch.manual_seed(3)  # SmolLM2's attention shape: 9 query heads on 3 KV heads of 64
+    ref = attnlab.build_model(attnlab.ModelConfig(vocab_size=300, d_model=576, n_layers=2, n_heads=9, n_kv_heads=3,
+                                                  d_ff=256, max_seq_len=128, init_std=0.2)).eval()
+    model = (prepared(ref, precision=precision) if compiler == "none"
+             else prepare_for_decode(copy.deepcopy(ref), precision=precision, compile="static"))
+    ids, _ = batch(2, 9, seed=5)
+    tokens = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(6))
+    one_by_one = width_logits(model, ids, tokens, [1] * 5)
+    assert torch.equal(width_logits(model, ids, tokens, [5]), one_by_one)
+    assert torch.equal(width_logits(model, ids, tokens, [2, 3]), one_by_one)
+
+
 # ------------------------------------------------------------------------------------------ inductor
 @pytest.fixture(scope="module")
 def compiled_gqa():

@@ -127,11 +127,12 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
             if name != "plain":
                 alpha = acc / max(acc + rej, 1)  # per position: see SpecStats.alpha
                 identical = same == len(prompts)
-                row.update(acceptance=acc / max(prop, 1), alpha=alpha, tokens_per_call=toks / max(calls, 1), identical=identical,
+                per_call = (toks - len(prompts)) / max(calls, 1)  # each prompt's first token comes from its prefill
+                row.update(acceptance=acc / max(prop, 1), alpha=alpha, tokens_per_call=per_call, identical=identical,
                            speedup=(toks / secs) / base if identical else "outputs differ")
                 if name.startswith("draft γ="):
                     formula.append({"prompts": set_name, "gamma": g, "alpha": alpha,
-                                    "measured_tokens_per_call": toks / max(calls, 1),
+                                    "measured_tokens_per_call": per_call,
                                     "formula_tokens_per_call": expected_tokens_per_call(alpha, g)})
             rows.append(row)
     if static and info is not None:

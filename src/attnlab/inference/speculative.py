@@ -28,7 +28,7 @@ from torch import Tensor
 
 from attnlab.inference.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter, Sampling
 from attnlab.inference.generate import as_batch, check_context
-from attnlab.inference.sampling import check_sampling_args, logits_to_probs, make_generator
+from attnlab.inference.sampling import check_sampling_args, logits_to_probs, make_generator, sample_next
 
 
 @dataclass
@@ -37,7 +37,7 @@ class SpecStats:
     proposed: int = 0  # draft tokens proposed (summed over rows)
     accepted: int = 0  # of which accepted
     rejected: int = 0  # proposal rounds (per row) that ended at a rejected token
-    generated: int = 0  # tokens committed (summed over rows)
+    generated: int = 0  # tokens committed by verification rounds (summed over rows; not the prompt's first)
     target_time: float = 0.0
     draft_time: float = 0.0
     gammas: list[int] = field(default_factory=list)
@@ -141,6 +141,17 @@ def _verify(logits: Tensor, drafts: Tensor, q: Tensor | None, sampling: Sampling
     return accepted, torch.multinomial(residual, 1, generator=generator).squeeze(1)
 
 
+def _stream(stream, generated: list[list[int]], done: list[bool], streamed: int, max_new_tokens: int,
+            eos_token_id: int | None, device) -> int:
+    """Hand ``stream`` every step all rows have reached since the last call; returns the steps streamed."""
+    if stream is None:
+        return streamed
+    ready = min(max_new_tokens if done[b] else min(len(generated[b]), max_new_tokens) for b in range(len(generated)))
+    for i in range(streamed, ready):
+        stream(torch.tensor([r[i] if i < len(r) else eos_token_id for r in generated], device=device))
+    return max(streamed, ready)
+
+
 @torch.inference_mode()
 def speculative_generate(
     target,
@@ -190,15 +201,22 @@ def speculative_generate(
     getattr(drafter, "model", target).eval()
     try:
         cache = target.new_cache(B, capacity)
-        if T > 1:
-            target(ids[:, :-1], cache=cache, attention_mask=None if mask is None else mask[:, :-1])
-        last = ids[:, -1]  # committed, not yet fed to the target
+        # the whole prompt in one call, as plain decoding feeds it, and its first token from those logits:
+        # a prompt fed as T - 1 tokens leaves K/V that differ in the last bits from T tokens' (the products
+        # sum over another number of rows), and in bf16 that is enough to part from plain decoding at a tie
         t0 = time.perf_counter()
-        drafter.start(ids, mask, capacity)
+        first = sample_next(target(ids, cache=cache, attention_mask=mask)[:, -1], temperature=temperature,
+                            top_k=top_k, top_p=top_p, generator=generator)  # (B,)
+        stats.target_time += time.perf_counter() - t0
+        last = first  # committed, not yet fed to the target
+        generated: list[list[int]] = [[int(t)] for t in first]
+        done = [eos_token_id is not None and int(t) == eos_token_id for t in first]  # produced EOS
+        t0 = time.perf_counter()
+        drafter.start(torch.cat([ids, first[:, None]], dim=1),
+                      None if mask is None else torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), capacity)
         stats.draft_time += time.perf_counter() - t0
-        generated: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B  # produced EOS
-        streamed, g, alpha, cost = 0, gamma, 0.7, 0.1
+        g, alpha, cost = gamma, 0.7, 0.1
+        streamed = _stream(stream, generated, done, 0, max_new_tokens, eos_token_id, device)
         seen_acc, seen_all = 0.7, 1.0  # running sums behind alpha (prior: 0.7)
         while True:
             active_rows = [b for b in range(B) if not done[b] and len(generated[b]) < max_new_tokens]
@@ -242,11 +260,7 @@ def speculative_generate(
                 generated[b].extend(row)
                 stats.generated += len(row)
             last = torch.where(active, new, last)
-            if stream is not None:
-                ready = min(max_new_tokens if done[b] else min(len(generated[b]), max_new_tokens) for b in range(B))
-                for i in range(streamed, ready):
-                    stream(torch.tensor([r[i] if i < len(r) else eos_token_id for r in generated], device=device))
-                streamed = ready
+            streamed = _stream(stream, generated, done, streamed, max_new_tokens, eos_token_id, device)
             if adaptive:
                 n_acc = float(accepted[active].sum())
                 n_rej = float((accepted[active] < g_round).sum())
