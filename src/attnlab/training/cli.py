@@ -217,11 +217,7 @@ def main(argv: list[str]) -> int:
                            temperature=args.distill_temperature)
         task.check_student(model)
         if args.distill_init_embeddings and not args.resume:
-            from attnlab.training.distill import init_embeddings_from_teacher
-
-            kept = init_embeddings_from_teacher(model, teacher)
-            print(f"student embeddings: teacher's table on its top {cfg.d_model} principal directions "
-                  f"({kept:.0%} of its variance)", file=sys.stderr)
+            _init_embeddings(model, teacher)
     if args.teacher_data:
         task.check_student(model)
         if cfg.head_vocab_size and not args.resume:
@@ -231,11 +227,8 @@ def main(argv: list[str]) -> int:
             model.head_token_ids.copy_(frequent_tokens(task.train, cfg.head_vocab_size, always=always))
         if args.distill_init_embeddings and not args.resume:
             from attnlab.hub import from_pretrained
-            from attnlab.training.distill import init_embeddings_from_teacher
 
-            kept = init_embeddings_from_teacher(model, from_pretrained(task.train.settings["teacher"]))
-            print(f"student embeddings: teacher's table on its top {cfg.d_model} principal directions "
-                  f"({kept:.0%} of its variance)", file=sys.stderr)
+            _init_embeddings(model, from_pretrained(task.train.settings["teacher"]))
     tcfg = TrainConfig(**{k: v for k, v in train.items() if k in TRAIN_KEYS})
     if dist_ctx.is_main:
         print(f"model: {cfg.family}, {model.num_parameters():,} parameters; {info}", file=sys.stderr)
@@ -309,6 +302,14 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path
     info = (f"corpus {corpus.name}: {train_bytes / 1e6:.1f} MB train, {shards['train'].size:,} tokens "
             f"({bytes_per_token:.2f} bytes/token), vocab {tok.get_vocab_size()}")
     return task, model_fields, extra_files, info
+
+
+def _init_embeddings(model, teacher) -> None:
+    from attnlab.training.distill import init_embeddings_from_teacher
+
+    kept = init_embeddings_from_teacher(model, teacher)
+    print(f"student embeddings: teacher's table on its top {model.config.d_model} principal directions "
+          f"({kept:.0%} of its variance)", file=sys.stderr)
 
 
 def _reused_tokenizer(source) -> tuple:

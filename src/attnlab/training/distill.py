@@ -162,7 +162,7 @@ class TeacherDataTask:
     @torch.no_grad()
     def evaluate_extra(self, model) -> dict[str, float]:
         agree = total = agree_gen = total_gen = 0
-        for batch in self.eval_batches(len(self.validation.rows["ids"])):
+        for batch in self.eval_batches(self.validation.n):
             hit = model(batch["x"]).argmax(-1) == batch["topk_ids"][..., 0]  # (B, L)
             agree += int(hit[batch["mask"]].sum())
             total += int(batch["mask"].sum())
