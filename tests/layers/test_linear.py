@@ -26,6 +26,18 @@ def test_matches_a_float64_reference(weight, rows, with_bias):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+    """Bit for bit, for every call width the fast path takes (SmolLM2's projection shapes)."""
+    g = torch.Generator().manual_seed(0)
+    for c_in, c_out in ((576, 960), (1536, 576)):
+        w = torch.randn(c_out, c_in, generator=g) * 0.03
+        x = torch.randn(L.SKINNY_MAX_ROWS, c_in, generator=g)
+        alone = torch.cat([L.linear(x[i:i + 1], w) for i in range(len(x))])
+        for width in range(2, L.SKINNY_MAX_ROWS + 1):
+            for start in (0, L.SKINNY_MAX_ROWS - width):
+                assert torch.equal(L.linear(x[start:start + width], w), alone[start:start + width]), (c_in, width)
+
+
 def test_the_fast_path_is_taken_only_where_it_applies(weight):
     w = weight.float()
     assert L.skinny_applies(torch.zeros(1, 1, 384), w)

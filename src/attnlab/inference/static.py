@@ -71,12 +71,15 @@ class StaticSlots:
         S = ck.shape[2]
         acc = torch.promote_types(q.dtype, torch.float32)
         qg = q.reshape(B, K, G * n, D).to(acc)  # query heads grouped by the KV head they share
-        scores = torch.matmul(qg, ck.to(acc).transpose(-1, -2)) * (D ** -0.5)  # (B, K, G*n, S)
+        # products and sums written out, not matmul: a BLAS kernel picks its blocking by the number of rows
+        # (G * n here), so a token's scores would change in the last bits with the call's width and bf16
+        # speculative verification (n = γ + 1) would part from plain decoding (n = 1) at near-ties
+        scores = (qg[:, :, :, None, :] * ck.to(acc)[:, :, None]).sum(-1) * (D ** -0.5)  # (B, K, G*n, S)
         scores = scores.view(B, K, G, n, S).masked_fill(~self.allowed[:, None, None], float("-inf"))
         top = scores.amax(dim=-1, keepdim=True)
         top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # a row with no key gives zeros
         p = torch.exp(scores - top).view(B, K, G * n, S)
-        out = torch.matmul(p, cv.to(acc)) / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)  # (B, K, G*n, D)
+        out = (p[..., None] * cv.to(acc)[:, :, None]).sum(-2) / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         return out.view(B, H, n, D).to(q.dtype)
 
 
@@ -114,6 +117,24 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+def inductor_options(mode: str | None) -> dict:
+    """Inductor settings for the decode graphs (``mode``'s, if given, plus one of ours).
+
+    ``emulate_precision_casts``: by default inductor drops a bf16 rounding between two fused operations
+    (the value stays float32 in a register) but keeps it where a value is written to memory, and which
+    values are written depends on how a graph of that width happened to be fused. A token's logits then
+    differ, in the last bits, between a 1-token and a 4-token graph, and bf16 speculative decoding parts
+    from plain decoding at near-ties (measured on SmolLM2-135M: 0.25 in the logits). With every cast
+    rounded as in eager mode, each graph computes what the eager code says, whatever its fusion."""
+    options = {}
+    if mode:
+        from torch._inductor import list_mode_options
+
+        options.update(list_mode_options(mode))
+    options["emulate_precision_casts"] = True
+    return options
+
+
 class StaticDecoder:
     """Routes a prepared decoder's decode calls through compiled static-shape graphs (see the module
     docstring); prefill and anything uncovered goes to the eager forward. Installed by
@@ -147,7 +168,7 @@ class StaticDecoder:
         step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, "decode_step")
         try:
             compile_fn = torch.compile if compiler is None else compiler
-            self.compiled = compile_fn(step, dynamic=False, fullgraph=True, mode=mode)
+            self.compiled = compile_fn(step, dynamic=False, fullgraph=True, options=inductor_options(mode))
         except Exception as exc:  # no compiler backend on this platform
             self._fail(f"torch.compile is not available here ({type(exc).__name__}: {str(exc)[:200]})")
 

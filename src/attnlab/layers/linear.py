@@ -12,6 +12,14 @@ rounding (tested). ``attnlab bench decode`` measures the gain against Hugging Fa
 The fast path applies to float32 CPU tensors with at most ``SKINNY_MAX_ROWS`` rows and a weight of at
 least ``SKINNY_MIN_WEIGHT`` elements (below that, call overhead dominates and ``F.linear`` is quicker).
 ``plain_linear()`` switches it off, for comparisons and debugging.
+
+A row's result does not depend on how many rows share the call (speculative verification multiplies
+γ + 1 rows where plain decoding multiplies one, and greedy speculation must not part from plain decoding
+at a near-tie). The BLAS picks its kernel by the number of columns of ``x.T`` and sums in its own order
+in each: on this machine's MKL, 1-3 columns take one kernel, 12 and more another, and 4-11 a kernel that
+works through blocks of 4 columns, with leftover columns summed differently. So the rows are fed
+``SKINNY_CHUNK`` (8) at a time, each chunk padded to 4 or 8 columns: every column goes through the same
+4-column block (the padding costs nothing measurable: the product is bound by reading the weight).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from torch import Tensor, nn
 
 SKINNY_MAX_ROWS = 16
 SKINNY_MIN_WEIGHT = 1 << 16
+SKINNY_BLOCK = 4  # every product has 4 or 8 columns: one BLAS kernel, whatever the rows (see above)
+SKINNY_CHUNK = 8
 
 _state = {"enabled": True}
 
@@ -49,16 +59,39 @@ def skinny_applies(x: Tensor, weight: Tensor) -> bool:
     return 0 < rows <= SKINNY_MAX_ROWS
 
 
+def _skinny_rows(rows: Tensor, weight: Tensor) -> Tensor:
+    """(N, C) contiguous rows, N <= SKINNY_MAX_ROWS -> (N, F) row-major, weight-first (see the module docstring)."""
+    parts = []
+    for chunk in rows.split(SKINNY_CHUNK):
+        n = chunk.shape[0]
+        pad = -n % SKINNY_BLOCK  # (one row alone would also take the slow GEMV path)
+        if pad:
+            chunk = torch.cat([chunk, chunk[-1:].expand(pad, -1)])
+        parts.append(torch.mm(weight, chunk.t())[:, :n])
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).t().contiguous()
+
+
+@torch.library.custom_op("attnlab::skinny_linear", mutates_args=())
+def skinny_linear(rows: Tensor, weight: Tensor) -> Tensor:
+    """The weight-first product as one opaque operator inside compiled inference graphs: inlined, inductor
+    would fuse the transpose of ``W @ x.T`` into the next kernel, which then reads a strided buffer whose
+    layout depends on the number of rows and is vectorised differently for each (a SiLU through scalar
+    ``exp`` for one width, vector ``exp`` for another: a token's output would depend on the call's width)."""
+    return _skinny_rows(rows, weight)
+
+
+@skinny_linear.register_fake
+def _(rows: Tensor, weight: Tensor) -> Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[0])
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, computed weight-first when ``x`` has only a few rows."""
     if not skinny_applies(x, weight):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # a transposed layout here would hit the slow path
-    if rows.shape[0] == 1:
-        y = torch.mm(weight, torch.cat([rows, rows]).t())[:, :1]
-    else:
-        y = torch.mm(weight, rows.t())
-    y = y.t().contiguous()  # callers (and the next skinny product) want row-major output
+    no_grad = not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad)
+    y = skinny_linear(rows, weight) if torch.compiler.is_compiling() and no_grad else _skinny_rows(rows, weight)
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -74,11 +74,14 @@ class PackedLinear(nn.Module):
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features)
-        if torch.compiler.is_compiling():
+        single = rows.shape[0] == 1
+        if single:  # oneDNN runs one row through another kernel than 2+ rows, which rounds differently
+            rows = torch.cat([rows, rows])  # (seen with C = 1536): a token's output would depend on the call
+        if torch.compiler.is_compiling():  # width, and speculative verification part from plain decoding
             y = packed_linear(rows, self.weight, self.bias, self.out_features)
         else:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+        return y[:1].view(*x.shape[:-1], self.out_features) if single else y.view(*x.shape[:-1], self.out_features)
 
 
 # The int8 kernel is a matrix-vector kernel at heart: for a prompt (many rows) dequantising the weight
