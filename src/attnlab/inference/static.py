@@ -62,39 +62,53 @@ class StaticSlots:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (B, H, n, D) and the new k/v (B, K, n, D), positions applied -> (B, H, n, D)."""
-        B, H, n, D = q.shape
-        K = k.shape[1]
-        G = H // K
         ck, cv = self.k[layer], self.v[layer]  # (B, K, S, D)
         ck.index_copy_(2, self.slots, k.to(ck.dtype))
         cv.index_copy_(2, self.slots, v.to(cv.dtype))
-        S = ck.shape[2]
+        B, H, n, D = q.shape
+        K, S = ck.shape[1], ck.shape[2]
+        G = H // K
         acc = torch.promote_types(q.dtype, torch.float32)
         qg = q.reshape(B, K, G * n, D).to(acc)  # query heads grouped by the KV head they share
-        # products and sums written out, not matmul: a BLAS kernel picks its blocking by the number of rows
-        # (G * n here), so a token's scores would change in the last bits with the call's width and bf16
-        # speculative verification (n = γ + 1) would part from plain decoding (n = 1) at near-ties
-        scores = (qg[:, :, :, None, :] * ck.to(acc)[:, :, None]).sum(-1) * (D ** -0.5)  # (B, K, G*n, S)
+        scores = torch.matmul(_pad_rows(qg), ck.to(acc).transpose(-1, -2))[:, :, :G * n] * (D ** -0.5)
         scores = scores.view(B, K, G, n, S).masked_fill(~self.allowed[:, None, None], float("-inf"))
         top = scores.amax(dim=-1, keepdim=True)
         top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # a row with no key gives zeros
         p = torch.exp(scores - top).view(B, K, G * n, S)
-        out = (p[..., None] * cv.to(acc)[:, :, None]).sum(-2) / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        return out.view(B, H, n, D).to(q.dtype)
+        out = torch.matmul(_pad_rows(p), cv.to(acc))[:, :, :G * n] / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        return out.view(B, H, n, D).to(q.dtype)  # (B, H, n, D)
+
+
+ROW_BLOCK = 4
+
+
+def _pad_rows(x: Tensor) -> Tensor:
+    """(..., R, C) -> (..., R', C) with zero rows up to a multiple of ``ROW_BLOCK``.
+
+    Width invariance (speculative verification scores γ + 1 tokens at once, plain decoding one, and both
+    must give a token the same bits): the BLAS works through the rows of a product in blocks of 4 and sums
+    leftover rows in another order, so a query's scores for 3 query rows (G = 3, one token) differed from
+    its scores among 15 (five tokens) in the last bits. With every product a whole number of blocks, each
+    row is computed the same way wherever it sits (measured on this machine's MKL for up to 48 rows)."""
+    pad = -x.shape[-2] % ROW_BLOCK
+    return x if pad == 0 else torch.cat([x, x.new_zeros(*x.shape[:-2], pad, x.shape[-1])], dim=-2)
 
 
 def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, slots: Tensor, key_mask: Tensor,
-                k: list[Tensor], v: list[Tensor]) -> Tensor:
+                rope: tuple[Tensor, Tensor] | None, k: list[Tensor], v: list[Tensor]) -> Tensor:
     """One decode call with static shapes: tokens/positions (B, n), slots (n,), key_mask (B, S) real
-    slots, k/v the cache's per-layer (B, K, S, D) buffers (written in place) -> logits (B, n, V).
+    slots, rope the (cos, sin) of the positions (or None), k/v the cache's per-layer (B, K, S, D)
+    buffers (written in place) -> logits (B, n, V).
 
     The buffers come in as one tensor per layer (views of the (L, B, K, S, D) cache): written through a
     view of a single (L, ...) input, inductor copied the whole cache at every layer instead of writing
-    the new slots in place."""
+    the new slots in place. RoPE's cos/sin are computed outside the graph: inside, inductor recomputed
+    them (scalar ``cos``/``sin``) for every key a query was scored against, and scalar and vector ``cos``
+    differ in the last bit, which made a token's logits depend on the call's width."""
     S = key_mask.shape[1]
     visible = torch.arange(S, device=key_mask.device)[None, None, :] <= slots[None, :, None]  # (1, n, S)
     allowed = visible & key_mask[:, None, :]  # (B, n, S)
-    x = model.run_stack(model.embed(tokens), positions, cache=StaticSlots(k, v, slots, allowed))
+    x = model.run_stack(model.embed(tokens), positions, cache=StaticSlots(k, v, slots, allowed), rope=rope)
     return model.head(x)  # (B, n, V)
 
 
@@ -232,7 +246,9 @@ class StaticDecoder:
         key = (B, n, cache.slots, cache.k.dtype, str(cache.k.device))
         known = key in self.stats.graphs
         start = time.perf_counter()
-        args = (self.model, tokens, positions, slots, key_mask, *self._layers(cache))
+        rotary = getattr(self.model, "rope", None)
+        rope = None if rotary is None else rotary(positions, self.model.embed.weight.dtype)
+        args = (self.model, tokens, positions, slots, key_mask, rope, *self._layers(cache))
         try:
             logits = None
             if known and self.skip_guards:

@@ -59,16 +59,24 @@ def skinny_applies(x: Tensor, weight: Tensor) -> bool:
     return 0 < rows <= SKINNY_MAX_ROWS
 
 
+def block_columns_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for (..., M, C) and (..., C, N) float32, with the N columns fed ``SKINNY_CHUNK`` at a time,
+    each chunk padded to a multiple of ``SKINNY_BLOCK``: a column's result is then the same bits whatever
+    N is and wherever the column sits (see the module docstring). Batched (``bmm``) when a and b are 3-d."""
+    parts = []
+    for chunk in b.split(SKINNY_CHUNK, dim=-1):
+        n = chunk.shape[-1]
+        pad = -n % SKINNY_BLOCK  # (one column alone would also take the slow GEMV path)
+        if pad:
+            chunk = torch.cat([chunk, chunk[..., -1:].expand(*chunk.shape[:-1], pad)], dim=-1)
+        # one layout for every chunk: the BLAS may take another kernel for a transposed operand
+        parts.append(torch.matmul(a, chunk.contiguous())[..., :n])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
 def _skinny_rows(rows: Tensor, weight: Tensor) -> Tensor:
     """(N, C) contiguous rows, N <= SKINNY_MAX_ROWS -> (N, F) row-major, weight-first (see the module docstring)."""
-    parts = []
-    for chunk in rows.split(SKINNY_CHUNK):
-        n = chunk.shape[0]
-        pad = -n % SKINNY_BLOCK  # (one row alone would also take the slow GEMV path)
-        if pad:
-            chunk = torch.cat([chunk, chunk[-1:].expand(pad, -1)])
-        parts.append(torch.mm(weight, chunk.t())[:, :n])
-    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).t().contiguous()
+    return block_columns_mm(weight, rows.t()).t().contiguous()
 
 
 @torch.library.custom_op("attnlab::skinny_linear", mutates_args=())

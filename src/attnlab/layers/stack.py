@@ -48,8 +48,10 @@ class Stack(nn.Module):
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
         extra: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """``tok`` (B, T, C) token embeddings (``extra`` is added too, e.g. token types) -> (B, T, C)."""
+        """``tok`` (B, T, C) token embeddings (``extra`` is added too, e.g. token types) -> (B, T, C).
+        ``rope``: the (cos, sin) of ``self.rope(positions, dtype)``, when the caller computed them already."""
         x = tok * self.embed_multiplier if self.embed_multiplier != 1.0 else tok
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
@@ -60,7 +62,8 @@ class Stack(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x, token_mask)
         x = self.drop(x)
-        rope = self.rope(positions, x.dtype) if self.rope is not None else None
+        if rope is None and self.rope is not None:
+            rope = self.rope(positions, x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, key_mask=key_mask, token_mask=token_mask, cache=cache, layer=i,
                       memory=memory, memory_mask=memory_mask)
