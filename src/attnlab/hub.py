@@ -21,7 +21,7 @@ HOW_TO_MAKE = {
     "numbers": "attnlab train --task numbers --out runs/numbers",
     "translate-en-es": "attnlab data translation --out data/en-es && attnlab train --preset translate-en-es "
                        "--task translation --data data/en-es --out runs/translate-en-es",
-    "smollm2-draft": "attnlab data teacher --teacher smollm2 --out data/smollm2-teacher --train 5120 --batch 16 "
+    "smollm2-draft": "attnlab data teacher --teacher smollm2 --out data/smollm2-teacher --train 10240 --batch 16 "
                      "--compile && attnlab train "
                      "--preset smollm2-draft --tokenizer smollm2 --teacher-data data/smollm2-teacher "
                      "--distill-init-embeddings --bf16 --out runs/smollm2-draft",

@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
     # then ``--tokenizer smollm2 --teacher-data DIR``)
     "smollm2-draft": {"model": dict(d_model=192, n_layers=4, n_heads=3, n_kv_heads=1, d_ff=512, max_seq_len=8192,
                                     rope_theta=100000.0, tie_embeddings=False, head_vocab_size=8192),
-                      "train": dict(steps=2000, batch_size=16, lr=2e-3, warmup=100, seq_len=256,
+                      "train": dict(steps=3000, batch_size=16, lr=2e-3, warmup=100, seq_len=256,
                                     save_dtype="bfloat16", eval_every=100, save_every=100, eval_windows=64)},
     # English -> Spanish (``--task translation --data DIR``): 3+3 pre-norm layers, GQA 8/2, GELU, 6.7M parameters
     # (GELU + LayerNorm + learned positions: 13% less CPU per step than SwiGLU + RMSNorm + RoPE, measured)
