@@ -323,9 +323,11 @@ def test_static_attention_gives_a_query_the_same_bits_whatever_the_queries_besid
 def test_a_tokens_logits_do_not_depend_on_how_many_the_call_carries(compiler, precision):
     """Speculative verification scores γ + 1 tokens in one call; plain decoding one at a time. Their logits
     must be bit-identical, or greedy speculation can part from plain decoding at a near-tie. This
-    shape (SmolLM2's attention and FFN widths, 4 layers, a 128-token prompt) caught all three causes found:
-    the attention's matmuls, oneDNN's one-row kernel, and inductor dropping bf16 roundings inside fusions
-    that differ from one width's graph to another's (0.06 in these logits before the fix)."""
+    shape (SmolLM2's attention and FFN widths, 4 layers, a 128-token prompt) caught the causes found (see
+    docs/fast_decode.md, "Width invariance"): the attention's matmuls, oneDNN's one-row kernel, inductor
+    dropping bf16 roundings inside fusions that differ from one width's graph to another's (0.06 in these
+    logits before the fix), and, in fp32, inductor vectorising the few-row product's fused transpose per
+    width."""
     torch.manual_seed(3)
     ref = attnlab.build_model(attnlab.ModelConfig(vocab_size=300, d_model=576, n_layers=4, n_heads=9, n_kv_heads=3,
                                                   d_ff=1536, max_seq_len=512, rope_theta=1e5, init_std=0.2)).eval()

@@ -102,9 +102,9 @@ def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, slots: Tens
 
     The buffers come in as one tensor per layer (views of the (L, B, K, S, D) cache): written through a
     view of a single (L, ...) input, inductor copied the whole cache at every layer instead of writing
-    the new slots in place. RoPE's cos/sin are computed outside the graph: inside, inductor recomputed
-    them (scalar ``cos``/``sin``) for every key a query was scored against, and scalar and vector ``cos``
-    differ in the last bit, which made a token's logits depend on the call's width."""
+    the new slots in place. RoPE's cos/sin are computed once per call, outside the graph: inside,
+    inductor fused them into the kernels that use them, with scalar ``cos`` in some and vector ``cos`` in
+    others (they differ in the last bit), one more way for graphs of different widths to differ."""
     S = key_mask.shape[1]
     visible = torch.arange(S, device=key_mask.device)[None, None, :] <= slots[None, :, None]  # (1, n, S)
     allowed = visible & key_mask[:, None, :]  # (B, n, S)
