@@ -81,7 +81,7 @@ class PackedLinear(nn.Module):
             y = packed_linear(rows, self.weight, self.bias, self.out_features)
         else:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
-        return y[:1].view(*x.shape[:-1], self.out_features) if single else y.view(*x.shape[:-1], self.out_features)
+        return (y[:1] if single else y).view(*x.shape[:-1], self.out_features)
 
 
 # The int8 kernel is a matrix-vector kernel at heart: for a prompt (many rows) dequantising the weight
