@@ -1,9 +1,12 @@
 """The decode-time linear: the same function as F.linear, whichever path it takes."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from attnlab.layers import cpu_kernels
 from attnlab.layers import linear as L
 
 
@@ -15,19 +18,28 @@ def weight():
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 40])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matches_a_float64_reference(weight, rows, with_bias):
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
+def test_matches_a_float64_reference(weight, rows, with_bias, kernel):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(1, rows, 384, generator=g, dtype=torch.float64)
     b = torch.randn(640, generator=g, dtype=torch.float64) if with_bias else None
     want = F.linear(x, weight, b)
-    got = L.linear(x.float(), weight.float(), None if b is None else b.float())
+    with contextlib.nullcontext() if kernel else cpu_kernels.kernels_disabled():
+        got = L.linear(x.float(), weight.float(), None if b is None else b.float())
     assert got.shape == want.shape and got.dtype == torch.float32
     assert got.is_contiguous()
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
-    """Bit for bit, for every call width the fast path takes (SmolLM2's projection shapes)."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kernel):
+    """Bit for bit, for every call width the fast path takes (SmolLM2's projection shapes), through
+    attnlab's CPU kernel and through the weight-first fallback."""
+    with contextlib.nullcontext() if kernel else cpu_kernels.kernels_disabled():
+        _check_width_invariance()
+
+
+def _check_width_invariance():
     g = torch.Generator().manual_seed(0)
     for c_in, c_out in ((576, 960), (1536, 576)):
         w = torch.randn(c_out, c_in, generator=g) * 0.03

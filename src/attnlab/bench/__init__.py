@@ -17,6 +17,7 @@ BENCHES: dict[str, str] = {
     "gqa": "attnlab.bench.gqa",
     "precision": "attnlab.bench.precision",
     "translation": "attnlab.bench.translation",
+    "linear": "attnlab.bench.linear",
 }
 
 

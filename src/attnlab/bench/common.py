@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from attnlab.layers import cpu_kernels
+from attnlab.layers.quant import native_bf16
+
 
 def machine() -> dict:
     """What the numbers were measured on (recorded with every result)."""
@@ -30,6 +33,9 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16(),
+        "attnlab_kernel": cpu_kernels.available(),
     }
 
 

@@ -11,7 +11,10 @@ rounding (tested). ``attnlab bench decode`` measures the gain against Hugging Fa
 
 The fast path applies to float32 CPU tensors with at most ``SKINNY_MAX_ROWS`` rows and a weight of at
 least ``SKINNY_MIN_WEIGHT`` elements (below that, call overhead dominates and ``F.linear`` is quicker).
-``plain_linear()`` switches it off, for comparisons and debugging.
+``plain_linear()`` switches it off, for comparisons and debugging. Where attnlab's own CPU kernel is
+available (``layers/cpu_kernels.py``: x86 with AVX2 and a C++ compiler) it serves inference instead: it
+reads the weight at the bandwidth on CPUs whose BLAS does not (an AMD EPYC with MKL, for one) and is
+width-invariant by construction; what follows describes the fallback.
 
 A row's result does not depend on how many rows share the call (speculative verification multiplies
 γ + 1 rows where plain decoding multiplies one, and greedy speculation must not part from plain decoding
@@ -31,6 +34,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from attnlab.layers import cpu_kernels
 
 SKINNY_MAX_ROWS = 16
 SKINNY_MIN_WEIGHT = 1 << 16
@@ -90,9 +95,12 @@ def _(rows: Tensor, weight: Tensor) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, computed weight-first when ``x`` has only a few rows."""
+    """``F.linear(x, weight, bias)``, computed by attnlab's CPU kernel (``layers/cpu_kernels.py``) or
+    weight-first when ``x`` has only a few rows."""
     if not skinny_applies(x, weight):
         return F.linear(x, weight, bias)
+    if cpu_kernels.applies(x, weight):  # streams W once; width-invariant by construction
+        return cpu_kernels.rows_matmul(x, weight, None, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # a transposed layout here would hit the slow path
     no_grad = not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad)
     y = skinny_linear(rows, weight) if torch.compiler.is_compiling() and no_grad else _skinny_rows(rows, weight)

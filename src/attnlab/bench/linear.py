@@ -1,0 +1,107 @@
+"""``attnlab bench linear``: the decode-time matrix products alone, attnlab's CPU kernel against PyTorch's.
+
+A decoder's step is dominated by multiplying a few rows (1 token, or the γ + 1 a speculative verifier
+scores) by every weight. This runs the linear layers of a SmolLM2-135M-shaped stack (30 layers of fused
+Q/K/V 960x576, O 576x576, gate/up 3072x576, down 576x1536; 425 MB in fp32, far beyond the caches) once per
+repeat, for each precision and row count, through:
+
+- ``pytorch``: what a PyTorch model calls — ``F.linear`` (fp32, bf16; oneDNN's packed bf16 product where
+  the CPU has bf16 units) and ``torch._weight_int8pack_mm`` (int8 weight, bf16 activations);
+- ``fallback``: attnlab's layers with the kernel switched off (``layers/linear.py`` weight-first product
+  for fp32; the PyTorch kernels for bf16/int8);
+- ``kernel``: attnlab's ``rows_matmul`` (``layers/cpu_kernels.py``).
+
+Reported: ms per pass, weight GB/s, fraction of the memory bandwidth probe taken in the same run, and
+each path's speed-up over ``pytorch``. Every path is measured interleaved with the others (round robin,
+best of the repeats).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.cli import parser
+
+SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+
+
+def _paths(precision: str, weights: list) -> dict:
+    """name -> one ``(function, extra args)`` per weight; each is called as ``function(x, *extra)``."""
+    from attnlab.layers import cpu_kernels, quant
+    from attnlab.layers import linear as L
+
+    kernel = cpu_kernels.available()
+    paths = {}
+    if precision == "fp32":
+        paths["pytorch"] = [(F.linear, (w,)) for w in weights]
+        paths["fallback"] = [(L._skinny_rows, (w,)) for w in weights]
+        if kernel:
+            paths["kernel"] = [(cpu_kernels.rows_matmul, (w,)) for w in weights]
+    elif precision == "bf16":
+        with cpu_kernels.kernels_disabled():
+            packed = [quant.PackedLinear(w, None) for w in weights]
+        paths["pytorch"] = [(F.linear, (w.bfloat16(),)) for w in weights]
+        if packed[0].packed:  # oneDNN's packed product, where the CPU has bf16 units
+            paths["fallback"] = [(m, ()) for m in packed]
+        if kernel:
+            paths["kernel"] = [(cpu_kernels.rows_matmul, (w.bfloat16(),)) for w in weights]
+    else:
+        with cpu_kernels.kernels_disabled():
+            int8 = [quant.Int8Linear(w, None) for w in weights]
+        paths["pytorch"] = [(torch._weight_int8pack_mm, (m.qweight, m.scales)) for m in int8]
+        if kernel:
+            paths["kernel"] = [(cpu_kernels.rows_matmul, (m.qweight, m.scales32)) for m in int8]
+    return paths
+
+
+def run(precisions: list[str], rows_list: list[int], layers: int, repeats: int) -> list[dict]:
+    from attnlab.bench.decode import bandwidth_probe
+    from attnlab.layers import cpu_kernels
+
+    cpu_kernels.available()  # build it before timing anything
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(f, c, generator=g) * 0.02 for _ in range(layers) for f, c in SMOLLM2_SHAPES]
+    bandwidth = bandwidth_probe(repeats=3)
+    rows_out = []
+    for precision in precisions:
+        paths = _paths(precision, weights)
+        nbytes = sum(w.numel() for w in weights) * {"fp32": 4, "bf16": 2, "int8": 1}[precision]
+        act = torch.float32 if precision == "fp32" else torch.bfloat16
+        for n in rows_list:
+            xs = {c: torch.randn(n, c, generator=g).to(act) for _, c in SMOLLM2_SHAPES}
+            best = {name: float("inf") for name in paths}
+            with torch.inference_mode():
+                for _ in range(repeats + 1):  # the first round warms up
+                    for name, fns in paths.items():
+                        t0 = time.perf_counter()
+                        for (fn, extra), w in zip(fns, weights):
+                            fn(xs[w.shape[1]], *extra)
+                        best[name] = min(best[name], time.perf_counter() - t0)
+            for name, seconds in best.items():
+                rows_out.append({"precision": precision, "rows": n, "path": name, "ms": seconds * 1e3,
+                                 "GBps": nbytes / seconds / 1e9, "roofline": nbytes / seconds / bandwidth,
+                                 "vs_pytorch": best["pytorch"] / seconds, "bandwidth_GBps": bandwidth / 1e9})
+    return rows_out
+
+
+def main(argv: list[str]) -> int:
+    p = parser("attnlab bench linear", "Few-row matrix products of a SmolLM2-shaped stack: kernel vs PyTorch.")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
+    p.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 5, 8, 16])
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if min(args.rows) < 1 or args.layers < 1 or args.repeats < 1:
+        raise ValueError("--rows, --layers and --repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args.precisions, args.rows, args.layers, args.repeats)
+    print(markdown_table(rows, ["precision", "rows", "path", "ms", "GBps", "roofline", "vs_pytorch"]))
+    write_json(args.json, {"machine": machine(), "rows": rows})
+    return 0
