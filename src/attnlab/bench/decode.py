@@ -97,18 +97,26 @@ def _time_interleaved(runs: dict[str, object], new_tokens: int, repeats: int) ->
 
     The implementations take turns within every repeat (a, b, c, a, b, c, ...), so that load from other
     processes on the machine hits them alike."""
-    for fn in runs.values():
-        fn(2)  # warm-up
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=len(runs) * (repeats + 1), desc="decode runs", unit="run", leave=False)
+    for name, fn in runs.items():
+        progress.set_postfix_str(f"warm-up {name}")
+        fn(2)
+        progress.update()
     best = {name: [float("inf"), float("inf"), None] for name in runs}
     best["bandwidth"] = [0.0]
     for _ in range(repeats):
         best["bandwidth"][0] = max(best["bandwidth"][0], bandwidth_probe(repeats=2))  # the probe takes turns too
         for name, fn in runs.items():
+            progress.set_postfix_str(name)
+            progress.update()
             best[name][0] = min(best[name][0], _wall(lambda fn=fn: fn(1)))
             start = time.perf_counter()
             out = fn(new_tokens)
             best[name][1] = min(best[name][1], time.perf_counter() - start)
             best[name][2] = out
+    progress.close()
     return {name: tuple(v) for name, v in best.items()}
 
 

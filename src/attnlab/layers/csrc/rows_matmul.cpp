@@ -21,6 +21,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -62,8 +63,11 @@ inline float dot_row(const float* x, const W* w, int64_t C) {
   return s;
 }
 
-template <typename W>
-void rows_matmul_impl(const float* x, const W* w, const float* scales, const float* bias, float* y,
+inline void store(float* p, float v) { *p = v; }
+inline void store(at::BFloat16* p, float v) { *p = at::BFloat16(v); }  // round to nearest even, as .to()
+
+template <typename W, typename Y>
+void rows_matmul_impl(const float* x, const W* w, const float* scales, const float* bias, Y* y,
                       int64_t N, int64_t C, int64_t F) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / C);  // ~32K MACs per task
   at::parallel_for(0, F, grain, [&](int64_t begin, int64_t end) {
@@ -73,12 +77,40 @@ void rows_matmul_impl(const float* x, const W* w, const float* scales, const flo
         float v = dot_row(x + n * C, wf, C);  // (widening the row once into a buffer was slower)
         if (scales) v *= scales[f];
         if (bias) v += bias[f];
-        y[n * F + f] = v;
+        store(y + n * F + f, v);
       }
     }
   });
 }
 
+// float32 or bfloat16 tensor (contiguous) -> float32 values; `keep` owns them when a copy was needed.
+const float* as_floats(const at::Tensor& t, std::vector<float>& keep) {
+  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, "rows_matmul: activations, scales and bias must be float32 or "
+              "bfloat16, got ", t.scalar_type());
+  const at::BFloat16* p = t.data_ptr<at::BFloat16>();
+  const int64_t n = t.numel();
+  keep.resize(n);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(keep.data() + i, load8(p + i));
+  for (; i < n; ++i) keep[i] = static_cast<float>(p[i]);
+  return keep.data();
+}
+
+template <typename Y>
+void dispatch(const float* x, const at::Tensor& w, const float* sp, const float* bp, Y* y, int64_t N, int64_t C,
+              int64_t F) {
+  if (w.scalar_type() == at::kFloat) {
+    rows_matmul_impl(x, w.data_ptr<float>(), sp, bp, y, N, C, F);
+  } else if (w.scalar_type() == at::kBFloat16) {
+    rows_matmul_impl(x, w.data_ptr<at::BFloat16>(), sp, bp, y, N, C, F);
+  } else {
+    rows_matmul_impl(x, w.data_ptr<int8_t>(), sp, bp, y, N, C, F);
+  }
+}
+
+// y = x @ weight.T (* scales) (+ bias), in x's dtype. Conversions happen here, not as ATen ops: a decode
+// step calls this ~120 times and each ATen cast would cost a dispatch and an allocation.
 at::Tensor rows_matmul(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scales,
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rows_matmul: CPU tensors only");
@@ -87,31 +119,27 @@ at::Tensor rows_matmul(const at::Tensor& x, const at::Tensor& weight, const c10:
   const auto wtype = weight.scalar_type();
   TORCH_CHECK(wtype == at::kFloat || wtype == at::kBFloat16 || wtype == at::kChar,
               "rows_matmul: weight must be float32, bfloat16 or int8, got ", wtype);
-  TORCH_CHECK((wtype == at::kChar) == (scales.has_value() && scales->defined()),
+  const bool has_scales = scales.has_value() && scales->defined();
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK((wtype == at::kChar) == has_scales,
               "rows_matmul: an int8 weight needs its per-row scales (and only an int8 weight takes them)");
   const int64_t N = x.size(0), C = x.size(1), F = weight.size(0);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor wc = weight.contiguous();
-  at::Tensor sf, bf;
-  if (scales.has_value() && scales->defined()) {
-    TORCH_CHECK(scales->numel() == F, "rows_matmul: scales must have one entry per output row");
-    sf = scales->to(at::kFloat).contiguous();
-  }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == F, "rows_matmul: bias must have one entry per output row");
-    bf = bias->to(at::kFloat).contiguous();
-  }
-  at::Tensor y = at::empty({N, F}, xf.options());
-  const float* sp = sf.defined() ? sf.data_ptr<float>() : nullptr;
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  if (wtype == at::kFloat) {
-    rows_matmul_impl(xf.data_ptr<float>(), wc.data_ptr<float>(), sp, bp, y.data_ptr<float>(), N, C, F);
-  } else if (wtype == at::kBFloat16) {
-    rows_matmul_impl(xf.data_ptr<float>(), wc.data_ptr<at::BFloat16>(), sp, bp, y.data_ptr<float>(), N, C, F);
+  TORCH_CHECK(!has_scales || scales->numel() == F, "rows_matmul: scales must have one entry per output row");
+  TORCH_CHECK(!has_bias || bias->numel() == F, "rows_matmul: bias must have one entry per output row");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor sc = has_scales ? scales->contiguous() : at::Tensor();
+  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+  std::vector<float> xkeep, skeep, bkeep;
+  const float* xp = as_floats(xc, xkeep);
+  const float* sp = has_scales ? as_floats(sc, skeep) : nullptr;
+  const float* bp = has_bias ? as_floats(bc, bkeep) : nullptr;
+  at::Tensor y = at::empty({N, F}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    dispatch(xp, wc, sp, bp, y.data_ptr<float>(), N, C, F);
   } else {
-    rows_matmul_impl(xf.data_ptr<float>(), wc.data_ptr<int8_t>(), sp, bp, y.data_ptr<float>(), N, C, F);
+    dispatch(xp, wc, sp, bp, y.data_ptr<at::BFloat16>(), N, C, F);
   }
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return y;
 }
 
 }  // namespace
