@@ -90,6 +90,10 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
     prompt_sets = {"test split": test_prompts(tok, n_prompts, prompt_len),
                    "input-grounded": grounded_prompts(tok, n_prompts, target.config.max_seq_len - new_tokens)}
     rows, formula = [], []
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=sum(len(p) for p in prompt_sets.values()) * (repeats + int(static)),
+                    desc="speculative rounds", unit="round", leave=False)
     for set_name, prompts in prompt_sets.items():
         totals = {name: [0.0, 0, 0, 0, 0, 0, 0] for name, _, _ in variants}  # secs, tokens, calls, prop, acc, same, rej
         for ids in prompts:
@@ -97,6 +101,8 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
             plain = generate(target, x, new_tokens)  # also the warm-up
             best: dict[str, tuple[float, object]] = {}
             for rnd in range(repeats + int(static)):  # every variant once per round: load spikes hit them alike
+                progress.set_postfix_str(f"{set_name}{', compiling' if static and rnd == 0 else ''}")
+                progress.update()
                 for name, d, g in variants:
                     start = time.perf_counter()
                     if d is None:
@@ -135,6 +141,7 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
                                     "measured_tokens_per_call": per_call,
                                     "formula_tokens_per_call": expected_tokens_per_call(alpha, g)})
             rows.append(row)
+    progress.close()
     if static and info is not None:
         for role, m in (("target", target), ("draft", draft)):
             sd = getattr(m, "static_decoder", None)
