@@ -113,14 +113,19 @@ def unavailable_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def kernels_disabled() -> Iterator[None]:
-    """Within this block :func:`available` is False: layers use PyTorch's kernels (for comparisons)."""
-    previous = _state["enabled"]
-    _state["enabled"] = False
+def switched_off(state: dict) -> Iterator[None]:
+    """Within this block ``state["enabled"]`` is False; its previous value comes back after."""
+    previous = state["enabled"]
+    state["enabled"] = False
     try:
         yield
     finally:
-        _state["enabled"] = previous
+        state["enabled"] = previous
+
+
+def kernels_disabled() -> contextlib.AbstractContextManager[None]:
+    """Within this block :func:`available` is False: layers use PyTorch's kernels (for comparisons)."""
+    return switched_off(_state)
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:

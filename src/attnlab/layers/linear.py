@@ -29,7 +29,6 @@ weight; 5-8 rows padded to 8 cost ~2x one row).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +44,9 @@ SKINNY_CHUNK = 8
 _state = {"enabled": True}
 
 
-@contextlib.contextmanager
-def plain_linear() -> Iterator[None]:
+def plain_linear() -> contextlib.AbstractContextManager[None]:
     """Within this block every attnlab ``Linear`` calls ``F.linear`` (PyTorch's own path)."""
-    previous = _state["enabled"]
-    _state["enabled"] = False
-    try:
-        yield
-    finally:
-        _state["enabled"] = previous
+    return cpu_kernels.switched_off(_state)
 
 
 def skinny_applies(x: Tensor, weight: Tensor) -> bool:
