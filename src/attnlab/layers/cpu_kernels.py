@@ -128,16 +128,6 @@ def kernels_disabled() -> contextlib.AbstractContextManager[None]:
     return switched_off(_state)
 
 
-def applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``rows_matmul`` serves ``F.linear(x, weight)``: CPU, inference, at most MAX_ROWS rows."""
-    if x.device.type != "cpu" or weight.device.type != "cpu" or x.shape[-1] == 0:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False  # no backward for the kernel: training keeps F.linear
-    rows = x.numel() // x.shape[-1]
-    return 0 < rows <= MAX_ROWS and available()
-
-
 def rows_matmul(x: Tensor, weight: Tensor, scales: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """(..., C) @ (F, C).T -> (..., F) in ``x``'s dtype, float32 accumulation (see the module docstring)."""
     rows = x.reshape(-1, x.shape[-1])

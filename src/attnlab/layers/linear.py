@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from attnlab.layers import cpu_kernels
 
-SKINNY_MAX_ROWS = 16
+SKINNY_MAX_ROWS = 16  # = cpu_kernels.MAX_ROWS: linear() checks the rows once for both paths
 SKINNY_MIN_WEIGHT = 1 << 16
 SKINNY_BLOCK = 4  # every product has 4 or 8 columns: one BLAS kernel, whatever the rows (see above)
 SKINNY_CHUNK = 8
@@ -92,10 +92,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     weight-first when ``x`` has only a few rows."""
     if not skinny_applies(x, weight):
         return F.linear(x, weight, bias)
-    if cpu_kernels.applies(x, weight):  # streams W once; width-invariant by construction
+    no_grad = not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad)
+    if no_grad and cpu_kernels.available():  # streams W once; width-invariant; no backward (training: below)
         return cpu_kernels.rows_matmul(x, weight, None, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # a transposed layout here would hit the slow path
-    no_grad = not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad)
     y = skinny_linear(rows, weight) if torch.compiler.is_compiling() and no_grad else _skinny_rows(rows, weight)
     if bias is not None:
         y = y + bias
