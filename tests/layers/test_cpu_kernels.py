@@ -57,11 +57,13 @@ def test_output_takes_the_input_dtype_and_leading_dims():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
-def test_a_rows_result_does_not_depend_on_the_call_width_or_threads(dtype):
-    """Bit for bit: every width 1..MAX_ROWS, every position in the call, one thread or two."""
+@pytest.mark.parametrize("shape", [(576, 1536), (37, 45)])  # 45 = a 32-step, an 8-step and a scalar tail
+def test_a_rows_result_does_not_depend_on_the_call_width_or_threads(dtype, shape):
+    """Bit for bit: every width 1..MAX_ROWS, every position in the call (so every place in a group of rows
+    sharing a widened weight vector), one thread or two."""
     g = torch.Generator().manual_seed(2)
-    w, s, _ = _weights(576, 1536, dtype, g)
-    x = torch.randn(K.MAX_ROWS, 1536, generator=g)
+    w, s, _ = _weights(*shape, dtype, g)
+    x = torch.randn(K.MAX_ROWS, shape[1], generator=g)
     alone = torch.cat([K.rows_matmul(x[i:i + 1], w, s) for i in range(K.MAX_ROWS)])
     for width in range(2, K.MAX_ROWS + 1):
         for start in range(0, K.MAX_ROWS - width + 1):
@@ -116,3 +118,23 @@ def test_training_keeps_autograd():
     x = torch.randn(2, 384, requires_grad=True)
     layer(x).sum().backward()  # the kernel has no backward: with grad enabled the layer must not use it
     assert x.grad is not None and layer.weight.grad is not None
+
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None or not (K.SOURCE.parents[4] / ".git").exists(),
+                               reason="--against reads the kernel from a git checkout")
+
+
+@needs_kernel
+@needs_git
+def test_a_past_revision_loads_beside_the_current_kernel():
+    """``load_revision`` builds the kernel of a git revision under its own op name; at HEAD it computes
+    exactly what the working tree's does (every kernel change so far kept the results bit for bit)."""
+    old = K.load_revision("HEAD")
+    assert old is not torch.ops.attnlab_kernels.rows_matmul
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16, "int8"):
+        w, s, _ = _weights(100, 77, dtype, g)
+        x = torch.randn(5, 77, generator=g)
+        assert torch.equal(old(x, w, s, None), K.rows_matmul(x, w, s))
+    with pytest.raises(ValueError, match="cannot read the kernel at revision 'no-such-rev'"):
+        K.load_revision("no-such-rev")

@@ -9,7 +9,9 @@ repeat, for each precision and row count, through:
   the CPU has bf16 units) and ``torch._weight_int8pack_mm`` (int8 weight, bf16 activations);
 - ``fallback``: attnlab's layers with the kernel switched off (``layers/linear.py`` weight-first product
   for fp32; the PyTorch kernels for bf16/int8);
-- ``kernel``: attnlab's ``rows_matmul`` (``layers/cpu_kernels.py``).
+- ``kernel``: attnlab's ``rows_matmul`` (``layers/cpu_kernels.py``);
+- ``kernel@REV`` (with ``--against REV``): the kernel as it was at git revision REV, built beside the
+  current one, so that a change to the kernel is timed against its predecessor in the same run.
 
 Reported: ms per pass, weight GB/s, fraction of the memory bandwidth probe taken in the same run, and
 each path's speed-up over ``pytorch``. Every path is measured interleaved with the others (round robin,
@@ -29,7 +31,7 @@ from attnlab.cli import parser
 SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 
 
-def _paths(precision: str, weights: list) -> dict:
+def _paths(precision: str, weights: list, against: dict | None = None) -> dict:
     """name -> one ``(function, extra args)`` per weight; each is called as ``function(x, *extra)``."""
     from attnlab.layers import cpu_kernels, quant
     from attnlab.layers import linear as L
@@ -41,6 +43,8 @@ def _paths(precision: str, weights: list) -> dict:
         paths["fallback"] = [(L._skinny_rows, (w,)) for w in weights]
         if kernel:
             paths["kernel"] = [(cpu_kernels.rows_matmul, (w,)) for w in weights]
+        for rev, op in (against or {}).items():
+            paths[f"kernel@{rev}"] = [(op, (w, None, None)) for w in weights]
     elif precision == "bf16":
         with cpu_kernels.kernels_disabled():
             packed = [quant.PackedLinear(w, None) for w in weights]
@@ -49,26 +53,32 @@ def _paths(precision: str, weights: list) -> dict:
             paths["fallback"] = [(m, ()) for m in packed]
         if kernel:
             paths["kernel"] = [(cpu_kernels.rows_matmul, (w.bfloat16(),)) for w in weights]
+        for rev, op in (against or {}).items():
+            paths[f"kernel@{rev}"] = [(op, (w.bfloat16(), None, None)) for w in weights]
     else:
         with cpu_kernels.kernels_disabled():
             int8 = [quant.Int8Linear(w, None) for w in weights]
         paths["pytorch"] = [(torch._weight_int8pack_mm, (m.qweight, m.scales)) for m in int8]
         if kernel:
             paths["kernel"] = [(cpu_kernels.rows_matmul, (m.qweight, m.scales32)) for m in int8]
+        for rev, op in (against or {}).items():
+            paths[f"kernel@{rev}"] = [(op, (m.qweight, m.scales32, None)) for m in int8]
     return paths
 
 
-def run(precisions: list[str], rows_list: list[int], layers: int, repeats: int) -> list[dict]:
+def run(precisions: list[str], rows_list: list[int], layers: int, repeats: int,
+        against: list[str] | None = None) -> list[dict]:
     from attnlab.bench.decode import bandwidth_probe
     from attnlab.layers import cpu_kernels
 
     cpu_kernels.available()  # build it before timing anything
+    previous = {rev: cpu_kernels.load_revision(rev) for rev in against or []}
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(f, c, generator=g) * 0.02 for _ in range(layers) for f, c in SMOLLM2_SHAPES]
     bandwidth = bandwidth_probe(repeats=3)
     rows_out = []
     for precision in precisions:
-        paths = _paths(precision, weights)
+        paths = _paths(precision, weights, previous)
         nbytes = sum(w.numel() for w in weights) * {"fp32": 4, "bf16": 2, "int8": 1}[precision]
         act = torch.float32 if precision == "fp32" else torch.bfloat16
         for n in rows_list:
@@ -95,13 +105,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    p.add_argument("--against", nargs="+", default=[], metavar="REV",
+                   help="also time the kernel as it was at these git revisions (built beside the current one)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if min(args.rows) < 1 or args.layers < 1 or args.repeats < 1:
         raise ValueError("--rows, --layers and --repeats must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args.precisions, args.rows, args.layers, args.repeats)
+    rows = run(args.precisions, args.rows, args.layers, args.repeats, args.against)
     print(markdown_table(rows, ["precision", "rows", "path", "ms", "GBps", "roofline", "vs_pytorch"]))
     write_json(args.json, {"machine": machine(), "rows": rows})
     return 0

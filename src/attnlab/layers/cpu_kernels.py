@@ -48,7 +48,7 @@ def _build_key() -> str:
     return h.hexdigest()[:16]
 
 
-def _compile(out: Path) -> None:
+def _compile(out: Path, source: Path = SOURCE) -> None:
     from torch.utils import cpp_extension
 
     lib_dirs = cpp_extension.library_paths()
@@ -58,7 +58,7 @@ def _compile(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd += [str(SOURCE), "-o", tmp, *[f"-L{d}" for d in lib_dirs], "-lc10", "-ltorch_cpu",
+    cmd += [str(source), "-o", tmp, *[f"-L{d}" for d in lib_dirs], "-lc10", "-ltorch_cpu",
             *[f"-Wl,-rpath,{d}" for d in lib_dirs]]
     print("attnlab: building the CPU decode kernel (once per machine, ~20 s) ...", file=sys.stderr, flush=True)
     try:
@@ -133,3 +133,32 @@ def rows_matmul(x: Tensor, weight: Tensor, scales: Tensor | None = None, bias: T
     rows = x.reshape(-1, x.shape[-1])
     y = torch.ops.attnlab_kernels.rows_matmul(rows, weight, scales, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def load_revision(rev: str) -> object:
+    """The kernel as it was at git revision ``rev`` of this checkout, built under the op namespace
+    ``attnlab_kernels_<rev>`` so that it loads beside the current one; returns its ``rows_matmul`` op.
+    For timing a change to the kernel against its predecessor in one process (``attnlab bench linear
+    --against REV``)."""
+    import re
+
+    name = re.sub(r"\W", "_", rev)
+    rel = SOURCE.relative_to(SOURCE.parents[4]).as_posix()  # src/attnlab/layers/csrc/rows_matmul.cpp
+    try:
+        text = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=SOURCE.parent, capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        raise ValueError(f"cannot read the kernel at revision {rev!r} ({str(detail).strip()}); "
+                         f"--against needs a git checkout and a revision that has {rel}") from None
+    text = text.replace("attnlab_kernels", f"attnlab_kernels_{name}")
+    src = cache_dir() / f"rows_matmul-{name}.cpp"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text(text)
+    h = hashlib.sha256(text.encode())
+    h.update(" ".join([torch.__version__, sys.version, *FLAGS]).encode())
+    lib = cache_dir() / f"rows_matmul-{name}-{h.hexdigest()[:16]}.so"
+    if not lib.exists():
+        _compile(lib, src)
+    torch.ops.load_library(str(lib))
+    return getattr(torch.ops, f"attnlab_kernels_{name}").rows_matmul

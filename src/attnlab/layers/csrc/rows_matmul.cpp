@@ -5,33 +5,39 @@
 // is how fast W streams from memory; the BLAS routines of the CPU builds we meet (a GEMV for one row, a
 // packing GEMM for a few) read it well below the bandwidth, and keep no kernel for a bf16 or int8 weight
 // with float accumulation on CPUs without bf16/VNNI units. Here the threads split the weight rows; each row
-// is one sequential stream, converted to float32 in registers, and every row of x is dotted with it while
-// it sits in L1 (x itself stays in L1/L2). On a 2-core AMD EPYC this reads fp32 weights 2.2x faster than
-// MKL's GEMV (BENCHMARKS.md); tuning notes: 4 W-row blocks (4 streams), widening a bf16 row once into a
-// buffer, and sharing W loads between 3 x rows were each slower here.
+// is one sequential stream, converted to float32 in registers 8 elements at a time, and each converted
+// vector is multiplied into up to 3 rows of x at once (12 accumulators + the vector fit AVX2's 16
+// registers); the next 3 rows of x reuse the weight row from L1. On a 2-core AMD EPYC this reads fp32
+// weights ~2x faster than MKL's GEMV, and scoring 3-8 rows costs 1.1-1.4x less than converting the weight
+// once per row did (BENCHMARKS.md). Tuning notes: 4 W-row blocks (4 streams), widening a bf16 row once
+// into a buffer, 4 rows per group (spills), and bf16 split into even/odd halves (one op per 8 elements,
+// but slower for one row) were each slower here.
 //
 // Every output element is one fixed sequence of operations: four 8-lane FMA accumulators over C in order,
-// the same combination and horizontal sum, the same scalar tail, then scale and bias. It does not depend on N, on the other
-// rows of x, or on how the F range is split between threads: a token's logits are bit-identical whether
-// it is decoded alone or verified with others (what exact greedy speculative decoding needs).
+// the same combination and horizontal sum, the same scalar tail, then scale and bias. It does not depend
+// on N, on the row's place in a group of 3, on the other rows of x, or on how the F range is split between
+// threads: a token's logits are bit-identical whether it is decoded alone or verified with others (what
+// exact greedy speculative decoding needs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 namespace {
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {  // bf16 is the top half of a float32: widen and shift
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+// ---- widening the weight to float32, 8 elements at a time -------------------------------------------------
+inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 widen8(const at::BFloat16* p) {  // bf16 is the top half of a float32: widen and shift
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-inline __m256 load8(const int8_t* p) {
-  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+inline __m256 widen8(const int8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 inline float scalar(float v) { return v; }
@@ -45,39 +51,69 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// dot(x, w) over C: 4 accumulators over 32-float steps, then 8-float steps into the first, combined as
-// (a0 + a1) + (a2 + a3), the horizontal sum, then the scalar tail. One weight row is one sequential stream.
-template <typename W>
-inline float dot_row(const float* x, const W* w, int64_t C) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+// R rows of x dotted with one weight row, each 8 weights widened once for all R rows. Per row the
+// operations are fixed: four accumulators over 32-element steps (a_k += w[c+8k..] * x[c+8k..]), 8-element
+// steps into a_0, combined as (a0 + a1) + (a2 + a3), the horizontal sum, then the scalar tail in order.
+// Nothing depends on R or on the neighbouring rows, so a row's result is the same alone or in a group.
+template <int R, typename W>
+inline void dot_rows(const float* x, int64_t C, const W* w, float* out) {
+  __m256 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < 4; ++k) a[r][k] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 32 <= C; c += 32) {
-    a0 = _mm256_fmadd_ps(load8(w + c), _mm256_loadu_ps(x + c), a0);
-    a1 = _mm256_fmadd_ps(load8(w + c + 8), _mm256_loadu_ps(x + c + 8), a1);
-    a2 = _mm256_fmadd_ps(load8(w + c + 16), _mm256_loadu_ps(x + c + 16), a2);
-    a3 = _mm256_fmadd_ps(load8(w + c + 24), _mm256_loadu_ps(x + c + 24), a3);
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = widen8(w + c + 8 * k);
+      for (int r = 0; r < R; ++r) a[r][k] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + r * C + c + 8 * k), a[r][k]);
+    }
   }
-  for (; c + 8 <= C; c += 8) a0 = _mm256_fmadd_ps(load8(w + c), _mm256_loadu_ps(x + c), a0);
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; c < C; ++c) s += scalar(w[c]) * x[c];
-  return s;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 v = widen8(w + c);
+    for (int r = 0; r < R; ++r) a[r][0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + r * C + c), a[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3])));
+    for (int64_t t = c; t < C; ++t) s += scalar(w[t]) * x[r * C + t];
+    out[r] = s;
+  }
 }
 
 inline void store(float* p, float v) { *p = v; }
 inline void store(at::BFloat16* p, float v) { *p = at::BFloat16(v); }  // round to nearest even, as .to()
 
+#ifndef ATTNLAB_ROW_GROUP
+#define ATTNLAB_ROW_GROUP 3  // 4 spills the 16 accumulators; measured slower on the AVX2 EPYC
+#endif
+constexpr int kGroup = ATTNLAB_ROW_GROUP;  // rows of x sharing each widened weight vector
+
+// the R-row dot for r <= R rows (the last group of a call is narrower)
+template <int R, typename W>
+inline void rows_group(int r, const float* x, int64_t C, const W* w, float* out) {
+  if (r == R) {
+    dot_rows<R>(x, C, w, out);
+  } else if constexpr (R > 1) {
+    rows_group<R - 1>(r, x, C, w, out);
+  }
+}
+
 template <typename W, typename Y>
 void rows_matmul_impl(const float* x, const W* w, const float* scales, const float* bias, Y* y,
                       int64_t N, int64_t C, int64_t F) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / C);  // ~32K MACs per task
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (C * std::max<int64_t>(1, N / kGroup)));
   at::parallel_for(0, F, grain, [&](int64_t begin, int64_t end) {
+    float out[kGroup];
     for (int64_t f = begin; f < end; ++f) {
-      const W* wf = w + f * C;
-      for (int64_t n = 0; n < N; ++n) {  // the weight row is in L1 after the first
-        float v = dot_row(x + n * C, wf, C);  // (widening the row once into a buffer was slower)
-        if (scales) v *= scales[f];
-        if (bias) v += bias[f];
-        store(y + n * F + f, v);
+      const W* wf = w + f * C;  // in L1 after the first group of rows
+      for (int64_t n = 0; n < N;) {
+        const int64_t r = std::min<int64_t>(kGroup, N - n);
+        rows_group<kGroup>(static_cast<int>(r), x + n * C, C, wf, out);
+        for (int64_t i = 0; i < r; ++i) {
+          float v = out[i];
+          if (scales) v *= scales[f];
+          if (bias) v += bias[f];
+          store(y + (n + i) * F + f, v);
+        }
+        n += r;
       }
     }
   });
@@ -92,7 +128,7 @@ const float* as_floats(const at::Tensor& t, std::vector<float>& keep) {
   const int64_t n = t.numel();
   keep.resize(n);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(keep.data() + i, load8(p + i));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(keep.data() + i, widen8(p + i));
   for (; i < n; ++i) keep[i] = static_cast<float>(p[i]);
   return keep.data();
 }
