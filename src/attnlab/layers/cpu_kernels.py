@@ -130,14 +130,18 @@ def kernels_disabled() -> contextlib.AbstractContextManager[None]:
 
 def rows_matmul(x: Tensor, weight: Tensor, scales: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """(..., C) @ (F, C).T -> (..., F) in ``x``'s dtype, float32 accumulation (see the module docstring)."""
-    rows = x.reshape(-1, x.shape[-1])
-    y = torch.ops.attnlab_kernels.rows_matmul(rows, weight, scales, bias)
+    return _call(torch.ops.attnlab_kernels.rows_matmul, x, weight, scales, bias)
+
+
+def _call(op, x: Tensor, weight: Tensor, scales: Tensor | None, bias: Tensor | None) -> Tensor:
+    y = op(x.reshape(-1, x.shape[-1]), weight, scales, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def load_revision(rev: str) -> object:
+def load_revision(rev: str):
     """The kernel as it was at git revision ``rev`` of this checkout, built under the op namespace
-    ``attnlab_kernels_<rev>`` so that it loads beside the current one; returns its ``rows_matmul`` op.
+    ``attnlab_kernels_<rev>`` so that it loads beside the current one; returns its ``rows_matmul``, called
+    like :func:`rows_matmul`.
     For timing a change to the kernel against its predecessor in one process (``attnlab bench linear
     --against REV``)."""
     import re
@@ -161,4 +165,9 @@ def load_revision(rev: str) -> object:
     if not lib.exists():
         _compile(lib, src)
     torch.ops.load_library(str(lib))
-    return getattr(torch.ops, f"attnlab_kernels_{name}").rows_matmul
+    op = getattr(torch.ops, f"attnlab_kernels_{name}").rows_matmul
+
+    def past_rows_matmul(x: Tensor, weight: Tensor, scales: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        return _call(op, x, weight, scales, bias)  # called as the current one is: same Python cost
+
+    return past_rows_matmul
