@@ -68,3 +68,20 @@ def test_bench_speculative_costs(tmp_path):
     assert set(data["call_costs_s"]["target"]) == {"1", "3"} and set(data["call_costs_s"]["draft"]) == {"1"}
     assert all(c > 0 for c in data["call_costs_s"]["target"].values())
     assert all(f["ceiling_speedup"] > 0 for f in data["formula"])
+
+
+def test_bench_speculative_reports_the_decode_phase(tmp_path):
+    from attnlab.bench import speculative
+
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    assert speculative.main(["--prompts", "1", "--prompt-len", "16", "--new-tokens", "8", "--gammas", "2",
+                             "--repeats", "1", "--json", str(out), "--plot", str(png)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert png.stat().st_size > 0
+    for r in rows:
+        # the decode phase leaves the prefill out: 7 tokens in less time than 8 tokens plus the prompt
+        assert r["decode_tok_per_s"] > 0
+        if r["method"] != "plain" and r["identical"]:
+            assert isinstance(r["decode_speedup"], float) and r["decode_speedup"] > 0
+    plain = next(r for r in rows if r["method"] == "plain")
+    assert "decode_speedup" not in plain and plain["decode_tok_per_s"] * 8 / 7 > plain["tok_per_s"]

@@ -69,14 +69,35 @@ class StaticSlots:
         K, S = ck.shape[1], ck.shape[2]
         G = H // K
         acc = torch.promote_types(q.dtype, torch.float32)
-        qg = q.reshape(B, K, G * n, D).to(acc)  # query heads grouped by the KV head they share
-        scores = torch.matmul(_pad_rows(qg), ck.to(acc).transpose(-1, -2))[:, :, :G * n] * (D ** -0.5)
-        scores = scores.view(B, K, G, n, S).masked_fill(~self.allowed[:, None, None], float("-inf"))
+        R = G * n
+        nb = S // SLOT_BLOCK if S % SLOT_BLOCK == 0 else 1  # blocks of slots: see SLOT_BLOCK
+        blk = S // nb
+        qg = q.reshape(B, K, R, D).to(acc)  # query heads grouped by the KV head they share
+        kb = ck.to(acc).view(B, K, nb, blk, D)
+        scores = torch.matmul(_pad_rows(qg).unsqueeze(2), kb.transpose(-1, -2))[:, :, :, :R]  # (B, K, nb, R, blk)
+        scores = scores.permute(0, 1, 3, 2, 4).reshape(B, K, G, n, S) * (D ** -0.5)
+        scores = scores.masked_fill(~self.allowed[:, None, None], float("-inf"))
         top = scores.amax(dim=-1, keepdim=True)
         top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # a row with no key gives zeros
-        p = torch.exp(scores - top).view(B, K, G * n, S)
-        out = torch.matmul(_pad_rows(p), cv.to(acc))[:, :, :G * n] / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        p = torch.exp(scores - top).view(B, K, R, S)
+        pb = _pad_rows(p).view(B, K, -1, nb, blk).permute(0, 1, 3, 2, 4)  # (B, K, nb, R', blk)
+        parts = torch.matmul(pb, cv.to(acc).view(B, K, nb, blk, D))  # (B, K, nb, R', D)
+        sums = p.view(B, K, R, nb, blk).sum(dim=-1)  # (B, K, R, nb)
+        out, den = parts[:, :, 0], sums[..., 0]
+        for i in range(1, nb):  # block after block, in order: blocks past the visible slots add exact zeros
+            out, den = out + parts[:, :, i], den + sums[..., i]
+        out = out[:, :, :R] / den[..., None].clamp_min(1e-30)
         return out.view(B, H, n, D).to(q.dtype)  # (B, H, n, D)
+
+
+# Slot-count invariance: plain decoding and speculative decoding of one prompt can get caches of different
+# sizes (speculation asks for γ + 1 more positions, which can cross a power of two: 256 -> 512 slots). A
+# product or a sum over all S slots is computed in another order for another S (MKL's fp32 product of one
+# query over 256 vs 512 slots differed in the last bits; on SmolLM2 in bf16 that grew to 0.25 in the logits
+# after 30 layers and flipped a near-tie). So attention works on fixed blocks of SLOT_BLOCK slots — each
+# block's products have the same shape whatever S — and adds the blocks' results one after the other:
+# the blocks past the visible slots add exact zeros.
+SLOT_BLOCK = 256
 
 
 ROW_BLOCK = 4
