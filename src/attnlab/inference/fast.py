@@ -32,6 +32,7 @@ import warnings
 import torch
 from torch import nn
 
+from attnlab.layers import cpu_kernels
 from attnlab.layers.linear import Linear
 from attnlab.layers.quant import Int8Linear, PackedLinear
 
@@ -116,6 +117,11 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
         else:
             _replace_linears(model, lambda lin: Int8Linear(lin.weight, lin.bias, torch.bfloat16))
     model.prepared_for_decode = f"precision={precision}, fuse={fuse}, compile={compile}"
+    if compile:
+        # load (or build) attnlab's CPU kernel before anything is traced: first loaded while dynamo traced a
+        # decode step, its CPU check (torch.backends.cpu.get_cpu_capability) broke the trace, and decoding
+        # fell back to eager
+        cpu_kernels.available()
     if compile == "static":
         static.install(model)
     elif compile == "dynamic":

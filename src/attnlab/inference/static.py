@@ -188,11 +188,6 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, *, mode: str | None = None, max_tokens: int = MAX_TOKENS,
                  min_slots: int = MIN_SLOTS, skip_guards: bool = True, compiler=None) -> None:
-        from attnlab.layers import cpu_kernels
-
-        # load (or build) attnlab's CPU kernel now: first loaded while dynamo traces a step, its CPU check
-        # (torch.backends.cpu.get_cpu_capability) broke the trace and decoding fell back to eager
-        cpu_kernels.available()
         self.model = model
         self.eager_forward = model.forward
         self.eager_new_cache = model.new_cache
