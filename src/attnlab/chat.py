@@ -99,7 +99,7 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     for marker in END_OF_TURN:
-        token_id = tokenizer.backend.token_to_id(marker)
+        token_id = tokenizer.token_to_id(marker)
         if marker in template and token_id is not None and token_id not in ids:
             ids.append(int(token_id))
     if not ids:
@@ -348,7 +348,7 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO, *, name: str = "ass
 
 def resolve_model(name: str) -> str | Path:
     """Shipped GGUF names (``smollm2``) to their file; anything else is passed to the hub unchanged."""
-    from attnlab.interop.gguf import SHIPPED_GGUF, find_shipped_gguf
+    from attnlab.hub import SHIPPED_GGUF, find_shipped_gguf
 
     return find_shipped_gguf(name) if name in SHIPPED_GGUF else name
 

@@ -58,21 +58,28 @@ def main(argv: list[str]) -> int:
     p = parser("attnlab convert", "Convert a checkpoint to fewer KV heads (MHA -> GQA -> MQA).")
     p.add_argument("--model", required=True, help="model directory, .gguf file or shipped name")
     p.add_argument("--kv-heads", type=int, required=True, help="the new number of KV heads (divides the current)")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", required=True, help="output model directory (new, empty, or an earlier attnlab model)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also replace a training run's files in --out (never files attnlab did not write)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="storage dtype of the written weights (default: the model's)")
     args = p.parse_args(argv)
+    from attnlab.checkpoint import save_model
     from attnlab.hub import from_pretrained, resolve_path
 
     model = from_pretrained(args.model)
     before = model.config.n_kv_heads
     new = to_kv_heads(model, args.kv_heads)
     out = Path(args.out)
-    new.save_pretrained(out, dtype=getattr(torch, args.dtype) if args.dtype else None)
     src = resolve_path(args.model)
-    for extra in ("tokenizer.json", "special_tokens.json", "tokenizer_config.json"):
-        if src.is_dir() and (src / extra).is_file():
-            shutil.copy(src / extra, out / extra)
+
+    def tokenizer_files(tmp: Path) -> None:  # the model's own tokenizer goes along, in the same atomic write
+        for extra in ("tokenizer.json", "special_tokens.json", "tokenizer_config.json"):
+            if src.is_dir() and (src / extra).is_file():
+                shutil.copy(src / extra, tmp / extra)
+
+    save_model(new, out, dtype=getattr(torch, args.dtype) if args.dtype else None, extra_files=tokenizer_files,
+               overwrite=args.overwrite)
     kv_old = model.config.kv_cache_bytes_per_token(4)
     kv_new = new.config.kv_cache_bytes_per_token(4)
     print(f"converted {args.model}: {before} -> {args.kv_heads} KV heads; KV cache {kv_old:,} -> {kv_new:,} "

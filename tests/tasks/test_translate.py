@@ -24,7 +24,7 @@ def tok(translation_data):
 @pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(3)
-    cfg = ModelConfig(family="seq2seq", vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_encoder_layers=1,
+    cfg = ModelConfig(family="seq2seq", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_encoder_layers=1,
                       n_heads=4, n_kv_heads=2, d_ff=64, ffn="swiglu", norm="rms", norm_position="pre",
                       position="rope", max_seq_len=24, decoder_start_token_id=START, eos_token_id=END, pad_token_id=0,
                       init_std=0.3)
@@ -32,7 +32,7 @@ def model(tok):
 
 
 def sources(tok, texts):
-    b = collate([(tok.encode(t, add_special_tokens=False).ids, []) for t in texts])
+    b = collate([(tok.encode(t), []) for t in texts])
     return b["src"], b["src_mask"]
 
 
@@ -81,11 +81,11 @@ def test_translate_edge_cases(model, tok):
     long_text = " ".join(["the king said"] * 40)
     with pytest.warns(UserWarning, match="only its first 24 tokens"):
         out = translate(model, tok, long_text, num_beams=2)
-    assert out == translate(model, tok, tok.decode(tok.encode(long_text, add_special_tokens=False).ids[:24]), num_beams=2)
+    assert out == translate(model, tok, tok.decode(tok.encode(long_text)[:24]), num_beams=2)
 
 
 def test_cross_attention_is_a_distribution_over_the_source(model, tok):
-    src = tok.encode("the light of day", add_special_tokens=False).ids
+    src = tok.encode("the light of day")
     p = cross_attention(model, src, [5, 6, 7])
     assert p.shape == (4, len(src))
     torch.testing.assert_close(p.sum(-1), torch.ones(4, dtype=p.dtype))

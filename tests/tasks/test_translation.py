@@ -112,7 +112,7 @@ def test_tokenizer_has_specials_first_and_no_unknown_characters():
     tok = train_tokenizer(["the light of day", "la luz del día"] * 20, 280)
     assert [tok.token_to_id(s) for s in ("<pad>", "<s>", "</s>")] == [0, 1, 2]
     text = "Ωmega 😀 中文 ñandú"
-    ids = tok.encode(text, add_special_tokens=False).ids
+    ids = tok.encode(text)
     assert min(ids) > 2 and tok.decode(ids) == text
     with pytest.raises(ValueError, match="vocab-size"):
         train_tokenizer(["x"], 100)

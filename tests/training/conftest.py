@@ -15,5 +15,5 @@ def small_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "cache"))
+def _cache(isolated_cache):
+    return isolated_cache

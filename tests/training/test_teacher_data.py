@@ -14,18 +14,17 @@ import torch.nn.functional as F
 
 import attnlab
 from attnlab import ModelConfig, build_model
-from attnlab.hub import Tokenizer
 from attnlab.inference.generate import generate
+from attnlab.tokenizer import train_bpe
 from attnlab.training.distill import TeacherDataTask
 from attnlab.training.teacher_data import TeacherSequences, build_teacher_data, label_batch
-from attnlab.training.tokenizer import EOS, train_tokenizer
 
 TEXT = ["def f(x):\n    return x + 1\n" * 6 + f"# file {i}\n" + "class A:\n    pass\n" * 4 for i in range(12)]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer(train_tokenizer(TEXT, 300), eos_token=EOS)
+    return train_bpe(TEXT, 300)
 
 
 def teacher(vocab, seed=0, eos=None):

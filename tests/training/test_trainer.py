@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import attnlab
+from attnlab.checkpoint import atomic_write_dir
 from attnlab.cli import main
-from attnlab.training.checkpoint import atomic_write_dir
 
 TINY = ["--preset", "tiny", "--quiet", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4"]
 
@@ -33,7 +33,7 @@ def test_resume_is_bit_exact(small_corpus, tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", stop_at_six)
-    assert main(["train", *common, "--out", str(tmp_path / "split")]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "split")]) == 130  # saved, then the signal's exit code
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", original)
     assert json.loads((tmp_path / "split" / "training.json").read_text())["steps"] == 6
     assert main(["train", *common, "--out", str(tmp_path / "split"), "--resume"]) == 0
@@ -60,7 +60,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(small_corpus, tmp_path):
         raise KeyboardInterrupt  # killed mid-write
 
     with pytest.raises(KeyboardInterrupt):
-        atomic_write_dir(ckpt, crash)
+        atomic_write_dir(ckpt, crash, overwrite=True)  # a checkpoint holds training files too
     assert (ckpt / "model.safetensors").read_bytes() == before
     attnlab.from_pretrained(ckpt)
 

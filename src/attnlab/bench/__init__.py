@@ -18,6 +18,7 @@ BENCHES: dict[str, str] = {
     "precision": "attnlab.bench.precision",
     "translation": "attnlab.bench.translation",
     "linear": "attnlab.bench.linear",
+    "faults": "attnlab.bench.faults",
 }
 
 

@@ -129,16 +129,16 @@ def train_steps(model: nn.Module, task, steps: int, batch: int, lr: float, *, wa
 # ---------------------------------------------------------------------------------------------- sources
 
 def load_source(name: str, settings: Settings) -> tuple[nn.Module, object, dict]:
-    """(model, tokenizers.Tokenizer, notes) for one source."""
+    """(model, its tokenizer, notes) for one source."""
     from attnlab.hub import from_pretrained, load_tokenizer
 
     if name == "default":
-        return from_pretrained("default", dtype=torch.float32).eval(), load_tokenizer("default").backend, {}
+        return from_pretrained("default", dtype=torch.float32).eval(), load_tokenizer("default"), {}
     if name == "smollm2":
-        from attnlab.interop.gguf import find_shipped_gguf
+        from attnlab.hub import find_shipped_gguf
 
         path = find_shipped_gguf("smollm2")  # raises with the install hint if the package is absent
-        return from_pretrained(path, dtype=torch.float32).eval(), load_tokenizer(path).backend, {"file": path.name}
+        return from_pretrained(path, dtype=torch.float32).eval(), load_tokenizer(path), {"file": path.name}
     if name == "mha":
         return mha_source(settings)
     raise ValueError(f"unknown source {name!r}; choose from {', '.join(SOURCES)}")
@@ -150,12 +150,12 @@ def mha_source(settings: Settings) -> tuple[nn.Module, object, dict]:
     from attnlab.hub import from_pretrained, load_tokenizer
     from attnlab.models import build_model
 
-    tok = load_tokenizer("default").backend
+    tok = load_tokenizer("default")
     keep = Path(settings.mha_dir) if settings.mha_dir else None
     if keep is not None and (keep / "model.safetensors").is_file():
         return from_pretrained(keep, dtype=torch.float32).eval(), tok, {"trained": f"loaded from {keep}"}
     budget = settings.budgets["mha"]
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=128, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=384,
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=128, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=384,
                       max_seq_len=max(budget.contexts) + settings.new_tokens + 1, attention_kernel="sdpa")
     task, _ = lm_task(tok, settings.seq_len, settings.eval_len, settings.max_files)
     torch.manual_seed(0)

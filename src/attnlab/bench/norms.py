@@ -158,16 +158,16 @@ def plot(curves: dict, path: str, title: str) -> None:
 
 
 def build_task(seq_len: int, max_files: int | None):
+    from attnlab.tokenizer import train_bpe
     from attnlab.training.corpus import load_corpus
     from attnlab.training.data import TokenWindows, build_shards
     from attnlab.training.losses import LMTask
-    from attnlab.training.tokenizer import train_tokenizer
 
     corpus = load_corpus(max_files=max_files)
-    tok = train_tokenizer(corpus.documents["train"], 1024)
+    tok = train_bpe(corpus.documents["train"], 1024)
     shards = build_shards(corpus, tok)
     lm = LMTask(TokenWindows(shards["train"], seq_len), TokenWindows(shards["validation"], seq_len))
-    return VariableLengthTask(lm), tok.get_vocab_size()
+    return VariableLengthTask(lm), tok.vocab_size
 
 
 def main(argv: list[str]) -> int:

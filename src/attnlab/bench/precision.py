@@ -23,9 +23,7 @@ def test_windows(model_name: str, seq_len: int, n_windows: int, max_files: int |
     from attnlab.training.corpus import load_corpus
     from attnlab.training.data import TokenWindows, build_shards
 
-    tok = load_tokenizer(model_name)
-    raw = getattr(tok, "backend", tok)  # the `tokenizers` object the shards are keyed by
-    shards = build_shards(load_corpus(None, max_files=max_files), raw)
+    shards = build_shards(load_corpus(None, max_files=max_files), load_tokenizer(model_name))
     return TokenWindows(shards["test"], seq_len, name="test").fixed(n_windows)
 
 

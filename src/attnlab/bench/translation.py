@@ -21,12 +21,12 @@ from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.cli import parser
 
 
-def _label(backend, i: int) -> str:
-    text = backend.decode([i], skip_special_tokens=False)
-    return (backend.id_to_token(i) or "?") if "\ufffd" in text else text.strip() or "␣"
+def _label(tokenizer, i: int) -> str:
+    text = tokenizer.decode([i], skip_special_tokens=False)
+    return (tokenizer.id_to_token(i) or "?") if "\ufffd" in text else text.strip() or "␣"
 
 
-def draw_alignments(path: Path, model, backend, sources: list[str]) -> None:
+def draw_alignments(path: Path, model, tokenizer, sources: list[str]) -> None:
     """One heat map per source sentence: cross-attention of the greedy translation's tokens."""
     import matplotlib
 
@@ -40,13 +40,13 @@ def draw_alignments(path: Path, model, backend, sources: list[str]) -> None:
     fig, axes = plt.subplots(len(sources), 1, figsize=(10, 4.2 * len(sources)), squeeze=False)
     limit = model.config.max_seq_len
     for ax, text in zip(axes[:, 0], sources):
-        src = backend.encode(text, add_special_tokens=False).ids[:limit] or [END]
+        src = tokenizer.encode(text)[:limit] or [END]
         hyp = decode(model, torch.tensor([src]), torch.ones(1, len(src), dtype=torch.long))[0]
         hyp = [t for t in hyp if t != END][: limit - 1]
         p = cross_attention(model, src, hyp)  # (T, S)
         ax.imshow(p.numpy(), aspect="auto", cmap="viridis", vmin=0)
-        ax.set_xticks(range(len(src)), [_label(backend, i) for i in src], fontsize=7, rotation=90)
-        ax.set_yticks(range(len(hyp) + 1), ["<s>"] + [_label(backend, i) for i in hyp], fontsize=7)
+        ax.set_xticks(range(len(src)), [_label(tokenizer, i) for i in src], fontsize=7, rotation=90)
+        ax.set_yticks(range(len(hyp) + 1), ["<s>"] + [_label(tokenizer, i) for i in hyp], fontsize=7)
         ax.set_xlabel("English source tokens (encoder)")
         ax.set_ylabel("Spanish output (decoder input)")
     axes[0, 0].set_title("cross-attention, last decoder layer (mean of heads)")
@@ -136,7 +136,7 @@ def main(argv: list[str]) -> int:
                      "sentences/s": round(len(pairs) / seconds, 2)})
         examples[name] = res["hypotheses"][:5]
     short = [s for s, _ in pairs if 8 <= len(tok.encode(s)) <= 24] or [s for s, _ in pairs]  # readable maps
-    draw_alignments(out / "cross_attention.png", model, tok.backend, short[: args.examples])
+    draw_alignments(out / "cross_attention.png", model, tok, short[: args.examples])
     if args.curves:
         draw_curves(out / "learning_curve.png", [r for r in args.curves.split(",") if r.strip()])
     print(f"test split of {data}: {len(pairs)} pairs, {model.num_parameters():,} parameters")

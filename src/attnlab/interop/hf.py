@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnlab.checkpoint import load_state_checked, read_weights
 from attnlab.config import ModelConfig
-from attnlab.training.checkpoint import load_state_checked, read_weights
 
 # ----------------------------------------------------------------------------- name tables
 LLAMA_NAMES: dict[str, str] = {

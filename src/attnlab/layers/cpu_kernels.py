@@ -10,7 +10,7 @@ once, converts it to float32 in registers and accumulates in float32, so
 - every output element is the same sequence of operations whatever the number of rows or threads:
   decoding a token alone or verifying it among others gives bit-identical results.
 
-The compiled library is cached under ``$ATTNLAB_CACHE_DIR`` (default ``~/.cache/attnlab``), keyed by the
+The compiled library is cached under ``$ATTNLAB_CACHE/kernels`` (default ``~/.cache/attnlab/kernels``), keyed by the
 source, the PyTorch version and the compiler flags; building takes ~20 s once per machine. When the CPU
 is not x86 with AVX2, no compiler works, or ``ATTNLAB_KERNELS=0``, :func:`available` is False and the
 callers keep PyTorch's kernels (``unavailable_reason()`` says why). ``kernels_disabled()`` switches it off
@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnlab.cachedir import cache_dir as attnlab_cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "rows_matmul.cpp"
 MAX_ROWS = 16  # beyond this a BLAS GEMM (which reuses each weight element across rows in registers) wins
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
@@ -39,7 +41,7 @@ _state: dict = {"loaded": None, "reason": None, "enabled": True}
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ATTNLAB_CACHE_DIR") or Path.home() / ".cache" / "attnlab") / "kernels"
+    return attnlab_cache_dir("kernels")
 
 
 def _build_key() -> str:

@@ -57,8 +57,13 @@ class AttnlabModel(nn.Module):
         check_context(self, T, max_new_tokens)
         return self.new_cache(B, T + max_new_tokens), input_ids, attention_mask
 
-    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically into ``directory``."""
-        from attnlab.training.checkpoint import save_model
+    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None,
+                        overwrite: bool = False) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` atomically as ``directory``.
 
-        return save_model(self, directory, dtype=dtype)
+        ``directory`` may be missing, empty or an earlier attnlab model; one holding other files is refused
+        (``overwrite=True`` also replaces a training run's files, never foreign ones).
+        """
+        from attnlab.checkpoint import save_model
+
+        return save_model(self, directory, dtype=dtype, overwrite=overwrite)

@@ -17,7 +17,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer, decoders, models
+from attnlab.tokenizer import Tokenizer
 
 ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
@@ -127,7 +127,10 @@ def char_tokenizer() -> Tokenizer:
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for c in CHARS:
         vocab[c] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIALS)
-    return tok
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models
+
+    backend = Backend(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIALS)
+    return Tokenizer(backend, pad_token=SPECIALS[0], bos_token=SPECIALS[1], eos_token=SPECIALS[2])

@@ -9,7 +9,6 @@ Shape legend: B batch, S source length, T target length, V vocab.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab.checkpoint import write_json
 from attnlab.tasks.numbers import TASKS, char_tokenizer, make_task
 
 PAD, START, END = 0, 1, 2
@@ -26,7 +26,7 @@ DEFAULT_MODEL = dict(family="seq2seq", d_model=128, n_layers=3, n_encoder_layers
 
 
 def encode_pairs(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    return [(tok.encode(s, add_special_tokens=False).ids, tok.encode(t, add_special_tokens=False).ids) for s, t in pairs]
+    return [(tok.encode(s), tok.encode(t)) for s, t in pairs]
 
 
 def collate(examples: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
@@ -104,14 +104,13 @@ def build_task_run(task: str, model_fields: dict, *, seed: int = 0):
     data = make_task(task)
     tok = char_tokenizer()
     train, val, test = (encode_pairs(tok, p) for p in (data.train, data.validation, data.test))
-    fields = {**DEFAULT_MODEL, **model_fields, "vocab_size": tok.get_vocab_size()}
+    fields = {**DEFAULT_MODEL, **model_fields, "vocab_size": tok.vocab_size}
     longest = max(max(len(s), len(t) + 1) for s, t in train + val + test)
     fields["max_seq_len"] = max(fields.get("max_seq_len", 128), longest + 2)
 
     def extra_files(directory: Path) -> None:
-        tok.save(str(directory / "tokenizer.json"))
-        (directory / "special_tokens.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}) + "\n")
-        (directory / "task.json").write_text(json.dumps({"task": task}) + "\n")
+        tok.save(directory)
+        write_json(directory / "task.json", {"task": task})
 
     info = f"task {task}: {len(train)} train / {len(val)} validation / {len(test)} test pairs"
     return Seq2SeqTask(train, val), fields, extra_files, info

@@ -11,10 +11,11 @@ package. Cleaning and alignment are pure functions in ``attnlab.tasks.translatio
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import subprocess
 from pathlib import Path
+
+from attnlab.cachedir import cache_dir
 
 # language -> (Debian package, SWORD module inside it)
 PACKAGES: dict[str, tuple[str, str]] = {"en": ("sword-text-web", "engWEB2015eb"),
@@ -29,8 +30,7 @@ class FetchError(ValueError):
 
 def default_cache() -> Path:
     """``$ATTNLAB_CACHE/translation``, else ``~/.cache/attnlab/translation``."""
-    root = os.environ.get("ATTNLAB_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "attnlab") / "translation"
+    return cache_dir("translation")
 
 
 def _manual(cache: Path) -> str:

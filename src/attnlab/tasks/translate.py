@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from attnlab.checkpoint import write_json
 from attnlab.tasks.seq2seq_data import END, PAD, START, Seq2SeqTask, collate, cross_attention  # noqa: F401
 from attnlab.tasks.translation import SOURCE, TARGET, load_split
 
@@ -56,12 +57,12 @@ class TranslationTask(Seq2SeqTask):
 
 
 def load_data_tokenizer(data_dir: str | Path):
-    from tokenizers import Tokenizer
+    from attnlab.tokenizer import Tokenizer
 
     path = Path(data_dir) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: make the dataset first with `attnlab data translation --out {data_dir}`")
-    return Tokenizer.from_file(str(path))
+    return Tokenizer.from_dir(data_dir)
 
 
 def build_translation_run(data_dir: str | Path | None, model_fields: dict, *, seed: int = 0):
@@ -75,15 +76,15 @@ def build_translation_run(data_dir: str | Path | None, model_fields: dict, *, se
     data_dir = Path(data_dir).resolve()
     tok = load_data_tokenizer(data_dir)
     manifest = json.loads((data_dir / "manifest.json").read_text()) if (data_dir / "manifest.json").is_file() else {}
-    fields = {**DEFAULT_MODEL, **model_fields, "vocab_size": tok.get_vocab_size()}
+    fields = {**DEFAULT_MODEL, **model_fields, "vocab_size": tok.vocab_size}
     limit = int(fields["max_seq_len"])
 
     def encoded(split: str) -> tuple[list, list[tuple[str, str]]]:
         rows = load_split(data_dir, split)
-        src = tok.encode_batch([r[SOURCE] for r in rows], add_special_tokens=False)
-        tgt = tok.encode_batch([r[TARGET] for r in rows], add_special_tokens=False)
-        keep = [i for i in range(len(rows)) if len(src[i].ids) <= limit and len(tgt[i].ids) + 1 <= limit]
-        return [(src[i].ids, tgt[i].ids) for i in keep], [(rows[i][SOURCE], rows[i][TARGET]) for i in keep]
+        src = tok.encode_batch([r[SOURCE] for r in rows])
+        tgt = tok.encode_batch([r[TARGET] for r in rows])
+        keep = [i for i in range(len(rows)) if len(src[i]) <= limit and len(tgt[i]) + 1 <= limit]
+        return [(src[i], tgt[i]) for i in keep], [(rows[i][SOURCE], rows[i][TARGET]) for i in keep]
 
     train, _ = encoded("train")
     val, val_text = encoded("validation")
@@ -91,14 +92,12 @@ def build_translation_run(data_dir: str | Path | None, model_fields: dict, *, se
         raise ValueError(f"{data_dir}: no training or validation pair fits max_seq_len={limit} tokens")
 
     def extra_files(directory: Path) -> None:
-        tok.save(str(directory / "tokenizer.json"))
-        (directory / "special_tokens.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}) + "\n")
-        (directory / "task.json").write_text(json.dumps(
-            {"task": "translation", "source": SOURCE, "target": TARGET, "data": str(data_dir),
-             "pairs_sha256": manifest.get("pairs_sha256")}) + "\n")
+        tok.save(directory)
+        write_json(directory / "task.json", {"task": "translation", "source": SOURCE, "target": TARGET,
+                                             "data": str(data_dir), "pairs_sha256": manifest.get("pairs_sha256")})
 
     info = (f"task translation {SOURCE}->{TARGET}: {len(train)} train / {len(val)} validation pairs of at most "
-            f"{limit} tokens, vocab {tok.get_vocab_size()} ({data_dir})")
+            f"{limit} tokens, vocab {tok.vocab_size} ({data_dir})")
     return TranslationTask(train, val, tokenizer=tok, validation_text=val_text), fields, extra_files, info
 
 
@@ -156,7 +155,7 @@ def decode(model, src: Tensor, src_mask: Tensor, *, num_beams: int = 1, length_p
 def _sources(tokenizer, texts: list[str], limit: int) -> list[list[int]]:
     out = []
     for text in texts:
-        ids = tokenizer.encode(text.strip(), add_special_tokens=False).ids if text.strip() else []
+        ids = tokenizer.encode(text.strip()) if text.strip() else []
         if len(ids) > limit:
             warnings.warn(f"the input has {len(ids)} tokens, more than the model's source context of {limit}: "
                           f"only its first {limit} tokens are translated", UserWarning, stacklevel=3)
@@ -167,11 +166,10 @@ def _sources(tokenizer, texts: list[str], limit: int) -> list[list[int]]:
 
 def translate(model, tokenizer, texts: str | list[str], *, num_beams: int = 1, length_penalty: float = 1.0,
               max_new_tokens: int | None = None, batch_size: int = 32) -> str | list[str]:
-    """Translate one text or a list (``tokenizer``: a ``tokenizers.Tokenizer``, or attnlab's wrapper)."""
-    backend = getattr(tokenizer, "backend", tokenizer)
+    """Translate one text or a list with the model's ``attnlab.tokenizer.Tokenizer``."""
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
-    sources = _sources(backend, texts, model.config.max_seq_len)
+    sources = _sources(tokenizer, texts, model.config.max_seq_len)
     results = [""] * len(texts)
     # batches of sources of one length: no padding, and a text's translation never depends on its batch mates
     # (the default output limit, 2 * length + 10, is the same for every row)
@@ -187,7 +185,7 @@ def translate(model, tokenizer, texts: str | list[str], *, num_beams: int = 1, l
             hyps = decode(model, src, torch.ones_like(src), num_beams=num_beams, length_penalty=length_penalty,
                           max_new_tokens=max_new_tokens)
             for i, h in zip(chunk, hyps):
-                results[i] = backend.decode([t for t in h if t != END], skip_special_tokens=True).strip()
+                results[i] = tokenizer.decode([t for t in h if t != END]).strip()
     return results[0] if single else results
 
 

@@ -25,9 +25,8 @@ import re
 import unicodedata
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
 from attnlab.tasks.sword import PACKAGES, Verses
+from attnlab.tokenizer import Tokenizer, train_bpe
 
 SOURCE, TARGET = "en", "es"
 SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, decoder start, end (as attnlab.tasks.seq2seq_data)
@@ -146,16 +145,8 @@ def jsonl(pairs: list[dict]) -> str:
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     """Joint byte-level BPE (no unknown token: any character is its UTF-8 bytes) with <pad> <s> </s> first."""
-    if not isinstance(vocab_size, int) or vocab_size < 256 + len(SPECIALS):
-        raise ValueError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
-                         f"{256 + len(SPECIALS)}; 4000-16000 suit this corpus")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIALS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    return train_bpe(texts, vocab_size, specials=SPECIALS, pad_token=SPECIALS[0], bos_token=SPECIALS[1],
+                     eos_token=SPECIALS[2])
 
 
 def write_dataset(out: str | Path, splits: dict[str, list[dict]], report: dict, *, vocab_size: int = 8000,
@@ -169,13 +160,11 @@ def write_dataset(out: str | Path, splits: dict[str, list[dict]], report: dict, 
         digest.update(f"{name}\n".encode() + text.encode())
         (out / f"{name}.jsonl").write_text(text, encoding="utf-8")
     tok = train_tokenizer([p[lang] for p in splits["train"] for lang in (SOURCE, TARGET)], vocab_size)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "special_tokens.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>",
-                                                         "pad_token": "<pad>"}) + "\n")
+    tok.save(out)
     stats = {}
     for name, pairs in splits.items():
-        n_src = [len(e.ids) for e in tok.encode_batch([p[SOURCE] for p in pairs], add_special_tokens=False)]
-        n_tgt = [len(e.ids) for e in tok.encode_batch([p[TARGET] for p in pairs], add_special_tokens=False)]
+        n_src = [len(ids) for ids in tok.encode_batch([p[SOURCE] for p in pairs])]
+        n_tgt = [len(ids) for ids in tok.encode_batch([p[TARGET] for p in pairs])]
         stats[name] = {"pairs": len(pairs), "books": sorted({p["book"] for p in pairs}, key=BOOKS.index),
                        f"{SOURCE}_bytes": sum(len(p[SOURCE].encode()) for p in pairs),
                        f"{TARGET}_bytes": sum(len(p[TARGET].encode()) for p in pairs),
@@ -187,7 +176,7 @@ def write_dataset(out: str | Path, splits: dict[str, list[dict]], report: dict, 
                 "packages": {pkg: (versions or {}).get(pkg) for pkg, _ in PACKAGES.values()},
                 "modules": {lang: module for lang, (_, module) in PACKAGES.items()},
                 "cleaning_version": CLEANING_VERSION, "pairs_sha256": digest.hexdigest(),
-                "tokenizer": {"kind": "byte-level BPE, joint", "vocab_size": tok.get_vocab_size(),
+                "tokenizer": {"kind": "byte-level BPE, joint", "vocab_size": tok.vocab_size,
                               "specials": list(SPECIALS)},
                 "validation_books": list(VALIDATION_BOOKS), "test_books": list(TEST_BOOKS),
                 "alignment": report, "splits": stats}

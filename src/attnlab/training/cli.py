@@ -15,7 +15,6 @@ Examples::
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import fields
@@ -23,8 +22,10 @@ from pathlib import Path
 
 import torch
 
+from attnlab.checkpoint import write_json
 from attnlab.cli import parser
 from attnlab.config import ModelConfig
+from attnlab.tokenizer import Tokenizer
 
 # model fields and training settings of the named presets (vocab_size comes from the tokenizer)
 PRESETS: dict[str, dict] = {
@@ -141,6 +142,12 @@ def build_parser():
     return p
 
 
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
+    return value
+
+
 def resolve_settings(args) -> tuple[dict, dict]:
     model, train = {}, {}
     if args.preset:
@@ -165,21 +172,24 @@ def resolve_settings(args) -> tuple[dict, dict]:
 
 def main(argv: list[str]) -> int:
     from attnlab.training.distributed import DistContext
+    from attnlab.training.resume import check_output, resume_settings, run_record
     from attnlab.training.trainer import TrainConfig, Trainer
 
     args = build_parser().parse_args(argv)
     model_fields, train = resolve_settings(args)
     out = Path(args.out)
-    if args.resume and not (out / "checkpoints").is_dir():
-        raise ValueError(f"--resume: nothing to resume in {out} (no checkpoints/); start without --resume")
-    if not args.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out "
-                         f"(nothing was overwritten)")
+    latest = check_output(out, resume=args.resume)  # before any work: a file or foreign files in --out
+    if latest is not None:  # every setting from the checkpoint; a flag that contradicts it is an error
+        model_fields, train = resume_settings(latest, args, model_fields, train)
+    elif args.resume:
+        print(f"--resume: {out} holds no complete checkpoint; starting from step 0", file=sys.stderr)
+    run = run_record(args, model_fields, train)
     dist_ctx = DistContext.from_env(args.context_parallel or 1)
     if args.context_parallel and args.context_parallel > 1:
         model_fields.update(attention_kernel="ring", ring_layout="zigzag")
-    seq_len = int(train.pop("seq_len", 256))
-    vocab_size = int(train.pop("vocab_size", 8192))
+    seq_len = _positive_int("seq_len", train.pop("seq_len", 256))
+    vocab_size = _positive_int("vocab_size", train.pop("vocab_size", 8192))
+    tcfg = TrainConfig(**{k: v for k, v in train.items() if k in TRAIN_KEYS}).validate()  # before any work
 
     if args.task == "translation":
         from attnlab.tasks.translate import build_translation_run
@@ -199,7 +209,7 @@ def main(argv: list[str]) -> int:
             raise ValueError("--teacher-data and --distill are two ways to distil: choose one")
         task, model_fields, extra_files, info = _teacher_data_run(args, model_fields)
     else:
-        task, model_fields, extra_files, info = _text_run(args, model_fields, seq_len, vocab_size, out, dist_ctx)
+        task, model_fields, extra_files, info = _text_run(args, model_fields, seq_len, vocab_size, latest)
 
     cfg = _model_config(model_fields, args)
     torch.manual_seed(int(train.get("seed", 0)))  # initialisation (and dropout) are reproducible from --seed
@@ -216,25 +226,25 @@ def main(argv: list[str]) -> int:
         task = DistillTask(task, teacher, weight=args.distill_weight,
                            temperature=args.distill_temperature)
         task.check_student(model)
-        if args.distill_init_embeddings and not args.resume:
+        if args.distill_init_embeddings and latest is None:
             _init_embeddings(model, teacher)
     if args.teacher_data:
         task.check_student(model)
-        if cfg.head_vocab_size and not args.resume:
+        if cfg.head_vocab_size and latest is None:
             from attnlab.training.teacher_data import frequent_tokens
 
             always = tuple(i for i in (cfg.eos_token_id,) if i is not None)
             model.head_token_ids.copy_(frequent_tokens(task.train, cfg.head_vocab_size, always=always))
-        if args.distill_init_embeddings and not args.resume:
+        if args.distill_init_embeddings and latest is None:
             from attnlab.hub import from_pretrained
 
             _init_embeddings(model, from_pretrained(task.train.settings["teacher"]))
-    tcfg = TrainConfig(**{k: v for k, v in train.items() if k in TRAIN_KEYS})
     if dist_ctx.is_main:
         print(f"model: {cfg.family}, {model.num_parameters():,} parameters; {info}", file=sys.stderr)
     start = time.time()
-    trainer = Trainer(model, task, tcfg, out, extra_files=extra_files, dist_ctx=dist_ctx, progress=not args.quiet)
-    summary = trainer.fit(resume=args.resume)
+    trainer = Trainer(model, task, tcfg, out, extra_files=extra_files, dist_ctx=dist_ctx, progress=not args.quiet,
+                      run=run)
+    summary = trainer.fit(resume=latest is not None)
     if dist_ctx.is_main:
         record = {"command": "attnlab train " + " ".join(argv), "steps": summary["step"],
                   "best_val_loss": summary["best_val_loss"], "wall_seconds": round(time.time() - start, 1),
@@ -244,25 +254,25 @@ def main(argv: list[str]) -> int:
             record.update(_test_bleu(args.data, out))
         elif args.task:  # the held-out test split, scored once with the best checkpoint
             record["test_exact_match"] = _test_exact_match(args.task, out)
-        (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+        write_json(out / "training.json", record)
         print(json.dumps(record), file=sys.stderr)
     dist_ctx.close()
-    return 0
+    return 130 if summary["interrupted"] else 0  # stopped by SIGINT/SIGTERM: saved, and said so
 
 
 def _test_exact_match(task: str, out: Path) -> float:
+    from attnlab.checkpoint import load_model
     from attnlab.tasks.seq2seq_data import exact_match, test_split
-    from attnlab.training.checkpoint import load_model
 
     best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
     return exact_match(load_model(best), test_split(task))
 
 
 def _test_bleu(data: str, out: Path) -> dict:
+    from attnlab.checkpoint import load_model
     from attnlab.hub import load_tokenizer
     from attnlab.tasks.translate import evaluate
     from attnlab.tasks.translation import SOURCE, TARGET, load_split
-    from attnlab.training.checkpoint import load_model
 
     best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
     pairs = [(r[SOURCE], r[TARGET]) for r in load_split(data, "test")]
@@ -270,38 +280,39 @@ def _test_bleu(data: str, out: Path) -> dict:
     return {"test_pairs": len(pairs), "test_bleu_greedy": round(res["bleu"], 2), "test_chrf_greedy": round(res["chrf"], 2)}
 
 
-def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, out: Path, dist_ctx):
+def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, latest: Path | None):
+    from attnlab.tokenizer import train_bpe
     from attnlab.training.corpus import load_corpus
-    from attnlab.training.data import TokenWindows, build_shards
+    from attnlab.training.data import TokenWindows, build_shards, separator_id
     from attnlab.training.losses import LMTask
-    from attnlab.training.tokenizer import eos_id, save_tokenizer, train_tokenizer
 
     corpus = load_corpus(args.data, max_files=args.max_files)
-    eos_override = None
-    tok_source = args.tokenizer or (out if args.resume else None)
+    tok_source = latest or args.tokenizer  # a resumed run reads its tokenizer from its newest complete checkpoint
     if tok_source is None and args.init and (Path(args.init) / "tokenizer.json").is_file():
         tok_source = args.init  # uptraining (e.g. after attnlab convert) keeps the model's own tokenizer
-    if tok_source is not None:
-        tok, eos_override = _reused_tokenizer(tok_source)
-    else:
-        tok = train_tokenizer(corpus.documents["train"], vocab_size)
+    tok = _reused_tokenizer(tok_source) if tok_source is not None else train_bpe(corpus.documents["train"],
+                                                                                  vocab_size)
     shards = build_shards(corpus, tok)
     train_bytes = corpus.n_bytes("train")
     bytes_per_token = train_bytes / max(1, shards["train"].size)
     task = LMTask(TokenWindows(shards["train"], seq_len, name="train"),
                   TokenWindows(shards["validation"], seq_len, name="validation"), bytes_per_token=bytes_per_token)
-    eos = eos_override if eos_override is not None else eos_id(tok)
-    model_fields = {**model_fields, "vocab_size": tok.get_vocab_size(), "eos_token_id": eos}
+    eos = tok.eos_token_id if tok.eos_token_id is not None else separator_id(tok)
+    tok = _with_eos(tok, eos)
+    model_fields = {**model_fields, "vocab_size": tok.vocab_size, "eos_token_id": eos}
     model_fields.setdefault("max_seq_len", max(seq_len, 256))
     if seq_len > model_fields["max_seq_len"]:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_fields['max_seq_len']}")
 
-    def extra_files(directory: Path) -> None:
-        save_tokenizer(tok, directory, eos_token=tok.id_to_token(eos))
-
     info = (f"corpus {corpus.name}: {train_bytes / 1e6:.1f} MB train, {shards['train'].size:,} tokens "
-            f"({bytes_per_token:.2f} bytes/token), vocab {tok.get_vocab_size()}")
-    return task, model_fields, extra_files, info
+            f"({bytes_per_token:.2f} bytes/token), vocab {tok.vocab_size}")
+    return task, model_fields, tok.save, info
+
+
+def _with_eos(tok: Tokenizer, eos: int) -> Tokenizer:
+    """The same tokenizer declaring ``eos`` as its end token (what a model trained on it stops at)."""
+    return Tokenizer(tok.backend, eos_token=tok.id_to_token(eos), bos_token=tok.bos_token, pad_token=tok.pad_token,
+                     chat_template=tok.chat_template, add_bos_token=tok.add_bos_token)
 
 
 def _init_embeddings(model, teacher) -> None:
@@ -312,52 +323,45 @@ def _init_embeddings(model, teacher) -> None:
           f"({kept:.0%} of its variance)", file=sys.stderr)
 
 
-def _reused_tokenizer(source) -> tuple:
-    """The tokenizer of a model directory, .gguf file or shipped name, and its end token if it names one."""
-    from tokenizers import Tokenizer
-
-    path = Path(source) / "tokenizer.json"
-    if path.is_file():
-        return Tokenizer.from_file(str(path)), None
+def _reused_tokenizer(source) -> Tokenizer:
+    """The tokenizer of a model directory, .gguf file or shipped name (e.g. smollm2: its own vocabulary and end
+    token, <|im_end|>)."""
     from attnlab.hub import load_tokenizer
 
-    wrapped = load_tokenizer(source)  # a .gguf file or a shipped name (e.g. smollm2): its own vocabulary
-    return wrapped.backend, wrapped.eos_token_id  # the model's own end token (e.g. <|im_end|> for SmolLM2)
+    return load_tokenizer(source)
 
 
 def _teacher_data_run(args, model_fields: dict):
+    from attnlab.training.data import separator_id
     from attnlab.training.distill import TeacherDataTask
     from attnlab.training.teacher_data import TeacherSequences, tokenizer_fingerprint
-    from attnlab.training.tokenizer import eos_id, save_tokenizer
 
     train = TeacherSequences(args.teacher_data, "train")
     source = args.tokenizer or train.settings["teacher"]
-    tok, eos_override = _reused_tokenizer(source)
+    tok = _reused_tokenizer(source)
     if tokenizer_fingerprint(tok) != train.settings["tokenizer"]:
         raise ValueError(f"--teacher-data {args.teacher_data} was made with another tokenizer than {source}'s; "
                          f"pass the teacher's: --tokenizer {train.settings['teacher']}")
     task = TeacherDataTask(train, TeacherSequences(args.teacher_data, "validation"),
                            temperature=args.distill_temperature)
-    eos = eos_override if eos_override is not None else eos_id(tok)
-    model_fields = {**model_fields, "vocab_size": tok.get_vocab_size(), "eos_token_id": eos}
+    eos = tok.eos_token_id if tok.eos_token_id is not None else separator_id(tok)
+    tok = _with_eos(tok, eos)
+    model_fields = {**model_fields, "vocab_size": tok.vocab_size, "eos_token_id": eos}
     longest = max(len(r) for r in train.rows["topk_ids"])
     model_fields.setdefault("max_seq_len", max(longest, 256))
     if longest > model_fields["max_seq_len"]:
         raise ValueError(f"--teacher-data sequences have {longest} positions, more than max_seq_len "
                          f"{model_fields['max_seq_len']}")
 
-    def extra_files(directory: Path) -> None:
-        save_tokenizer(tok, directory, eos_token=tok.id_to_token(eos))
-
     positions = sum(int(n) for n in train.rows["length"])
     info = (f"teacher data {args.teacher_data}: {train.n} sequences, {positions:,} labelled positions "
             f"(teacher {train.settings['teacher']}, top-{train.settings['k']})")
-    return task, model_fields, extra_files, info
+    return task, model_fields, tok.save, info
 
 
 def _model_config(model_fields: dict, args) -> ModelConfig:
     if args.init:
-        from attnlab.training.checkpoint import read_config
+        from attnlab.checkpoint import read_config
 
         base = read_config(args.init)
         if model_fields.get("vocab_size", 0) > base.vocab_size:
@@ -373,12 +377,7 @@ def _build(cfg: ModelConfig, args) -> torch.nn.Module:
 
     model = build_model(cfg)
     if args.init:
-        from attnlab.training.checkpoint import load_state_checked, read_weights
+        from attnlab.checkpoint import load_state_checked, read_weights
 
         load_state_checked(model, read_weights(Path(args.init) / "model.safetensors"), str(args.init))
-        for extra in ("tokenizer.json", "special_tokens.json"):
-            src = Path(args.init) / extra
-            if src.is_file() and not Path(args.out, extra).exists():
-                Path(args.out).mkdir(parents=True, exist_ok=True)
-                shutil.copy(src, Path(args.out) / extra)
     return model

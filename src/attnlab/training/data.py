@@ -18,35 +18,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 from torch import Tensor
 
+from attnlab.cachedir import cache_dir
+from attnlab.tokenizer import EOS, Tokenizer
 from attnlab.training.corpus import SPLITS, Corpus
-from attnlab.training.tokenizer import eos_id, tokenizer_hash
 
 MANIFEST = "manifest.json"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ATTNLAB_CACHE", Path.home() / ".cache" / "attnlab")) / "data"
+    return cache_dir("data")
+
+
+def separator_id(tok: Tokenizer) -> int:
+    """The id of ``<|endoftext|>``, which joins documents in the shards (whatever token ends a chat turn)."""
+    i = tok.token_to_id(EOS)
+    if i is None:
+        raise ValueError(f"the tokenizer has no {EOS} token to separate documents; train it with attnlab (or add "
+                         f"the token)")
+    return i
 
 
 def _encode_split(tok: Tokenizer, docs: list[str], dtype: np.dtype) -> np.ndarray:
-    eos = eos_id(tok)
+    eos = separator_id(tok)
     parts = []
     for start in range(0, len(docs), 256):
-        for enc in tok.encode_batch(docs[start:start + 256], add_special_tokens=False):
-            parts.append(np.asarray(enc.ids, dtype=dtype))
+        for ids in tok.encode_batch(docs[start:start + 256]):
+            parts.append(np.asarray(ids, dtype=dtype))
             parts.append(np.asarray([eos], dtype=dtype))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 def build_shards(corpus: Corpus, tok: Tokenizer, cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
     """Tokenise each split (or reuse a cache whose manifest matches) and return memmapped arrays."""
-    key = {"corpus": corpus.fingerprint(), "tokenizer": tokenizer_hash(tok), "version": 1}
+    key = {"corpus": corpus.fingerprint(), "tokenizer": tok.fingerprint(), "version": 1}
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = root / f"{key['corpus']}-{key['tokenizer']}"
-    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     manifest = folder / MANIFEST
     fresh = manifest.is_file() and json.loads(manifest.read_text()).get("key") == key and all(
         (folder / f"{s}.bin").is_file() for s in SPLITS)

@@ -129,10 +129,8 @@ def hash_seed(seed: int, split: str, index: int) -> int:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """``tokenizer_hash`` of a ``tokenizers.Tokenizer`` or of attnlab's wrapper around one."""
-    from attnlab.training.tokenizer import tokenizer_hash
-
-    return tokenizer_hash(getattr(tokenizer, "backend", tokenizer))[:16]
+    """The tokenizer's fingerprint, short (what a teacher-data folder records)."""
+    return tokenizer.fingerprint()[:16]
 
 
 class TeacherSequences:

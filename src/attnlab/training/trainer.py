@@ -13,26 +13,32 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from attnlab.training.checkpoint import (
+from attnlab.checkpoint import (
+    TMP_MARK,
     atomic_write_dir,
+    atomic_write_text,
+    clean_leftovers,
     load_state_checked,
-    load_training_state,
-    model_state,
     read_config,
     read_weights,
     save_model,
+    write_model_files,
+)
+from attnlab.training.checkpoint import (
+    check_optimizer_state,
+    is_complete,
+    load_training_state,
     save_training_state,
 )
 from attnlab.training.distributed import DistContext
@@ -61,6 +67,20 @@ class TrainConfig:
     save_dtype: str = "float32"
 
     def validate(self) -> TrainConfig:
+        for f in fields(self):  # types first: a value from --set or a config file may be any JSON
+            value, kind = getattr(self, f.name), f.type
+            if kind == "bool":
+                ok = isinstance(value, bool)
+            elif kind == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind in ("float", "float | None"):
+                ok = (value is None and kind != "float") or (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                raise ValueError(f"training setting {f.name}={value!r}: expected {kind.replace(' | None', ' or null')}"
+                                 f"{' (finite)' if 'float' in kind else ''}")
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every", "save_every", "keep_last"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
@@ -90,16 +110,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.chmod(tmp, 0o644)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-
 def read_metrics(out: str | Path) -> list[dict]:
     """The records of a run directory's ``metrics.jsonl`` (training rows, evaluations), in order; [] if none."""
     path = Path(out) / "metrics.jsonl"
@@ -107,13 +117,15 @@ def read_metrics(out: str | Path) -> list[dict]:
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+
 class Trainer:
     def __init__(self, model: nn.Module, task, cfg: TrainConfig, out: str | Path, *,
                  extra_files: Callable[[Path], None] | None = None, dist_ctx: DistContext | None = None,
-                 progress: bool = True, verbose: bool = True) -> None:
+                 progress: bool = True, verbose: bool = True, run: dict | None = None) -> None:
         self.cfg = cfg.validate()
         self.model, self.task, self.out = model, task, Path(out)
         self.extra_files = extra_files
+        self.run = dict(run or {})  # the command's settings beyond TrainConfig (data, task, ...), kept for --resume
         self.dist = dist_ctx or DistContext.single()
         self.progress = progress and self.dist.is_main
         self.verbose = verbose
@@ -129,19 +141,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dirs(self) -> list[Path]:
-        root = self.out / "checkpoints"
-        return sorted(root.glob("step-*")) if root.is_dir() else []
+        """The complete checkpoints of ``out``, oldest first (a killed save leaves none half-written)."""
+        return complete_checkpoints(self.out)
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         mine = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
         return {f"{k}.{r}": v for k, v in mine.items() for r, v in enumerate(self.dist.gather_tensor(v))}
 
     def save(self) -> None:
+        """A new ``checkpoints/step-N`` (written aside, renamed into place), then ``out``'s model files."""
         rng = self._rng_state()  # collective: every rank takes part
         if not self.dist.is_main:
             return
         dtype = getattr(torch, self.cfg.save_dtype)
-        state = {"step": self.step, "best": self.best, "train_config": asdict(self.cfg), "world": self.dist.world}
+        state = {"step": self.step, "best": self.best if math.isfinite(self.best) else None,
+                 "train_config": asdict(self.cfg), "world": self.dist.world, "run": self.run}
 
         def extra(tmp: Path) -> None:
             save_training_state(tmp, optimizer=self.opt, rng=rng, state=state)
@@ -149,27 +163,23 @@ class Trainer:
                 self.extra_files(tmp)
 
         ckpt = self.out / "checkpoints" / f"step-{self.step:07d}"
-        save_model(self.model, ckpt, extra_files=extra)  # full precision, atomic
+        save_model(self.model, ckpt, extra_files=extra, overwrite=True)  # full precision, atomic
         for old in self.checkpoint_dirs()[:-self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         self._refresh_model_dir(dtype)
 
     def _refresh_model_dir(self, dtype: torch.dtype) -> None:
         """Keep ``out`` itself a loadable model directory (each file replaced atomically)."""
-        from safetensors.torch import save_file
-
         self.out.mkdir(parents=True, exist_ok=True)
-        cfg_text = json.dumps({**self.model.config.to_dict(), "_attnlab_format": 1}, indent=2, sort_keys=True) + "\n"
-        _write_file_atomically(self.out / "config.json", lambda p: p.write_text(cfg_text))
-        _write_file_atomically(self.out / "model.safetensors",
-                               lambda p: save_file(model_state(self.model, dtype), str(p), metadata={"format": "pt"}))
-        if self.extra_files:
+        if self.extra_files:  # tokenizer first: once config.json is there, the directory is complete
             self.extra_files(self.out)
+        write_model_files(self.model, self.out, dtype=dtype)
 
     def resume(self) -> None:
         dirs = self.checkpoint_dirs()
         if not dirs:
-            raise ValueError(f"--resume: nothing to resume in {self.out} (no checkpoints/step-*); start without --resume")
+            raise ValueError(f"--resume: nothing to resume in {self.out} (no complete checkpoints/step-*); "
+                             f"start without --resume")
         latest = dirs[-1]
         saved_cfg = read_config(latest)
         if saved_cfg != self.model.config:
@@ -182,10 +192,37 @@ class Trainer:
             raise ValueError(f"--resume: the checkpoint was written by {state.get('world', 1)} processes, this run "
                              f"has {self.dist.world}; resume with the same number of processes")
         load_state_checked(self.model, read_weights(latest / "model.safetensors"), str(latest))
+        check_optimizer_state(opt_state, self.opt, latest)
         self.opt.load_state_dict(opt_state)
+        rng_file = latest / "rng.safetensors"
+        for key, target in ((f"torch.{self.dist.rank}", torch.get_rng_state()),
+                            (f"data.{self.dist.rank}", self.generator.get_state())):
+            if key not in rng or rng[key].shape != target.shape or rng[key].dtype != target.dtype:
+                raise ValueError(f"{rng_file}: tensor {key!r} is missing or not an RNG state of shape "
+                                 f"{tuple(target.shape)}; the checkpoint is damaged")
         torch.set_rng_state(rng[f"torch.{self.dist.rank}"])
         self.generator.set_state(rng[f"data.{self.dist.rank}"])
-        self.step, self.best = int(state["step"]), float(state["best"])
+        try:
+            self.step = int(state["step"])
+            self.best = float("inf") if state["best"] is None else float(state["best"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{latest / 'trainer_state.json'}: keys 'step'/'best' must be numbers; the "
+                             f"checkpoint is damaged") from None
+        if self.dist.is_main:
+            self._forget_metrics_after(self.step)
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drop metrics of steps the resumed run will redo (they were logged after the checkpoint)."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def _start_fresh(self) -> None:
+        """A run with no complete checkpoint starts over (a run killed before its first save saved nothing)."""
+        if self.dist.is_main:
+            self._forget_metrics_after(0)
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
@@ -238,11 +275,16 @@ class Trainer:
         """Train until ``steps`` (or ``max_time``, or SIGINT/SIGTERM: a checkpoint is saved first)."""
         from tqdm import tqdm
 
-        if resume:
+        if self.dist.is_main:
+            clean_leftovers(self.out)
+            clean_leftovers(self.out / "checkpoints")
+        if resume and self.checkpoint_dirs():
             self.resume()
         elif self.checkpoint_dirs():
             raise ValueError(f"{self.out} already holds a training run; pass --resume to continue it or choose "
                              f"another --out (nothing was overwritten)")
+        else:
+            self._start_fresh()
         handlers = self._install_signal_handlers()
         t0 = time.perf_counter()
         tokens_start = self.tokens_seen
@@ -269,7 +311,7 @@ class Trainer:
                     if metrics["loss"] < self.best:
                         self.best = metrics["loss"]
                         if self.dist.is_main:
-                            atomic_write_dir(self.out / "best", self._write_best)
+                            atomic_write_dir(self.out / "best", self._write_best, overwrite=True)
                 if on_step is not None:
                     on_step(self)
                 over_time = self.cfg.max_time is not None and elapsed > self.cfg.max_time
@@ -286,15 +328,11 @@ class Trainer:
             self._restore_signal_handlers(handlers)
         if self.dist.is_main:
             self.plot()
-        return {"step": self.step, "best_val_loss": self.best, "seconds": time.perf_counter() - t0}
+        return {"step": self.step, "best_val_loss": self.best if math.isfinite(self.best) else None,
+                "seconds": time.perf_counter() - t0, "interrupted": self.stop_requested}
 
     def _write_best(self, tmp: Path) -> None:
-        from safetensors.torch import save_file
-
-        dtype = getattr(torch, self.cfg.save_dtype)
-        (tmp / "config.json").write_text(json.dumps({**self.model.config.to_dict(), "_attnlab_format": 1}, indent=2,
-                                                    sort_keys=True) + "\n")
-        save_file(model_state(self.model, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_model_files(self.model, tmp, dtype=getattr(torch, self.cfg.save_dtype))
         if self.extra_files:
             self.extra_files(tmp)
 
@@ -336,6 +374,14 @@ class Trainer:
         fig.tight_layout()
         fig.savefig(self.out / "loss.png", dpi=110)
         plt.close(fig)
+
+
+def complete_checkpoints(out: str | Path) -> list[Path]:
+    """``out/checkpoints/step-*`` folders that hold a whole training checkpoint, oldest first."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.glob("step-*") if d.is_dir() and TMP_MARK not in d.name and is_complete(d))
 
 
 def threading_main() -> bool:

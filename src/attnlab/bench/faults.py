@@ -1,0 +1,167 @@
+"""``attnlab bench faults``: a fault-injection soak of training — SIGKILL at random moments, resume, repeat.
+
+A tiny training run (the ``tiny`` preset on a generated corpus, a checkpoint after every step, so much of
+the run's time is spent saving) is started and killed with SIGKILL after a random delay, ``--kills`` times
+(default 50); after each kill it is resumed (or restarted, when it died before its first checkpoint). After
+every kill the soak checks what a user would rely on:
+
+- the newest complete checkpoint loads;
+- ``OUT`` is a loadable model directory with a tokenizer (once its first save finished);
+and at the end of each run (a run that reaches its last step before the kills are used up is followed by
+a fresh one):
+- the final weights equal an uninterrupted run of the same steps, bit for bit;
+- no temporary file or folder is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from attnlab.bench.common import machine, write_json
+from attnlab.cli import parser
+
+TRAIN = ["--preset", "tiny", "--quiet", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4",
+         "--eval-every", "5", "--save-every", "1", "--keep-last", "2"]
+
+
+def make_corpus(root: Path) -> Path:
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for i in range(12):
+        (corpus / f"mod{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(40)))
+    return corpus
+
+
+def command(corpus: Path, out: Path, steps: int, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "attnlab", "train", *TRAIN, "--data", str(corpus), "--steps", str(steps),
+            "--out", str(out), *(["--resume"] if resume else [])]
+
+
+def leftovers(out: Path) -> list[Path]:
+    places = [out, out / "checkpoints"]
+    return [p for d in places if d.is_dir() for p in d.iterdir() if ".tmp-" in p.name]
+
+
+def newest(out: Path) -> Path | None:
+    from attnlab.training.trainer import complete_checkpoints
+
+    found = complete_checkpoints(out)
+    return found[-1] if found else None
+
+
+def check_after_kill(out: Path) -> list[str]:
+    """What must hold after any kill (an empty list when it all does)."""
+    import attnlab
+
+    problems = []
+    last = newest(out)
+    if last is not None:
+        try:
+            attnlab.from_pretrained(last)
+            attnlab.load_tokenizer(last)
+        except Exception as exc:  # noqa: BLE001 - any failure to load is what the soak reports
+            problems.append(f"newest checkpoint {last.name} does not load: {exc}")
+    if (out / "config.json").is_file():
+        try:
+            attnlab.from_pretrained(out)
+            attnlab.load_tokenizer(out)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"OUT does not load: {exc}")
+    return problems
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
+
+
+def main(argv: list[str]) -> int:
+    from tqdm import tqdm
+
+    p = parser("attnlab bench faults", "Kill a tiny training run at random moments, resume it, check nothing "
+                                       "was lost and the result equals an uninterrupted run.")
+    p.add_argument("--kills", type=int, default=50)
+    p.add_argument("--steps", type=int, default=40, help="steps of each run (a checkpoint after every step)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    p.add_argument("--out", default="bench_results/faults", help="working folder (runs, corpus, cache)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.kills < 1 or args.steps < 2:
+        raise ValueError("--kills must be >= 1 and --steps >= 2")
+    root = Path(args.out).absolute()
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"--out {root} is not empty; give a new folder (the soak writes several runs there)")
+    corpus = make_corpus(root)
+    env = {**os.environ, "ATTNLAB_CACHE": str(root / "cache")}
+    env.pop("ATTNLAB_TEST_PAUSE", None)
+
+    start = time.perf_counter()  # the uninterrupted reference, timed to place the kills
+    proc = subprocess.Popen(command(corpus, root / "straight", args.steps, False), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = None
+    while proc.poll() is None:
+        if first is None and newest(root / "straight") is not None:
+            first = time.perf_counter() - start
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise ValueError(f"the reference run failed: {proc.stderr.read().decode()[-500:]}")
+    total = time.perf_counter() - start
+    first = first or total / 2
+    straight = newest(root / "straight")
+
+    rng = random.Random(args.seed)
+    kills, runs, problems, equal = 0, [], [], 0
+    bar = tqdm(total=args.kills, desc="kills", unit="kill")
+    run_dir, resumed = root / "run-0", False
+    while kills < args.kills:
+        delay = rng.uniform(0.3 * first, first + (total - first) / 4)  # from start-up to a quarter of the run
+        proc = subprocess.Popen(command(corpus, run_dir, args.steps, resumed), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            proc.wait(delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            bar.update(1)
+            found = check_after_kill(run_dir)
+            problems += [f"kill {kills}: {p}" for p in found]
+            resumed = (run_dir / "checkpoints").is_dir()
+            continue
+        if proc.returncode != 0:  # finished by itself: it must have succeeded
+            problems.append(f"{run_dir.name}: the resumed run failed: {proc.stderr.read().decode()[-300:]}")
+        result = {"run": run_dir.name, "equal": same_weights(newest(run_dir), straight),
+                  "leftovers": [p.name for p in leftovers(run_dir)]}
+        equal += result["equal"]
+        runs.append(result)
+        run_dir, resumed = root / f"run-{len(runs)}", False
+    bar.close()
+    if (run_dir / "checkpoints").is_dir() or run_dir.exists():  # the last run, killed: finish it and compare
+        proc = subprocess.run(command(corpus, run_dir, args.steps, (run_dir / "checkpoints").is_dir()), env=env,
+                              capture_output=True)
+        if proc.returncode != 0:
+            problems.append(f"{run_dir.name}: the final resume failed: {proc.stderr.decode()[-300:]}")
+        else:
+            result = {"run": run_dir.name, "equal": same_weights(newest(run_dir), straight),
+                      "leftovers": [p.name for p in leftovers(run_dir)]}
+            equal += result["equal"]
+            runs.append(result)
+    survived = args.kills - len({p.split(":")[0] for p in problems if p.startswith("kill")})
+    summary = {"kills": args.kills, "kills_survived": survived, "runs": len(runs), "runs_equal": equal,
+               "leftovers": sum(len(r["leftovers"]) for r in runs), "problems": problems,
+               "reference_seconds": round(total, 1), "first_checkpoint_seconds": round(first, 1)}
+    print(f"kills survived: {survived}/{args.kills}; runs equal to the uninterrupted one: {equal}/{len(runs)}; "
+          f"temporary leftovers: {summary['leftovers']}")
+    for problem in problems:
+        print(f"  problem: {problem}")
+    write_json(args.json, {"bench": "faults", "machine": machine(), "args": vars(args), "summary": summary,
+                           "runs": runs})
+    return 0 if not problems and equal == len(runs) and not summary["leftovers"] else 1
