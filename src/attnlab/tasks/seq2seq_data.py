@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.checkpoint import write_json
+from attnlab.presets import TASK_MODELS
 from attnlab.tasks.numbers import TASKS, char_tokenizer, make_task
 
 PAD, START, END = 0, 1, 2
-DEFAULT_MODEL = dict(family="seq2seq", d_model=128, n_layers=3, n_encoder_layers=3, n_heads=4, n_kv_heads=2,
-                     d_ff=384, ffn="gelu", norm="layer", norm_position="pre", position="learned", max_seq_len=128,
-                     pad_token_id=PAD, decoder_start_token_id=START, eos_token_id=END, tie_embeddings=True)
+DEFAULT_MODEL = {**TASK_MODELS["numbers"], "pad_token_id": PAD, "decoder_start_token_id": START, "eos_token_id": END}
 
 
 def encode_pairs(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:

@@ -25,13 +25,13 @@ import torch
 from torch import Tensor
 
 from attnlab.checkpoint import write_json
+from attnlab.presets import TASK_MODELS
 from attnlab.tasks.seq2seq_data import END, PAD, START, Seq2SeqTask, collate, cross_attention  # noqa: F401
 from attnlab.tasks.translation import SOURCE, TARGET, load_split
 
 # the model of `attnlab train --task translation` unless a preset or --set says otherwise
-DEFAULT_MODEL = dict(family="seq2seq", d_model=256, n_layers=3, n_encoder_layers=3, n_heads=8, n_kv_heads=2,
-                     d_ff=1024, ffn="gelu", norm="layer", norm_position="pre", position="learned", max_seq_len=128,
-                     pad_token_id=PAD, decoder_start_token_id=START, eos_token_id=END, tie_embeddings=True)
+DEFAULT_MODEL = {**TASK_MODELS["translation"], "pad_token_id": PAD, "decoder_start_token_id": START,
+                 "eos_token_id": END}
 
 
 class TranslationTask(Seq2SeqTask):
