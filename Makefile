@@ -34,7 +34,7 @@ tour: $(STAMP)
 	$(BIN)/attnlab tour
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -19,6 +19,7 @@ BENCHES: dict[str, str] = {
     "translation": "attnlab.bench.translation",
     "linear": "attnlab.bench.linear",
     "faults": "attnlab.bench.faults",
+    "gguf": "attnlab.bench.gguf",
 }
 
 

