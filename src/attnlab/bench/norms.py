@@ -55,6 +55,9 @@ class VariableLengthTask:
     def metrics(self, mean_loss: float) -> dict[str, float]:
         return {"loss": mean_loss}
 
+    def evaluate_extra(self, model) -> dict[str, float]:
+        return {}
+
 
 def _train(cfg, task, steps: int, lr: float, warmup: int, batch: int, seed: int = 0):
     from attnlab.models import build_model

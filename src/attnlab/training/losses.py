@@ -1,4 +1,4 @@
-"""What the trainer optimises, per kind of data. The trainer knows nothing about models: a task gives it
+"""What the trainer optimises, per kind of data. The trainer knows nothing about models: a ``Task`` gives it
 batches and a ``loss(model, batch) -> (mean loss, number of target tokens)``.
 
 - ``LMTask``: next-token prediction on token windows (decoder, RWKV and Infini families).
@@ -10,12 +10,33 @@ Shape legend: B batch, T window length, V vocab.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.training.data import TokenWindows
+
+
+class Task(Protocol):
+    """What ``Trainer`` needs of a task (every task in attnlab implements all five)."""
+
+    def train_batch(self, batch_size: int, generator: torch.Generator) -> Any:
+        """A training batch, drawn with ``generator`` (its state is checkpointed: resume redraws the same)."""
+
+    def eval_batches(self, n: int) -> Sequence[Any]:
+        """Fixed validation batches (the same at every evaluation)."""
+
+    def loss(self, model: torch.nn.Module, batch: Any, *, context_parallel: Any = None) -> tuple[Tensor, int]:
+        """(mean loss over the batch's target tokens, their number)."""
+
+    def metrics(self, mean_loss: float) -> dict[str, float]:
+        """What an evaluation reports from the mean validation loss (``"loss"`` included)."""
+
+    def evaluate_extra(self, model: torch.nn.Module) -> dict[str, float]:
+        """Metrics beyond the loss (exact match, BLEU, acceptance, ...); ``{}`` when there are none."""
 
 
 class LMTask:
@@ -49,3 +70,6 @@ class LMTask:
         if self.bytes_per_token:
             out["bpb"] = mean_loss / math.log(2) / self.bytes_per_token
         return out
+
+    def evaluate_extra(self, model) -> dict[str, float]:
+        return {}

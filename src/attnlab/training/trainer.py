@@ -42,6 +42,7 @@ from attnlab.training.checkpoint import (
     save_training_state,
 )
 from attnlab.training.distributed import DistContext
+from attnlab.training.losses import Task
 
 
 @dataclass
@@ -119,7 +120,7 @@ def read_metrics(out: str | Path) -> list[dict]:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, task, cfg: TrainConfig, out: str | Path, *,
+    def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, out: str | Path, *,
                  extra_files: Callable[[Path], None] | None = None, dist_ctx: DistContext | None = None,
                  progress: bool = True, verbose: bool = True, run: dict | None = None) -> None:
         self.cfg = cfg.validate()
@@ -238,8 +239,7 @@ class Trainer:
             total += self.dist.cp_sum(loss.detach().float()).item() * (n * (self.dist.cp.size if self.dist.cp else 1))
             count += n * (self.dist.cp.size if self.dist.cp else 1)
         metrics = self.task.metrics(total / max(count, 1))
-        if hasattr(self.task, "evaluate_extra"):  # e.g. exact-match accuracy of a seq2seq task
-            metrics.update(self.task.evaluate_extra(self.model))
+        metrics.update(self.task.evaluate_extra(self.model))  # e.g. exact-match accuracy of a seq2seq task
         self.model.train()
         return metrics
 
