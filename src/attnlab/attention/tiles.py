@@ -108,6 +108,13 @@ def to_rows(x: Tensor, kv_heads: int) -> Tensor:
     return x.reshape(B, kv_heads, T * G, *rest)
 
 
+def flat_rows(x: Tensor, kv_heads: int) -> Tensor:
+    """(B, H, T, ...) -> (B*K, T*G, ...): ``to_rows`` with batch and K/V heads merged; a view when G = 1 and the
+    layout allows (contiguous inputs), else a copy."""
+    x = to_rows(x, kv_heads)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
 def from_rows(x: Tensor, groups: int) -> Tensor:
     """Inverse of ``to_rows``: (B, K, T * G, ...) -> (B, K * G, T, ...)."""
     if groups == 1:
@@ -146,13 +153,6 @@ def _key_tile_padding(mask: Tensor | None, j0: int, j1: int, kv_heads: int) -> t
     if bool(tile.all()):
         return False, None
     return (not bool(tile.any())), tile.repeat_interleave(kv_heads, dim=0)[:, None, :]  # (B*K, 1, bk)
-
-
-def flat_rows(x: Tensor, kv_heads: int) -> Tensor:
-    """(B, H, T, ...) -> (B*K, T*G, ...): ``to_rows`` with batch and K/V heads merged; a view when G = 1 and the
-    layout allows (contiguous inputs), else a copy."""
-    x = to_rows(x, kv_heads)
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def forward_rows(
