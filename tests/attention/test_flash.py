@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 from attnlab import ModelConfig, build_model
 from attnlab.attention import flash_attention, get_kernel, merge_partials
-from attnlab.attention.flash import (
-    _backward_rows,
-    _forward_rows,
-    _from_rows,
-    _rows,
-    _tile_plan,
+from attnlab.attention.tiles import (
+    backward_rows,
     default_block_sizes,
+    flat_rows,
+    forward_rows,
+    from_rows,
+    tile_plan,
 )
 
 
@@ -161,15 +161,15 @@ def test_fully_masked_rows_are_zero_with_minus_inf_lse_and_finite_gradients():
 
 
 def test_causal_skips_future_tiles_and_trims_the_diagonal():
-    plan = _tile_plan(64, 64, 16, 16, causal=True)
+    plan = tile_plan(64, 64, 16, 16, causal=True)
     assert [len(tiles) for _, _, tiles in plan] == [1, 2, 3, 4]  # 10 of the 16 tiles
     assert all(diag == (j0 == i0) for i0, _, tiles in plan for j0, _, diag in tiles)
     # bottom-right alignment: 8 queries over 64 keys sit at positions 56..63
-    (i0, i1, tiles), = _tile_plan(8, 64, 8, 32, causal=True)
+    (i0, i1, tiles), = tile_plan(8, 64, 8, 32, causal=True)
     assert tiles == [(0, 32, False), (32, 64, True)]
     # a key tile reaching past a query tile's last position is trimmed to it
-    assert _tile_plan(4, 4, 2, 4, causal=True)[0][2] == [(0, 2, True)]
-    assert sum(len(t) for _, _, t in _tile_plan(64, 64, 16, 16, causal=False)) == 16
+    assert tile_plan(4, 4, 2, 4, causal=True)[0][2] == [(0, 2, True)]
+    assert sum(len(t) for _, _, t in tile_plan(64, 64, 16, 16, causal=False)) == 16
 
 
 def test_merge_partials_of_two_key_halves_equals_attention_over_all_keys():
@@ -217,10 +217,10 @@ def test_forward_rows_continues_a_partial_result_in_place_like_merge_partials(dt
     out_a, lse_a = flash_attention(q, k[:, :, :10], v[:, :, :10], key_padding_mask=mask[:, :10], block_q=3, block_k=4)
     out_b, lse_b = flash_attention(q, k[:, :, 10:], v[:, :, 10:], key_padding_mask=mask[:, 10:], block_q=3, block_k=4)
     acc = torch.promote_types(dtype, torch.float32)
-    out, lse = _rows(out_a.to(acc), K).clone(), _rows(lse_a, K).clone()  # (BK, Tq*G, D), (BK, Tq*G)
-    _forward_rows(_rows(q, K), k[:, :, 10:].reshape(B * K, 10, D), v[:, :, 10:].reshape(B * K, 10, D),
-                  mask[:, 10:], G, False, 1 / math.sqrt(D), 3, 4, out, lse)
-    out, lse = _from_rows(out.view(B, K, Tq * G, D), G), _from_rows(lse.view(B, K, Tq * G), G)
+    out, lse = flat_rows(out_a.to(acc), K).clone(), flat_rows(lse_a, K).clone()  # (BK, Tq*G, D), (BK, Tq*G)
+    forward_rows(flat_rows(q, K), k[:, :, 10:].reshape(B * K, 10, D), v[:, :, 10:].reshape(B * K, 10, D),
+                 mask[:, 10:], G, False, 1 / math.sqrt(D), 3, 4, out, lse)
+    out, lse = from_rows(out.view(B, K, Tq * G, D), G), from_rows(lse.view(B, K, Tq * G), G)
     merged_out, merged_lse = merge_partials(out_a, lse_a, out_b, lse_b)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.to(dtype), merged_out, **tol)
@@ -230,8 +230,8 @@ def test_forward_rows_continues_a_partial_result_in_place_like_merge_partials(dt
     torch.testing.assert_close(lse.double(), ref_lse, **tol)
     # a row with no key on either side stays zeros and -inf
     empty_out, empty_lse = torch.zeros(1, G, D, dtype=acc), torch.full((1, G), float("-inf"), dtype=acc)
-    _forward_rows(q[:1, :G, :1].reshape(1, G, D), k[:1, 0], v[:1, 0], torch.zeros(1, Tk, dtype=torch.bool), G,
-                  False, 1.0, 1, 4, empty_out, empty_lse)
+    forward_rows(q[:1, :G, :1].reshape(1, G, D), k[:1, 0], v[:1, 0], torch.zeros(1, Tk, dtype=torch.bool), G,
+                 False, 1.0, 1, 4, empty_out, empty_lse)
     assert torch.equal(empty_out, torch.zeros_like(empty_out)) and torch.isneginf(empty_lse).all()
 
 
@@ -244,12 +244,12 @@ def test_backward_rows_accumulates_into_given_gradients():
     dout = torch.randn_like(out)
     out.backward(dout)
     dq, dk, dv = (torch.zeros(B * K, n, D, dtype=torch.float64) for n in (T * G, T, T))
-    args = [_rows(t.detach(), K) for t in (q, out, lse, dout)]
+    args = [flat_rows(t.detach(), K) for t in (q, out, lse, dout)]
     kr, vr = (t.detach().reshape(B * K, T, D) for t in (k, v))
     for cols in (slice(0, 4), slice(4, T)):
-        _backward_rows(args[0], kr[:, cols], vr[:, cols], args[1], args[2], args[3], None, None, G, False,
-                       1 / math.sqrt(D), 2, 3, dq, dk[:, cols], dv[:, cols])
-    torch.testing.assert_close(_from_rows(dq.view(B, K, T * G, D), G), q.grad, rtol=1e-12, atol=1e-12)
+        backward_rows(args[0], kr[:, cols], vr[:, cols], args[1], args[2], args[3], None, None, G, False,
+                      1 / math.sqrt(D), 2, 3, dq, dk[:, cols], dv[:, cols])
+    torch.testing.assert_close(from_rows(dq.view(B, K, T * G, D), G), q.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dk.view(k.shape), k.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dv.view(v.shape), v.grad, rtol=1e-12, atol=1e-12)
 

@@ -3,10 +3,10 @@ Context") over ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
 
 The sequence is sharded over the P ranks of a process group. Each rank keeps its queries and passes its
 K/V shard around the ring: at step s it computes its queries against the block that started on rank
-r - s (FlashAttention tiles, ``flash._forward_rows``) while the next block travels, continuing the online
-softmax of its (out, lse) in place (the log-sum-exp identity of ``merge_partials``). After P steps every
-query has seen every key, exactly. Backward runs the ring again: each rank recomputes its blocks
-(``flash._backward_rows`` with the *global* output and lse), accumulates dQ in place, and the dK/dV
+r - s (the FlashAttention tile engine, ``tiles.forward_rows``) while the next block travels, continuing
+the online softmax of its (out, lse) in place (the log-sum-exp identity of ``merge_partials``). After P
+steps every query has seen every key, exactly. Backward runs the ring again: each rank recomputes its blocks
+(``tiles.backward_rows`` with the *global* output and lse), accumulates dQ in place, and the dK/dV
 accumulators travel with their block, arriving home after a full turn.
 
 Memory: the (batch, K/V head) pairs go round the ring in ``head_groups`` groups, one group after another
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from attnlab.attention.flash import _backward_rows, _forward_rows, _from_rows, _rows, default_block_sizes
+from attnlab.attention.tiles import backward_rows, default_block_sizes, flat_rows, forward_rows, from_rows
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -189,7 +189,7 @@ def _result_rows(full: Tensor, bs: slice, hs: slice, n: int, groups: int, fill: 
 def _put_rows(full: Tensor, rows: Tensor, bs: slice, hs: slice, groups: int) -> None:
     if groups > 1:
         nb = bs.stop - bs.start
-        full[bs, hs] = _from_rows(rows.view(nb, rows.shape[0] // nb, *rows.shape[1:]), groups)
+        full[bs, hs] = from_rows(rows.view(nb, rows.shape[0] // nb, *rows.shape[1:]), groups)
 
 
 def _kv_rows(x: Tensor, bs: slice, ks: slice) -> Tensor:
@@ -215,8 +215,8 @@ def _forward_group(ring: _Ring, qr: Tensor, kv: list[Tensor], masks: Tensor | No
         mb = None if masks is None else masks[src]  # (nb, Tl)
         for rows, cols, diag in block_pairs(ring.rank, src, ring.world, layout, causal, Tl):
             r = slice(rows.start * groups, rows.stop * groups)
-            _forward_rows(qr[:, r], kv[0][:, cols], kv[1][:, cols], None if mb is None else mb[:, cols], groups,
-                          diag, scale, bq, bk, out[:, r], lse[:, r])
+            forward_rows(qr[:, r], kv[0][:, cols], kv[1][:, cols], None if mb is None else mb[:, cols], groups,
+                         diag, scale, bq, bk, out[:, r], lse[:, r])
         if step < ring.world - 1:
             ring.wait(reqs)
             spare = kv if step > 0 else None  # step 0 sent this rank's own K/V: not ours to overwrite
@@ -245,9 +245,9 @@ def _backward_group(ring: _Ring, qr: Tensor, kv: list[Tensor], outr: Tensor, lse
         mb = None if masks is None else masks[src]
         for rows, cols, diag in block_pairs(ring.rank, src, ring.world, layout, causal, Tl):
             r = slice(rows.start * groups, rows.stop * groups)
-            _backward_rows(qr[:, r], kv[0][:, cols], kv[1][:, cols], outr[:, r], lser[:, r], dor[:, r], None,
-                           None if mb is None else mb[:, cols], groups, diag, scale, bq, bk,
-                           dq[:, r], grads[0][:, cols], grads[1][:, cols])
+            backward_rows(qr[:, r], kv[0][:, cols], kv[1][:, cols], outr[:, r], lser[:, r], dor[:, r], None,
+                          None if mb is None else mb[:, cols], groups, diag, scale, bq, bk,
+                          dq[:, r], grads[0][:, cols], grads[1][:, cols])
         if ring.world > 1:  # dK/dV move on with their block
             grad_recv = grad_spare if grad_spare is not None else [torch.empty_like(t) for t in grads]
             reqs += ring.start(grads, grad_recv, tag=2)
@@ -276,7 +276,7 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.full((B, H, Tl), float("-inf"), dtype=acc, device=q.device)
         for bs, ks in head_groups_of(B, K, head_groups):
             hs = slice(ks.start * G, ks.stop * G)
-            qr = _rows(q[bs, hs], ks.stop - ks.start)  # (n, Tl*G, D)
+            qr = flat_rows(q[bs, hs], ks.stop - ks.start)  # (n, Tl*G, D)
             o, l = _result_rows(out, bs, hs, qr.shape[0], G, 0.0), _result_rows(lse, bs, hs, qr.shape[0], G, -math.inf)
             _forward_group(ring, qr, [_kv_rows(k, bs, ks), _kv_rows(v, bs, ks)], None if masks is None else masks[:, bs],
                            G, layout, causal, scale, bq, bk, o, l)
@@ -302,7 +302,7 @@ class _RingAttention(torch.autograd.Function):
         dk, dv = torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)
         for bs, ks in head_groups_of(B, K, ctx.head_groups):
             hs, nk = slice(ks.start * G, ks.stop * G), ks.stop - ks.start
-            qr, outr, lser, dor = (_rows(t[bs, hs], nk) for t in (q, out, lse, dout))  # (n, Tl*G, ...)
+            qr, outr, lser, dor = (flat_rows(t[bs, hs], nk) for t in (q, out, lse, dout))  # (n, Tl*G, ...)
             dqr = _result_rows(dq, bs, hs, qr.shape[0], G, 0.0)
             _backward_group(ring, qr, [_kv_rows(k, bs, ks), _kv_rows(v, bs, ks)], outr, lser, dor,
                             None if masks is None else masks[:, bs], G, ctx.layout, ctx.causal, ctx.scale, bq, bk,
