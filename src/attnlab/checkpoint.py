@@ -328,15 +328,3 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
     with torch.no_grad():
         for name in expected:
             own[name].copy_(state[name].to(own[name].dtype))
-
-
-def load_model(directory: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    from attnlab.models import build_model
-
-    directory = Path(directory)
-    cfg = read_config(directory)
-    state = read_weights(directory / WEIGHTS_NAME)
-    model = build_model(cfg)
-    model.to(torch.float32 if dtype is None else dtype)  # weights stored in 16 bits are widened by default
-    load_state_checked(model, state, str(directory / WEIGHTS_NAME))
-    return model.eval()

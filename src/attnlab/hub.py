@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from attnlab.checkpoint import CONFIG_NAME, is_attnlab_dir, load_model
+from attnlab.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    is_attnlab_dir,
+    load_state_checked,
+    read_config,
+    read_weights,
+)
 from attnlab.tokenizer import Tokenizer
 
 SHIPPED = {"default": "default", "default-draft": "default-draft", "numbers": "numbers",
@@ -77,6 +84,19 @@ def resolve_path(path_or_name: str | Path) -> Path:
         names = ", ".join(repr(n) for n in (*SHIPPED, *SHIPPED_GGUF))
         raise FileNotFoundError(f"no model at {text!r}: give a model directory, a .gguf file, or one of {names}")
     return path
+
+
+def load_model(directory: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """An attnlab model directory (config + safetensors weights), widened to float32 unless ``dtype``."""
+    from attnlab.models import build_model
+
+    directory = Path(directory)
+    cfg = read_config(directory)
+    state = read_weights(directory / WEIGHTS_NAME)
+    model = build_model(cfg)
+    model.to(torch.float32 if dtype is None else dtype)  # weights stored in 16 bits are widened by default
+    load_state_checked(model, state, str(directory / WEIGHTS_NAME))
+    return model.eval()
 
 
 def from_pretrained(path_or_name: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:

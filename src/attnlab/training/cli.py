@@ -236,7 +236,7 @@ def main(argv: list[str]) -> int:
 
 
 def _test_exact_match(task: str, out: Path) -> float:
-    from attnlab.checkpoint import load_model
+    from attnlab.hub import load_model
     from attnlab.tasks.seq2seq_data import exact_match, test_split
 
     best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
@@ -244,8 +244,7 @@ def _test_exact_match(task: str, out: Path) -> float:
 
 
 def _test_bleu(data: str, out: Path) -> dict:
-    from attnlab.checkpoint import load_model
-    from attnlab.hub import load_tokenizer
+    from attnlab.hub import load_model, load_tokenizer
     from attnlab.tasks.translate import evaluate
     from attnlab.tasks.translation import SOURCE, TARGET, load_split
 
