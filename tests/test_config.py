@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -7,7 +8,7 @@ from attnlab import ModelConfig
 
 def test_json_round_trip_is_exact(tmp_path):
     cfg = ModelConfig(vocab_size=300, d_model=96, n_heads=6, n_kv_heads=2, ffn="gelu", norm="layer",
-                      norm_position="post", position="learned", rope_theta=5e5, dropout=0.1)
+                      norm_position="post", position="rope", rope_theta=5e5, dropout=0.1)
     path = tmp_path / "c.json"
     cfg.to_json(path)
     assert ModelConfig.from_json(path) == cfg
@@ -63,3 +64,37 @@ def test_bad_json(tmp_path):
         ModelConfig.from_json(bad)
     with pytest.raises(FileNotFoundError):
         ModelConfig.from_json(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("fields, needle", [
+    (dict(family="rwkv", norm="batch"), "norm='batch'"),
+    (dict(family="rwkv", norm_position="sandwich"), "norm_position='sandwich'"),
+    (dict(family="rwkv", attention_kernel="ring"), "attention_kernel='ring'"),
+    (dict(family="rwkv", ffn="gelu"), "ffn='gelu'"),
+    (dict(family="rwkv", n_heads=4, n_kv_heads=1), "n_kv_heads=1"),
+    (dict(family="rwkv", dropout=0.1), "dropout=0.1"),
+    (dict(family="rwkv", position="learned"), "position='learned'"),
+    (dict(attention_mechanism="infini", segment_len=8, attention_kernel="ring"), "attention_kernel='ring'"),
+    (dict(ring_layout="contiguous"), "ring_layout='contiguous'"),
+    (dict(segment_len=16), "segment_len=16"),
+    (dict(memory_update="delta"), "memory_update='delta'"),
+    (dict(rwkv_version=7), "rwkv_version=7"),
+    (dict(position="learned", rope_theta=5e5), "rope_theta=500000.0"),
+    (dict(family="encoder", n_encoder_layers=2), "n_encoder_layers=2"),
+    (dict(family="decoder", decoder_start_token_id=1), "decoder_start_token_id=1"),
+    (dict(family="seq2seq", type_vocab_size=2), "type_vocab_size=2"),
+    (dict(family="decoder", pooler=True), "pooler=True"),
+    (dict(family="decoder", share_embeddings=False), "share_embeddings=False"),
+])
+def test_a_field_the_model_would_ignore_is_refused_by_name(fields, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        ModelConfig(**fields)
+
+
+def test_the_fields_a_family_reads_are_accepted():
+    ModelConfig(family="rwkv", norm="layer", position="none", n_heads=1)  # RWKV described truthfully
+    ModelConfig(family="rwkv", rwkv_version=7, n_heads=2)
+    ModelConfig(attention_mechanism="infini", segment_len=8, memory_update="delta", attention_kernel="flash")
+    ModelConfig(attention_kernel="ring", ring_layout="contiguous")
+    ModelConfig(family="seq2seq", n_encoder_layers=1, decoder_start_token_id=1, share_embeddings=False)
+    ModelConfig(family="encoder", type_vocab_size=2, pooler=True, mlm_head=False)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from attnlab.config_rules import check_fields_in_use
+
 FAMILIES = ("decoder", "encoder", "seq2seq", "rwkv")
 FFNS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu")
 NORMS = ("layer", "rms", "batch", "batch_naive")
@@ -159,6 +161,7 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
                 raise ValueError(f"{name}={value!r} must be a token id in [0, vocab_size={self.vocab_size})")
+        check_fields_in_use(self.to_dict(), _DEFAULTS)  # a field this family/mechanism never reads keeps its default
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -219,6 +222,9 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise ValueError(f"config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(ModelConfig)}
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
