@@ -23,7 +23,8 @@ def test_bench_decode_static_row(monkeypatch, tmp_path):
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["impl"].split()[0], r["precision"]) for r in rows] == [
-        ("transformers", "fp32"), ("attnlab", "fp32"), ("attnlab", "fp32")]
+        ("attnlab", "fp32"), ("transformers", "fp32"), ("attnlab", "fp32"), ("attnlab", "fp32")]
+    assert rows[0]["impl"] == decode.DEFAULT_IMPL and rows[0]["same_tokens"] is True
     static = next(r for r in rows if r["impl"] == "attnlab static")
     assert static["same_tokens"] is True and isinstance(static["vs_hf"], float) and static["compile_s"] >= 0
 

@@ -1,4 +1,4 @@
-"""Speculative decoding: greedy output identical to plain greedy; sampling distributed as the target."""
+"""Speculative decoding: greedy output identical to plain greedy (sampling: test_speculative_exact.py)."""
 
 
 import pytest
@@ -7,7 +7,6 @@ import torch
 import attnlab
 from attnlab import ModelConfig, build_model
 from attnlab.inference.drafters import HybridDrafter
-from attnlab.inference.sampling import logits_to_probs
 from attnlab.inference.speculative import choose_gamma, expected_tokens_per_call
 
 
@@ -97,45 +96,6 @@ def test_stream_receives_the_same_tokens(target, drafts):
     assert torch.tensor(seen).T.tolist() == out[:, 4:].tolist()
 
 
-def exact_two_token_distribution(model, prompt, **sampling):
-    """P(t1, t2 | prompt) under the model with the given sampling filters, by enumeration."""
-    V = model.config.vocab_size
-    with torch.no_grad():
-        p1 = logits_to_probs(model(prompt)[0, -1], **sampling)
-        seqs = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
-        p2 = logits_to_probs(model(seqs)[:, -1], **sampling)  # (V, V)
-    return p1[:, None] * p2
-
-
-@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.8, top_k=4),
-                                      dict(temperature=1.2, top_p=0.7)])
-def test_sampling_matches_the_target_distribution(sampling):
-    target, draft = make(3, vocab=6, std=0.8), make(4, vocab=6, layers=1, std=0.8)
-    prompt = torch.tensor([[1, 4, 2]])
-    exact = exact_two_token_distribution(target, prompt, **sampling)
-    n = 20000
-    out = attnlab.speculative_generate(target, draft, prompt.repeat(n, 1), 2, gamma=3, seed=0, **sampling)
-    counts = torch.zeros(6, 6)
-    counts.index_put_((out[:, 3], out[:, 4]), torch.ones(n), accumulate=True)
-    tv = 0.5 * (counts / n - exact).abs().sum()
-    assert tv < 0.03, f"total variation {tv:.3f} between speculative samples and the target's distribution"
-    # the same test rejects the draft's own distribution: it has teeth
-    wrong = exact_two_token_distribution(draft, prompt, **sampling)
-    assert 0.5 * (counts / n - wrong).abs().sum() > 0.1
-
-
-def test_prompt_lookup_sampling_is_exact_too():
-    target = make(5, vocab=6, std=0.8)
-    prompt = torch.tensor([[1, 2, 3, 1, 2]])
-    exact = exact_two_token_distribution(target, prompt, temperature=1.0)
-    n = 20000
-    out = attnlab.speculative_generate(target, "prompt_lookup", prompt.repeat(n, 1), 2, gamma=2, seed=1,
-                                       temperature=1.0)
-    counts = torch.zeros(6, 6)
-    counts.index_put_((out[:, 5], out[:, 6]), torch.ones(n), accumulate=True)
-    assert 0.5 * (counts / n - exact).abs().sum() < 0.03
-
-
 def test_hybrid_uses_both_sources_and_stays_exact_with_padding(target, drafts):
     """Rows with a repeated pattern and a 40-token vocabulary, so that lookup (on the last token) matches in
     some rounds and not in others (the model drafts); a batch of 4 with left padding. A batch takes a lookup
@@ -154,27 +114,6 @@ def test_hybrid_uses_both_sources_and_stays_exact_with_padding(target, drafts):
         assert torch.equal(out, expected)
         assert hybrid.lookup_rounds > 0 and hybrid.model_rounds > 0
         assert stats.generated >= 4 * 39  # the first token comes from the prompt's own call
-
-
-@pytest.mark.parametrize("prompt, min_match, source", [
-    ([0, 1, 2, 3, 4, 5, 1, 2], 1, "lookup"),  # every token occurred before: every row has a match
-    ([1, 2, 3, 1, 2], 3, "model"),  # (1, 2, t) occurred only for t = 3: some rows have none
-])
-def test_hybrid_sampling_is_exact(prompt, min_match, source):
-    """The first token comes from the prompt's call; the second from a round drafted by lookup or by the model."""
-    target, draft = make(3, vocab=6, std=0.8), make(4, vocab=6, layers=1, std=0.8)
-    prompt = torch.tensor([prompt])
-    exact = exact_two_token_distribution(target, prompt, temperature=0.9, top_k=5)
-    n = 20000
-    hybrid = HybridDrafter(draft, min_match=min_match)
-    out = attnlab.speculative_generate(target, hybrid, prompt.repeat(n, 1), 2, gamma=1, seed=2,
-                                       temperature=0.9, top_k=5)
-    rounds = {"lookup": hybrid.lookup_rounds, "model": hybrid.model_rounds}
-    assert rounds[source] > 0 and sum(rounds.values()) == rounds[source]
-    T = prompt.shape[1]
-    counts = torch.zeros(6, 6)
-    counts.index_put_((out[:, T], out[:, T + 1]), torch.ones(n), accumulate=True)
-    assert 0.5 * (counts / n - exact).abs().sum() < 0.03
 
 
 def test_hybrid_refuses_a_draft_with_another_vocabulary(target):

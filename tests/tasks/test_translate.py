@@ -49,6 +49,8 @@ def test_beam_one_is_greedy(model, tok):
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
 def test_wider_beams_never_score_lower_than_greedy(model, tok, length_penalty):
+    """True by construction of ``keep_greedy`` (the default): beam search itself is tested against an
+    exhaustive and a reference search in tests/inference/test_beam_reference.py."""
     src, mask = sources(tok, TEXTS)
     greedy = decode(model, src, mask, num_beams=1, max_new_tokens=12)
     lp_greedy = sequence_logprob(model, src, mask, greedy)
@@ -57,6 +59,35 @@ def test_wider_beams_never_score_lower_than_greedy(model, tok, length_penalty):
         lp = sequence_logprob(model, src, mask, hyps)
         for h, g, s, sg in zip(hyps, greedy, lp, lp_greedy):
             assert score(s, len(h), length_penalty) >= score(sg, len(g), length_penalty) - 1e-9
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_keep_greedy_picks_the_better_of_greedy_and_beam(length_penalty):
+    """``keep_greedy=False`` is beam_search's own result; ``True`` (the default) takes, row by row, the greedy
+    hypothesis exactly where it scores higher than the beam's. A random 8-token model, where narrow beams
+    often lose the greedy path (early stopping once K hypotheses have ended), so both branches are taken."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="seq2seq", vocab_size=8, d_model=16, n_layers=1, n_encoder_layers=1, n_heads=2, d_ff=32,
+                      max_seq_len=16, decoder_start_token_id=START, eos_token_id=END, pad_token_id=0, init_std=1.0)
+    model = build_model(cfg).double().eval()
+    src = torch.randint(3, 8, (40, 4), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(src)
+    greedy = decode(model, src, mask, num_beams=1, max_new_tokens=8)
+    lp_greedy = sequence_logprob(model, src, mask, greedy)
+    taken = {"greedy": 0, "beam": 0}
+    for beams in (2, 3):
+        out = beam_search(model, src, 8, num_beams=beams, eos_token_id=END, attention_mask=mask,
+                          length_penalty=length_penalty)
+        alone = [r[: r.index(END) + 1] if END in r else r for r in out[:, 1:].tolist()]
+        assert decode(model, src, mask, num_beams=beams, length_penalty=length_penalty, max_new_tokens=8,
+                      keep_greedy=False) == alone
+        lp = sequence_logprob(model, src, mask, alone)
+        kept = decode(model, src, mask, num_beams=beams, length_penalty=length_penalty, max_new_tokens=8)
+        for h, b, g, sb, sg in zip(kept, alone, greedy, lp, lp_greedy):
+            greedy_wins = score(sg, len(g), length_penalty) > score(sb, len(b), length_penalty)
+            assert h == (g if greedy_wins else b)
+            taken["greedy" if greedy_wins else "beam"] += 1
+    assert taken["greedy"] > 0 and taken["beam"] > 0
 
 
 def test_beam_scores_equal_the_teacher_forced_log_probability(model, tok):

@@ -12,9 +12,19 @@ directory) — both written once and loaded by each library. For every (batch, p
   (compiled) before timing; ``compile_s`` reports the seconds their first calls took.
 - prefill tok/s = batch x prompt / time of the first token; decode tok/s = batch x (N - 1) / (time of
   N tokens - time of 1 token): the per-token cost after the prompt.
-- same tokens: attnlab fp32 must give HF fp32's greedy tokens, or no speed-up is reported for any row
-  of that setting. Lower precisions are compared with attnlab fp32 (``agree`` = fraction of equal
-  tokens; random weights give near-flat logits, so low-precision tokens are only meaningful on ``default``).
+- the default path: the first attnlab row, ``attnlab default``, is the call a user writes without flags,
+  ``attnlab.generate(model, ids, n)`` on a model straight from ``from_pretrained`` (fp32, unprepared,
+  uncompiled), so the distance between it and the tuned rows is always in the table.
+- same tokens: attnlab fp32 (prepared, and the default call) must give HF fp32's greedy tokens, or no
+  speed-up is reported for any row of that setting. Lower precisions are compared with attnlab fp32
+  (``agree`` = fraction of equal tokens; random weights give near-flat logits, so low-precision tokens are
+  only meaningful on ``default``).
+- quality beside speed: every row's perplexity on ``PPL_TOKENS`` held-out tokens (the start of the default
+  corpus's validation split, by the shipped tokenizer; one forward, untimed), and ``ppl_change``, its
+  relative change from attnlab fp32's. A row whose perplexity moved by more than ``PPL_LIMIT`` (1%) is
+  flagged (``quality`` column, hatched bar with a "!" in the plot): its speed-up bought a worse model.
+  On the random-weight shapes the ids are the same text's, wrapped into the smaller vocabulary: the
+  perplexity itself means nothing there, its change from fp32 still measures the numerical damage.
 - roofline = weight bytes read per decode step x decode steps/s / memory bandwidth probe
   (a large copy, read + write, or a read-only sum, whichever is faster) measured in the same run.
 """
@@ -22,6 +32,7 @@ directory) — both written once and loaded by each library. For every (batch, p
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import tempfile
 import time
@@ -41,6 +52,34 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True),
 }
 HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PPL_TOKENS = 256  # held-out tokens for the perplexity check (one forward per row)
+PPL_LIMIT = 0.01  # rows whose perplexity moved by more than this fraction from fp32's are flagged
+DEFAULT_IMPL = "attnlab default"  # generate(from_pretrained(...), ids, n): no precision, no preparation
+
+
+@functools.cache
+def held_out_ids(vocab_size: int, n_tokens: int = PPL_TOKENS) -> torch.Tensor:
+    """(1, n_tokens) ids: the start of the default corpus's validation split, by the shipped tokenizer
+    (ids beyond ``vocab_size`` wrap around: the random-weight shapes have other vocabularies)."""
+    from attnlab.hub import load_tokenizer
+    from attnlab.training.corpus import load_corpus
+
+    tok = load_tokenizer("default")
+    ids: list[int] = []
+    for doc in load_corpus(max_files=300).documents["validation"]:
+        ids += tok.encode(doc)
+        if len(ids) >= n_tokens:
+            break
+    if len(ids) < n_tokens:
+        raise ValueError(f"the default corpus's validation split has {len(ids)} tokens, fewer than {n_tokens}")
+    return torch.tensor([ids[:n_tokens]]) % vocab_size
+
+
+@torch.inference_mode()
+def perplexity(logits_fn, ids: torch.Tensor) -> float:
+    """exp(mean next-token cross-entropy) of (1, T) ``ids`` under ``logits_fn`` ((1, T-1) ids -> logits)."""
+    logits = logits_fn(ids[:, :-1]).float()  # (1, T-1, V)
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[0, 1:]).exp())
 
 
 def bandwidth_probe(megabytes: int = 512, repeats: int = 5) -> float:
@@ -132,7 +171,15 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
     vocab = base.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
-    runs, meta, compiled_models = {}, {}, {}
+    text = held_out_ids(vocab)
+    runs, meta, compiled_models, logits_fns = {}, {}, {}, {}
+    default_model = attnlab.from_pretrained(hf_dir)  # what a user gets: no precision, no preparation
+
+    def run_default(n: int) -> torch.Tensor:
+        return attnlab.generate(default_model, ids, n)[:, prompt_len:]
+
+    key = f"{DEFAULT_IMPL}|fp32"
+    runs[key], meta[key], logits_fns[key] = run_default, weight_bytes(default_model), default_model
     for precision, dtype in HF_DTYPES.items():
         if precision != "fp32" and precision not in precisions:
             continue
@@ -144,7 +191,7 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
                                    pad_token_id=0)[:, prompt_len:]
 
         key = f"transformers {transformers.__version__}|{precision}"
-        runs[key], meta[key] = run_hf, None
+        runs[key], meta[key], logits_fns[key] = run_hf, None, lambda x, hf=hf: hf(x).logits
     mode = {True: "static", False: None}.get(compile_too, compile_too)
     ours = list(dict.fromkeys(("fp32",) + tuple(precisions)))  # attnlab fp32 is the exactness reference
     variants = [(p, False) for p in ours] + ([(p, mode) for p in precisions] if mode else [])
@@ -155,7 +202,7 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
             return attnlab.generate(model, ids, n)[:, prompt_len:]
 
         key = "attnlab" + (f" {compiled}" if compiled else "") + f"|{precision}"
-        runs[key], meta[key] = run_ours, weight_bytes(model)
+        runs[key], meta[key], logits_fns[key] = run_ours, weight_bytes(model), model
         if compiled:
             start = time.perf_counter()
             run_ours(new_tokens)  # compiles every graph the timed runs use
@@ -167,7 +214,8 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
         impl, precision = key.split("|")
         decode = batch * (new_tokens - 1) / max(tn - t1, 1e-9)
         row = {"model": name, "impl": impl, "precision": precision, "batch": batch, "prompt": prompt_len,
-               "prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": decode, "tokens": out}
+               "prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": decode, "tokens": out,
+               "ppl": perplexity(logits_fns[key], text)}
         if meta[key] is not None:
             row["roofline"] = meta[key] * (decode / batch) / bandwidth
             row["bandwidth_GBps"] = bandwidth / 1e9
@@ -183,13 +231,18 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
 
 
 def _judge(rows: list[dict]) -> None:
-    """Fill same_tokens / agree / speed-ups; a speed-up is reported only when the fp32 tokens match HF."""
+    """Fill same_tokens / agree / ppl_change / quality / speed-ups; a speed-up is reported only when the
+    fp32 tokens of attnlab (prepared, and the default call) match HF's."""
     hf = {r["precision"]: r for r in rows if r["impl"].startswith("transformers")}
     ours32 = next(r for r in rows if r["impl"] == "attnlab" and r["precision"] == "fp32")
-    exact = torch.equal(ours32["tokens"], hf["fp32"]["tokens"])
+    default = next((r for r in rows if r["impl"] == DEFAULT_IMPL), ours32)
+    exact = torch.equal(ours32["tokens"], hf["fp32"]["tokens"]) and torch.equal(default["tokens"], hf["fp32"]["tokens"])
     for r in rows:
         ref = hf["fp32"] if r["precision"] == "fp32" else ours32
         r["agree"] = float((r["tokens"] == ref["tokens"]).float().mean())
+        r["ppl_change"] = r["ppl"] / ours32["ppl"] - 1.0
+        r["quality"] = ("ok" if abs(r["ppl_change"]) <= PPL_LIMIT else
+                        f"FLAG: perplexity {100 * r['ppl_change']:+.1f}% vs fp32 (limit {100 * PPL_LIMIT:.0f}%)")
         if r["impl"].startswith("attnlab"):
             r["same_tokens"] = torch.equal(r["tokens"], ref["tokens"])
             target = hf.get(r["precision"], hf.get("bf16"))  # int8 is compared with HF's best low precision
@@ -211,14 +264,21 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(settings)), 4))
     width = 0.8 / len(impls)
     for j, (impl, prec) in enumerate(impls):
-        vals = [next((r["decode_tok_s"] for r in rows if (r["model"], r["batch"], r["prompt"]) == s
-                      and r["impl"] == impl and r["precision"] == prec), 0.0) for s in settings]
-        ax.bar([i + j * width for i in range(len(settings))], vals, width,
-               label=f"{impl.split(' ')[0]}{' ' + impl.split(' ')[1] if impl.startswith('attnlab ') else ''} {prec}")
+        found = [next((r for r in rows if (r["model"], r["batch"], r["prompt"]) == s
+                       and r["impl"] == impl and r["precision"] == prec), None) for s in settings]
+        vals = [r["decode_tok_s"] if r is not None else 0.0 for r in found]
+        xs = [i + j * width for i in range(len(settings))]
+        bars = ax.bar(xs, vals, width,
+                      label=f"{impl.split(' ')[0]}{' ' + impl.split(' ')[1] if impl.startswith('attnlab ') else ''} {prec}")
+        for bar, x, v, r in zip(bars, xs, vals, found):
+            if r is not None and r.get("quality", "ok") != "ok":  # perplexity moved by more than PPL_LIMIT
+                bar.set_hatch("//")
+                ax.text(x, v, "!", ha="center", va="bottom", color="red", fontweight="bold")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))])
     ax.set_xticklabels([f"{m}\nbatch {b}, prompt {p}" for m, b, p in settings], fontsize=8)
     ax.set_ylabel("decode tokens/s (greedy)")
-    ax.set_title("Decode speed, same weights: Hugging Face generate vs attnlab fast path")
+    ax.set_title("Decode speed, same weights: Hugging Face generate vs attnlab fast path\n"
+                 f"(hatched, !: perplexity more than {100 * PPL_LIMIT:.0f}% off fp32's)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +344,12 @@ def main(argv: list[str]) -> int:
     info = machine() | {"copy_bandwidth_GBps": bandwidth / 1e9}
     print(f"machine: {info}")
     print(markdown_table(rows, ["model", "impl", "precision", "batch", "prompt", "prefill_tok_s", "decode_tok_s",
-                                "roofline", "agree", "same_tokens", "vs_hf", "vs_hf_fp32", "compile_s"]))
+                                "roofline", "agree", "ppl", "ppl_change", "quality", "same_tokens", "vs_hf",
+                                "vs_hf_fp32", "compile_s"]))
+    flagged = [f"{r['model']} {r['impl']} {r['precision']}" for r in rows if r["quality"] != "ok"]
+    if flagged:
+        print(f"perplexity more than {100 * PPL_LIMIT:.0f}% off fp32's (speed bought with quality): "
+              + ", ".join(flagged))
     write_json(args.json, {"machine": info, "rows": rows})
     if args.plot:
         plot(rows, args.plot)

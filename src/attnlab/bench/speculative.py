@@ -16,6 +16,12 @@ speed. Speculation only changes the decode phase; the prefill, the same for ever
 whole-call ratio by its share (a 128-token prompt through SmolLM2 takes ~30% of a 64-token plain
 generation here). The draft's own prefill stays in the speculative rows' decode time.
 
+The first row, ``default: generate(draft=)``, is the call a user writes without flags:
+``attnlab.generate(target, ids, n, draft=draft)`` on models straight from ``from_pretrained`` (fp32,
+unprepared, γ = 4), timed in the same rounds as the tuned rows and compared with plain greedy decoding of
+those same unprepared models; its speed-ups are over the ``plain`` row (the tuned one under
+``--precision``), so the distance between the default and the tuned path is always in the table.
+
 ``--precision P`` prepares target and draft with the fast decode path; ``--static`` (precision fp32 unless
 given) also compiles both into static-shape decode graphs (``inference/static.py``): each graph is
 compiled in an untimed round before the timed ones, and ``compile_s`` in the JSON reports how long the
@@ -31,6 +37,8 @@ import torch
 
 from attnlab.bench.common import machine, markdown_table, timed, write_json
 from attnlab.cli import parser
+
+DEFAULT_ROW = "default: generate(draft=)"  # from_pretrained models, no flags: what a user writes first
 
 
 def test_prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -79,6 +87,9 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
     from attnlab.inference.speculative import expected_tokens_per_call, speculative_generate
 
     target, draft = from_pretrained(target_name), from_pretrained(draft_name)
+    # the default call's models: from_pretrained and nothing else (separate objects when the others are prepared)
+    default_target, default_draft = ((target, draft) if precision is None and not static else
+                                     (from_pretrained(target_name), from_pretrained(draft_name)))
     if static and precision is None:
         precision = "fp32"
     if precision is not None:  # both through the fast decode path (speculation multiplies its gain)
@@ -89,7 +100,7 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
     if models is not None:
         models.update(target=target, draft=draft)
     tok = load_tokenizer(target_name)
-    variants = [("plain", None, None)] + [(f"draft γ={g}", draft, g) for g in gammas]
+    variants = [(DEFAULT_ROW, default_draft, 4), ("plain", None, None)] + [(f"draft γ={g}", draft, g) for g in gammas]
     from attnlab.inference.drafters import HybridDrafter
 
     variants += [("draft adaptive", draft, max(gammas)), ("prompt lookup γ=4", "prompt_lookup", 4),
@@ -107,6 +118,8 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
         for ids in prompts:
             x = torch.tensor([ids])
             plain = generate(target, x, new_tokens)  # also the warm-up
+            # the default call's reference: plain greedy decoding of the same unprepared models
+            default_plain = plain if default_target is target else generate(default_target, x, new_tokens)
             best: dict[str, tuple[float, object]] = {}
             prefill = float("inf")
             for rnd in range(repeats + int(static)):  # every variant once per round: load spikes hit them alike
@@ -120,6 +133,8 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
                     start = time.perf_counter()
                     if d is None:
                         res = (generate(target, x, new_tokens), None)
+                    elif name == DEFAULT_ROW:  # exactly what a user writes; gives no statistics
+                        res = (generate(default_target, x, new_tokens, draft=d), None)
                     else:
                         res = speculative_generate(target, d, x, new_tokens, gamma=g, adaptive=name.endswith("adaptive"),
                                                    return_stats=True)
@@ -140,7 +155,7 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
                     tot["proposed"] += st.proposed
                     tot["accepted"] += st.accepted
                     tot["rejected"] += st.rejected
-                    tot["same"] += int(torch.equal(out, plain))
+                tot["same"] += int(torch.equal(out, default_plain if name == DEFAULT_ROW else plain))
         n = len(prompts)
         base = totals["plain"]["tokens"] / totals["plain"]["secs"]
         base_decode = (totals["plain"]["tokens"] - n) / totals["plain"]["decode_secs"]
@@ -155,9 +170,10 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
                 identical = tot["same"] == n
                 per_call = (toks - n) / max(tot["calls"], 1)  # each prompt's first token comes from its prefill
                 differ = "outputs differ"
-                row.update(acceptance=acc / max(tot["proposed"], 1), alpha=alpha, tokens_per_call=per_call,
-                           identical=identical, speedup=row["tok_per_s"] / base if identical else differ,
+                row.update(identical=identical, speedup=row["tok_per_s"] / base if identical else differ,
                            decode_speedup=row["decode_tok_per_s"] / base_decode if identical else differ)
+                if name != DEFAULT_ROW:  # generate() returns no statistics
+                    row.update(acceptance=acc / max(tot["proposed"], 1), alpha=alpha, tokens_per_call=per_call)
                 if name.startswith("draft γ="):
                     formula.append({"prompts": set_name, "gamma": g, "alpha": alpha,
                                     "measured_tokens_per_call": per_call,

@@ -8,7 +8,9 @@ temperature / top-k / top-p):
     next token from norm(max(0, p_i - q_i)); if all γ are accepted, sample a bonus token from p_{γ+1}.
     The output is then distributed exactly as sampling from the target alone.
 Rejected tokens are rolled back in both caches with ``crop`` (in a batch, rows that accepted fewer
-tokens than the longest get cache holes, so each row stays exact).
+tokens than the longest get cache holes, so each row stays exact). A row that ends in a round keeps none
+of its proposals in the caches: its accepted tokens may run past ``max_new_tokens`` (the output cuts them),
+and kept slots would let the cache outgrow the capacity of T + N + γ + 1 slots while other rows go on.
 
 Adaptive γ: after each call, with α the running (exponential average) per-position acceptance rate
 and c the measured cost of one draft step relative to one target call, the next γ maximises the expected
@@ -141,14 +143,14 @@ def _verify(logits: Tensor, drafts: Tensor, q: Tensor | None, sampling: Sampling
     return accepted, torch.multinomial(residual, 1, generator=generator).squeeze(1)
 
 
-def _stream(stream, generated: list[list[int]], done: list[bool], streamed: int, max_new_tokens: int,
-            eos_token_id: int | None, device) -> int:
-    """Hand ``stream`` every step all rows have reached since the last call; returns the steps streamed."""
+def _stream(stream, tokens: Tensor, length: Tensor, done: Tensor, streamed: int, max_new_tokens: int) -> int:
+    """Hand ``stream`` every step all rows have reached since the last call; returns the steps streamed.
+    ``tokens`` (B, W) holds each row's committed tokens, then the fill (EOS after an ended row)."""
     if stream is None:
         return streamed
-    ready = min(max_new_tokens if done[b] else min(len(generated[b]), max_new_tokens) for b in range(len(generated)))
+    ready = int(torch.where(done, max_new_tokens, length.clamp(max=max_new_tokens)).min())
     for i in range(streamed, ready):
-        stream(torch.tensor([r[i] if i < len(r) else eos_token_id for r in generated], device=device))
+        stream(tokens[:, i].clone())
     return max(streamed, ready)
 
 
@@ -209,26 +211,30 @@ def speculative_generate(
                             top_k=top_k, top_p=top_p, generator=generator)  # (B,)
         stats.target_time += time.perf_counter() - t0
         last = first  # committed, not yet fed to the target
-        generated: list[list[int]] = [[int(t)] for t in first]
-        done = [eos_token_id is not None and int(t) == eos_token_id for t in first]  # produced EOS
+        fill = eos_token_id if eos_token_id is not None else 0
+        # each row's committed tokens (a round commits at most γ + 1, from a length below max_new_tokens)
+        tokens = torch.full((B, max_new_tokens + gamma + 1), fill, dtype=torch.long, device=device)  # (B, W)
+        tokens[:, 0] = first
+        length = torch.ones(B, dtype=torch.long, device=device)  # (B,) tokens committed per row
+        # (B,) rows that produced EOS
+        done = first == eos_token_id if eos_token_id is not None else torch.zeros(B, dtype=torch.bool, device=device)
         t0 = time.perf_counter()
         drafter.start(torch.cat([ids, first[:, None]], dim=1),
                       None if mask is None else torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), capacity)
         stats.draft_time += time.perf_counter() - t0
         g, alpha, cost = gamma, 0.7, 0.1
-        streamed = _stream(stream, generated, done, 0, max_new_tokens, eos_token_id, device)
+        streamed = _stream(stream, tokens, length, done, 0, max_new_tokens)
         seen_acc, seen_all = 0.7, 1.0  # running sums behind alpha (prior: 0.7)
+        rows = torch.arange(B, device=device)
         while True:
-            active_rows = [b for b in range(B) if not done[b] and len(generated[b]) < max_new_tokens]
-            if not active_rows:
+            active = ~done & (length < max_new_tokens)  # (B,)
+            n_active = int(active.sum())
+            if not n_active:
                 break
-            active = torch.zeros(B, dtype=torch.bool, device=device)
-            active[active_rows] = True
-            longest = max(len(generated[b]) for b in active_rows)
-            shortest = min(len(generated[b]) for b in active_rows)
+            longest, shortest = int(length[active].max()), int(length[active].min())
             room = ctx - T - longest  # the drafts' positions must stay inside the context
             g_round = max(1, min(g, room, max_new_tokens - shortest))
-            row_mask = None if bool(active.all()) else active.long()  # finished rows are fed as holes
+            row_mask = None if n_active == B else active.long()  # finished rows are fed as holes
             t0 = time.perf_counter()
             drafts, q = drafter.propose(g_round, sampling, generator, row_mask)  # (B, G), (B, G, V) | None
             t1 = time.perf_counter()
@@ -238,29 +244,42 @@ def speculative_generate(
             logits = target(torch.cat([last[:, None], drafts], dim=1), cache=cache, attention_mask=feed_mask)
             accepted, new = _verify(logits, drafts, q, sampling, generator)  # (B,), (B,)
             accepted = torch.where(active, accepted, torch.zeros_like(accepted))
-            keep_n = int(accepted.max())
-            cache.crop(cache.length - g_round + keep_n)  # drop proposals no row accepted
+            t_rows = time.perf_counter()
+            # each active row commits its accepted proposals, then the new token, cut after an EOS
+            step = torch.arange(g_round + 1, device=device)[None, :]  # (1, G+1)
+            row = torch.cat([drafts, new[:, None]], dim=1).scatter(1, accepted[:, None], new[:, None])  # (B, G+1)
+            count = accepted + 1
+            if eos_token_id is not None:
+                is_eos = (row == eos_token_id) & (step < count[:, None])
+                ended = is_eos.any(dim=1) & active
+                count = torch.where(ended, is_eos.long().argmax(dim=1) + 1, count)  # up to the first EOS
+                done |= ended
+            count = torch.where(active, count, torch.zeros_like(count))
+            write = step < count[:, None]  # (B, G+1)
+            tokens[rows[:, None].expand_as(row)[write], (length[:, None] + step)[write]] = row[write]
+            length += count
+            stats.proposed += g_round * n_active
+            stats.accepted += int(accepted.sum())
+            stats.rejected += int((active & (accepted < g_round)).sum())
+            stats.generated += int(count.sum())
+            # the caches keep a row's accepted proposals only while the row goes on: a row that ends in this
+            # round (EOS, or past max_new_tokens) would otherwise hold up to γ slots beyond its last needed
+            # token, and with its neighbours still drafting the cache would outgrow its capacity
+            going_on = ~done & (length < max_new_tokens)
+            kept = torch.where(going_on, accepted, torch.zeros_like(accepted))  # (B,)
+            t_rows = time.perf_counter() - t_rows  # bookkeeping: neither model's time
+            keep_n = int(kept.max())
+            cache.crop(cache.length - g_round + keep_n)  # drop proposals no row keeps
             if keep_n:
-                cache.drop_slots(torch.arange(keep_n, device=device)[None, :] < accepted[:, None])
+                cache.drop_slots(torch.arange(keep_n, device=device)[None, :] < kept[:, None])
             t2 = time.perf_counter()
-            drafter.commit(accepted, new)
+            drafter.commit(kept, new)
             stats.draft_time += (t1 - t0) + (time.perf_counter() - t2)
-            stats.target_time += t2 - t1
+            stats.target_time += t2 - t1 - t_rows
             stats.target_calls += 1
             stats.gammas.append(g_round)
-            for b in active_rows:
-                n = int(accepted[b])
-                row = drafts[b, :n].tolist() + [int(new[b])]
-                stats.proposed += g_round
-                stats.accepted += n
-                stats.rejected += int(n < g_round)
-                if eos_token_id is not None and eos_token_id in row:
-                    row = row[: row.index(eos_token_id) + 1]
-                    done[b] = True
-                generated[b].extend(row)
-                stats.generated += len(row)
             last = torch.where(active, new, last)
-            streamed = _stream(stream, generated, done, streamed, max_new_tokens, eos_token_id, device)
+            streamed = _stream(stream, tokens, length, done, streamed, max_new_tokens)
             if adaptive:
                 n_acc = float(accepted[active].sum())
                 n_rej = float((accepted[active] < g_round).sum())
@@ -270,9 +289,8 @@ def speculative_generate(
                 cost = 0.8 * cost + 0.2 * step_cost
                 g = choose_gamma(alpha, cost, gamma)
         # as plain generation: rows that ended pad with EOS; stop at the longest row when all ended
-        width = max_new_tokens if not all(done) else min(max_new_tokens, max(len(r) for r in generated))
-        fill = eos_token_id if eos_token_id is not None else 0
-        new_tokens = torch.tensor([(r + [fill] * width)[:width] for r in generated], dtype=torch.long, device=device)
+        width = max_new_tokens if not bool(done.all()) else min(max_new_tokens, int(length.max()))
+        new_tokens = tokens[:, :width]
         out = torch.cat([ids, new_tokens], dim=1)
         return (out, stats) if return_stats else out
     finally:

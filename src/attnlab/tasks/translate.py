@@ -3,10 +3,12 @@
 - ``TranslationTask``: the ``Seq2SeqTask`` of ``--task numbers`` (teacher forcing, label-smoothed loss)
   with length-bucketed batches (less padding) and a cheap validation BLEU at each evaluation.
 - ``build_translation_run``: what ``attnlab train --task translation --data DIR`` trains.
-- ``decode``: greedy or beam search for a batch of sources. With ``num_beams > 1`` the greedy hypothesis
-  competes with the beams under the same score (sum log p / length ** length_penalty): beam search alone
-  can let the greedy path fall out of its beam, so this makes "a wider beam never scores lower than greedy"
-  hold by construction. ``num_beams=1`` is exactly greedy.
+- ``decode``: greedy or beam search for a batch of sources. ``num_beams=1`` is exactly greedy. With
+  ``num_beams > 1`` and ``keep_greedy=True`` (the default, what ``translate`` uses) the greedy hypothesis
+  competes with the beams' best under the same score (sum log p / length ** length_penalty): beam search
+  alone can let the greedy path fall out of its beam, so the result never scores lower than greedy, by
+  construction, not by a property of beam search. ``keep_greedy=False`` returns ``beam_search``'s own
+  result (tested against an exhaustive and a reference search in tests/inference/test_beam_reference.py).
 - ``translate``: text in, text out. Defined edge cases: an empty (or blank) input gives ""; an input longer
   than the model's source context is truncated to ``max_seq_len`` tokens with a ``UserWarning``; any
   character is accepted (the byte-level BPE spells an unseen one as its UTF-8 bytes).
@@ -129,8 +131,11 @@ def score(logprob: float, length: int, length_penalty: float) -> float:
 
 @torch.no_grad()
 def decode(model, src: Tensor, src_mask: Tensor, *, num_beams: int = 1, length_penalty: float = 1.0,
-           max_new_tokens: int | None = None) -> list[list[int]]:
-    """Best hypothesis per source row: token ids (ending in EOS unless it ran out of length)."""
+           max_new_tokens: int | None = None, keep_greedy: bool = True) -> list[list[int]]:
+    """Best hypothesis per source row: token ids (ending in EOS unless it ran out of length).
+
+    ``keep_greedy`` (beams only): also decode greedily and keep, per row, whichever of the greedy and the
+    beam hypothesis scores higher (ties go to the beam); ``False`` gives beam search's result alone."""
     from attnlab.inference.beam import beam_search
     from attnlab.inference.generate import generate
 
@@ -139,11 +144,13 @@ def decode(model, src: Tensor, src_mask: Tensor, *, num_beams: int = 1, length_p
     try:
         if max_new_tokens is None:
             max_new_tokens = min(model.config.max_seq_len - 1, 2 * src.shape[1] + 10)
-        greedy = _hypotheses(generate(model, src, max_new_tokens, attention_mask=src_mask, eos_token_id=END))
         if num_beams == 1:
-            return greedy
+            return _hypotheses(generate(model, src, max_new_tokens, attention_mask=src_mask, eos_token_id=END))
         beams = _hypotheses(beam_search(model, src, max_new_tokens, num_beams=num_beams, eos_token_id=END,
                                         length_penalty=length_penalty, attention_mask=src_mask))
+        if not keep_greedy:
+            return beams
+        greedy = _hypotheses(generate(model, src, max_new_tokens, attention_mask=src_mask, eos_token_id=END))
         lp_g = sequence_logprob(model, src, src_mask, greedy)
         lp_b = sequence_logprob(model, src, src_mask, beams)
         return [b if score(sb, len(b), length_penalty) >= score(sg, len(g), length_penalty) else g
