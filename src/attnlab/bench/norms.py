@@ -63,7 +63,8 @@ def _train(cfg, task, steps: int, lr: float, warmup: int, batch: int, seed: int 
     torch.manual_seed(seed)
     model = build_model(cfg)
     with tempfile.TemporaryDirectory() as out:
-        tcfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup=warmup, eval_every=steps, log_every=5,
+        tcfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup=warmup, eval_every=steps,
+                           log_every=max(1, min(5, steps // 4)),
                            save_every=10**9, eval_windows=32, seed=seed)
         trainer = Trainer(model, task, tcfg, out, progress=False, verbose=False)
         diverged = False

@@ -25,6 +25,7 @@ import torch
 
 from attnlab.cli import parser
 from attnlab.tour import basics, decoding, infini, optimisations, rwkv, seq2seq
+from attnlab.tour.common import seeds
 from attnlab.tour.report import Section, write_html, write_json, write_markdown
 
 
@@ -109,7 +110,13 @@ def main(argv: list[str]) -> int:
 
     header = {"attnlab": attnlab.__version__, "torch": torch.__version__, "python": platform.python_version(),
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-              "cores": os.cpu_count(), "seed": args.seed, "mode": mode}
+              "cores": os.cpu_count(), "seed": args.seed, "mode": mode,
+              "spread": (f"residual, batchnorm, placement and gqa repeat their training over {len(seeds(mode, 0))} "
+                         f"seeds (attention's random-init control over {len(seeds(mode, 0, tiny=2, quick=3, full=5))}); "
+                         "seq2seq's spread is over 4 disjoint test subsets, speculative's over prompts, fast's over "
+                         "interleaved rounds; rwkv, infini, ring and flash hold single deterministic measurements "
+                         "against stated thresholds" + (" (tiny mode: fewer seeds, verdicts rarely conclusive)"
+                                                        if mode == "tiny" else ""))}
     plan = [s for s in sections() if args.only is None or s.key in args.only]
     results = []
     threads = torch.get_num_threads()
