@@ -126,3 +126,16 @@ def test_quick_tour_renders_every_section(tmp_path):
     for section in report["sections"]:
         assert section["verdict"] in OUTCOMES, section
         assert section["figure"] and (tmp_path / section["figure"]).exists()
+
+
+def test_report_escapes_text_and_lists_every_column(tmp_path):
+    from attnlab.tour.report import write_html, write_markdown
+
+    s = Section("x", "A <b>title</b>", "claim & more", "knob", rows=[{"a": 1.23456}, {"b": "<i>"}],
+                verdict="inconclusive", because="1 < 2", threshold="t > 0")
+    page = write_html([s], tmp_path, {"mode": "tiny"}).read_text()
+    assert "A &lt;b&gt;title&lt;/b&gt;" in page and "claim &amp; more" in page and "&lt;i&gt;" in page
+    assert "<b>title</b>" not in page and "<th>a</th><th>b</th>" in page and "1.235" in page
+    md = write_markdown([s], tmp_path, {"mode": "tiny"}).read_text()
+    assert "| a | b |" in md and "**Threshold.** t > 0" in md
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.md"]  # no temporary left behind
