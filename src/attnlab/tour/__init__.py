@@ -35,20 +35,22 @@ class Plan:
     title: str
     fn: Callable[[Path, str, int], Section]  # (out_dir, mode, seed) -> Section
     needs: tuple[str, ...] = ()  # shipped models the section cannot run without
+    one_thread: bool = False  # trains small models: one thread (spinning OpenMP threads stall on a busy machine)
 
 
 def sections() -> list[Plan]:
     return [
         Plan("attention", "Multi-head attention with separate Q, K, V", basics.attention_maps, ("default",)),
-        Plan("residual", "FFN and residual connections", basics.residuals),
-        Plan("seq2seq", "Encoder vs decoder vs encoder-decoder (cross-attention)", seq2seq.encoder_decoder),
-        Plan("batchnorm", "BatchNorm vs LayerNorm on variable-length batches", basics.batchnorm),
-        Plan("placement", "Pre-Norm vs Post-Norm (vs sandwich)", basics.placement),
-        Plan("gqa", "MHA vs GQA vs MQA: the KV cache and the quality", basics.kv_cache),
+        Plan("residual", "FFN and residual connections", basics.residuals, one_thread=True),
+        Plan("seq2seq", "Encoder vs decoder vs encoder-decoder (cross-attention)", seq2seq.encoder_decoder,
+             one_thread=True),
+        Plan("batchnorm", "BatchNorm vs LayerNorm on variable-length batches", basics.batchnorm, one_thread=True),
+        Plan("placement", "Pre-Norm vs Post-Norm (vs sandwich)", basics.placement, one_thread=True),
+        Plan("gqa", "MHA vs GQA vs MQA: the KV cache and the quality", basics.kv_cache, one_thread=True),
         Plan("speculative", "Speculative decoding", optimisations.speculative, ("default", "default-draft")),
         Plan("fast", "Fast CPU decoding: fewer weight bytes per token", decoding.fast_decode, ("default",)),
         Plan("rwkv", "RWKV: attention as a recurrence", rwkv.rwkv, ("default",)),
-        Plan("infini", "Infini-attention: bounded memory for unbounded input", infini.infini),
+        Plan("infini", "Infini-attention: bounded memory for unbounded input", infini.infini, one_thread=True),
         Plan("ring", "Ring attention across processes", optimisations.ring),
         Plan("flash", "FlashAttention: tiled, online softmax, O(N) memory", optimisations.flash),
     ]
@@ -73,6 +75,9 @@ def run_section(plan: Plan, out: Path, mode: str, seed: int) -> Section:
         section = Section(plan.key, plan.title, "—", "—", verdict="not available", because=missing)
     else:
         torch.manual_seed(seed)
+        threads = torch.get_num_threads()
+        if plan.one_thread:
+            torch.set_num_threads(1)
         try:
             section = plan.fn(out, mode, seed)
         except Exception as exc:  # noqa: BLE001 - reported as failed; the other sections' report is still written
@@ -80,6 +85,8 @@ def run_section(plan: Plan, out: Path, mode: str, seed: int) -> Section:
             traceback.print_exc()
             section = Section(plan.key, plan.title, "—", "—", verdict="failed",
                               because=f"{type(exc).__name__}: {exc}")
+        finally:
+            torch.set_num_threads(threads)
     section.seconds = time.perf_counter() - start
     return section
 

@@ -281,7 +281,7 @@ def kv_cache(out: Path, mode: str, seed: int) -> Section:
     b.set_xticks([1, 2, 4])
     s.figure, s.rows = save(fig, out, "kv_cache.png"), rows
     exact_ratio = all(r["cache_MiB"] * 8 == rows[0]["cache_MiB"] * r["n_kv_heads"] for r in rows[:4])
-    s.measured = (f"bytes of the allocated cache and decode time per token with {ctx} cached tokens (4 layers, d "
+    s.measured = (f"bytes of the allocated cache and decode time per token (one thread) with {ctx} cached tokens (4 layers, d "
                   f"{width}); validation loss of small 2-layer models with 4, 2 and 1 K/V heads trained {steps} steps "
                   f"on the corpus over {len(losses[4])} seeds")
     s.judge(combine(
