@@ -139,3 +139,11 @@ def test_report_escapes_text_and_lists_every_column(tmp_path):
     md = write_markdown([s], tmp_path, {"mode": "tiny"}).read_text()
     assert "| a | b |" in md and "**Threshold.** t > 0" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.md"]  # no temporary left behind
+
+
+def test_rwkv_time_verdict_needs_the_transformer_to_slow_down():
+    from attnlab.tour.rwkv import _time_growth
+
+    assert _time_growth(1.0, 3.0, 256, 4096).verdict == "confirmed"
+    assert _time_growth(3.0, 3.0, 256, 4096).verdict == "refuted"
+    assert _time_growth(0.3, 0.6, 256, 4096).verdict == "inconclusive"  # both sped up: load noise, not evidence
