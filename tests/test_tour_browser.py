@@ -33,7 +33,7 @@ window.addEventListener('error', e => document.body.setAttribute('data-error', S
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
 def test_report_opens_in_chromium_with_its_images(tmp_path):
     out = tmp_path / "tour"
-    assert main(["tour", "--quick", "--out", str(out), "--only", "gqa", "flash"]) == 0
+    assert main(["tour", "--tiny", "--out", str(out), "--only", "gqa", "flash"]) == 0
     page = (out / "report.html").read_text()
     probe = out / "probe.html"
     probe.write_text(page.replace("</body>", PROBE + "</body>"))

@@ -8,6 +8,7 @@ Every subcommand prints a user error (bad config, bad checkpoint, prompt too lon
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 # subcommand -> module with ``main(argv: list[str]) -> int`` (each parses its own flags)
@@ -37,9 +38,7 @@ commands:
 
 
 def _run_delegated(command: str, argv: list[str]) -> int:
-    from attnlab.optional import import_or_unavailable
-
-    return int(import_or_unavailable(DELEGATED[command], f"`attnlab {command}`").main(argv) or 0)
+    return int(importlib.import_module(DELEGATED[command]).main(argv) or 0)
 
 
 def _dispatch(argv: list[str]) -> int:

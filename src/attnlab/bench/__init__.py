@@ -5,6 +5,8 @@ Speed and memory claims live here, measured side by side in one run, never in ti
 
 from __future__ import annotations
 
+import importlib
+
 # name -> module implementing ``main(argv: list[str]) -> int``
 BENCHES: dict[str, str] = {
     "decode": "attnlab.bench.decode",
@@ -26,6 +28,4 @@ BENCHES: dict[str, str] = {
 def run_bench(name: str, argv: list[str]) -> int:
     if name not in BENCHES:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHES))}")
-    from attnlab.optional import import_or_unavailable
-
-    return int(import_or_unavailable(BENCHES[name], f"benchmark {name!r}").main(argv) or 0)
+    return int(importlib.import_module(BENCHES[name]).main(argv) or 0)

@@ -66,7 +66,8 @@ def _train(cfg, task, steps: int, lr: float, warmup: int, batch: int, seed: int 
     torch.manual_seed(seed)
     model = build_model(cfg)
     with tempfile.TemporaryDirectory() as out:
-        tcfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup=warmup, eval_every=steps, log_every=5,
+        tcfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup=warmup, eval_every=steps,
+                           log_every=max(1, min(5, steps // 4)),
                            save_every=10**9, eval_windows=32, seed=seed)
         trainer = Trainer(model, task, tcfg, out, progress=False, verbose=False)
         diverged = False
@@ -102,11 +103,11 @@ def grad_norms_at_init(cfg, task, seed: int = 0) -> list[float]:
             for b in model.blocks]
 
 
-def experiment_batchnorm(task, base, steps: int) -> tuple[list[dict], dict]:
+def experiment_batchnorm(task, base, steps: int, seed: int = 0) -> tuple[list[dict], dict]:
     rows, curves = [], {}
     for norm in ("layer", "batch", "batch_naive"):
         cfg = base.replace(norm=norm, norm_position="pre")
-        model, val, curve, diverged = _train(cfg, task, steps, 3e-3, steps // 10, 16)
+        model, val, curve, diverged = _train(cfg, task, steps, 3e-3, steps // 10, 16, seed)
         curves[f"norm={norm}"] = curve
         row = {"norm": norm, "val_loss_eval_mode": val, "diverged": diverged}
         g = torch.Generator().manual_seed(7)
@@ -125,14 +126,14 @@ def experiment_batchnorm(task, base, steps: int) -> tuple[list[dict], dict]:
     return rows, curves
 
 
-def experiment_placement(task, base, steps: int, depths: list[int]) -> tuple[list[dict], dict]:
+def experiment_placement(task, base, steps: int, depths: list[int], seed: int = 0) -> tuple[list[dict], dict]:
     rows, curves = [], {}
     for place in ("pre", "post", "sandwich"):
         for depth in depths:
             cfg = base.replace(norm="layer", norm_position=place, n_layers=depth)
-            norms = grad_norms_at_init(cfg, task)
+            norms = grad_norms_at_init(cfg, task, seed)
             for warmup in (0, steps // 5):
-                _, val, curve, diverged = _train(cfg, task, steps, 3e-3, warmup, 16)
+                _, val, curve, diverged = _train(cfg, task, steps, 3e-3, warmup, 16, seed)
                 curves[f"{place} L={depth} warmup={warmup}"] = curve
                 rows.append({"placement": place, "depth": depth, "warmup": warmup, "diverged": diverged,
                              "val_loss": val, "grad_norm_first_block": norms[0], "grad_norm_last_block": norms[-1],

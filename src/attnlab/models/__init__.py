@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
 from attnlab.config import ModelConfig
 from attnlab.models.base import AttnlabModel
 from attnlab.models.decoder import DecoderLM
-from attnlab.optional import import_or_unavailable
 
-# family -> "module:Class"; a family whose module is absent is reported as not available.
+# family -> "module:Class" (imported on first use)
 FAMILY_CLASSES: dict[str, str] = {
     "decoder": "attnlab.models.decoder:DecoderLM",
     "encoder": "attnlab.models.encoder:EncoderModel",
@@ -26,7 +27,7 @@ def model_class(family: str, version: int | None = None) -> type[AttnlabModel]:
     if family not in FAMILY_CLASSES:
         raise ValueError(f"family={family!r} is not valid; choose one of: {sorted(FAMILY_CLASSES)}")
     module_name, cls_name = VERSION_CLASSES.get((family, version), FAMILY_CLASSES[family]).split(":")
-    return getattr(import_or_unavailable(module_name, f"family={family!r}"), cls_name)
+    return getattr(importlib.import_module(module_name), cls_name)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from attnlab.tour.basics import _plt, _save
+from attnlab.tour.common import pick, plt, save
 from attnlab.tour.report import Section
+from attnlab.tour.verdict import combine, compare, exact
 
 
 def _visibility(seed: int) -> dict[str, int]:
@@ -55,7 +56,7 @@ def _train(steps: int, seed: int, out: Path):
     return model.eval()
 
 
-def encoder_decoder(out: Path, quick: bool, seed: int) -> Section:
+def encoder_decoder(out: Path, mode: str, seed: int) -> Section:
     from attnlab.tasks.numbers import char_tokenizer
     from attnlab.tasks.seq2seq_data import cross_attention, exact_match, test_split
 
@@ -65,36 +66,43 @@ def encoder_decoder(out: Path, quick: bool, seed: int) -> Section:
                 "source, which is what translation-like tasks need.",
                 "ModelConfig.family = encoder | decoder | seq2seq; blocks with cross=True in layers/stack.py")
     moved = _visibility(seed)
-    try:
-        from attnlab.hub import from_pretrained
+    from attnlab.hub import from_pretrained, shipped_dir
 
-        model, origin = from_pretrained("numbers"), "the shipped `numbers` model"
+    try:  # the shipped model is optional: without it, a small one is trained here
+        shipped_dir("numbers")
+        shipped = True
     except FileNotFoundError:
-        steps = 250 if quick else 1500
+        shipped = False
+    if shipped:
+        model, origin = from_pretrained("numbers"), "the shipped `numbers` model"
+    else:
+        steps = pick(mode, tiny=20, quick=250, full=1500)
         model, origin = _train(steps, seed, out), f"trained here for {steps} steps"
-    test = test_split("numbers")[: 200 if quick else 1000]
-    em = exact_match(model, test)
+    test = test_split("numbers")[: pick(mode, tiny=40, quick=200, full=1000)]
+    subsets = [test[i::4] for i in range(4)]  # four disjoint subsets: the spread of exact match between them
+    em_parts = [exact_match(model, part) for part in subsets]
+    em = sum(e * len(part) for e, part in zip(em_parts, subsets)) / len(test)
     blocks = model.decoder.blocks
     saved = [b.cross_attn.forward for b in blocks]
     for b in blocks:  # ablation: the cross-attention sublayer adds nothing to the residual stream
         b.cross_attn.forward = lambda x, **kw: torch.zeros_like(x)
     try:
-        em_blind = exact_match(model, test)
+        blind_parts = [exact_match(model, part) for part in subsets]
+        em_blind = sum(e * len(part) for e, part in zip(blind_parts, subsets)) / len(test)
     finally:
         for b, f in zip(blocks, saved):
             b.cross_attn.forward = f
     tok = char_tokenizer()
     src_ids, tgt_ids = test[0]
     p = cross_attention(model, src_ids, tgt_ids)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.25 * len(src_ids)), 3.2))
+    fig, ax = plt().subplots(figsize=(min(12, 2 + 0.25 * len(src_ids)), 3.2))
     ax.imshow(p.numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(src_ids)), [tok.id_to_token(i) or "?" for i in src_ids], fontsize=7)
     ax.set_yticks(range(len(tgt_ids) + 1), ["<s>"] + [tok.id_to_token(i) or "?" for i in tgt_ids], fontsize=7)
     ax.set_xlabel("source (encoder)")
     ax.set_ylabel("decoder input")
     ax.set_title("cross-attention, last decoder layer (mean of heads)")
-    s.figure = _save(fig, out, "cross_attention.png")
+    s.figure = save(fig, out, "cross_attention.png")
     moved_what = "earlier outputs (of 6) that moved when token 6 changed"
     s.rows = [{"model": "encoder (bidirectional)", "measurement": moved_what, "value": moved["encoder"]},
               {"model": "decoder (causal)", "measurement": moved_what, "value": moved["decoder"]},
@@ -103,8 +111,10 @@ def encoder_decoder(out: Path, quick: bool, seed: int) -> Section:
     s.measured = (f"an encoder and a decoder with random weights fed two inputs differing at token 6; an "
                   f"encoder-decoder ({origin}) on number words -> digits: exact match on {len(test)} held-out "
                   f"test examples, and again with its cross-attention removed")
-    ok = moved["encoder"] == 6 and moved["decoder"] == 0 and em > em_blind + 0.2
-    s.verdict = "confirmed" if ok else "depends"
-    s.because = (f"{moved['encoder']}/6 earlier encoder outputs moved vs {moved['decoder']}/6 decoder outputs; "
-                 f"test exact match {em:.1%} with cross-attention, {em_blind:.1%} without")
+    s.judge(combine(
+        exact(moved["encoder"] == 6 and moved["decoder"] == 0,
+              what="all 6 earlier encoder outputs move and no earlier decoder output does",
+              detail=f"{moved['encoder']}/6 earlier encoder outputs moved vs {moved['decoder']}/6 decoder outputs"),
+        compare(em_parts, blind_parts, claim="greater", threshold=0.2, names=("with cross-attention", "without"),
+                what="test exact match", over="disjoint test subsets")))
     return s
