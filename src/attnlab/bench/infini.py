@@ -216,7 +216,7 @@ def stream_worker(model_dir: str, n_tokens: int, chunk: int, out: str) -> None:
       chunk peak and the retained memory stay flat: that creep is not memory the stream holds.
     """
     from attnlab.tasks.passkey import filler
-    from attnlab.training.checkpoint import load_model
+    from attnlab.hub import load_model
 
     torch.set_num_threads(1)
     model = load_model(model_dir).eval()
