@@ -7,7 +7,10 @@ LayerNorm for RMSNorm, Pre-Norm for Post-Norm or one attention kernel for anothe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -99,6 +102,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> ModelConfig:
         """Raise ``ValueError`` naming the field, the bad value and what is allowed."""
+        self._check_types()
         _choice("family", self.family, FAMILIES)
         if self.family == "rwkv" and self.rwkv_version not in RWKV_VERSIONS:
             raise ValueError(f"rwkv_version={self.rwkv_version!r} is not valid; choose one of: 4, 7")
@@ -161,6 +165,37 @@ class ModelConfig:
                 raise ValueError(f"{name}={value!r} must be a token id in [0, vocab_size={self.vocab_size})")
         return self
 
+    def _check_types(self) -> None:
+        """Every field against its annotation, before any other check reads it.
+
+        ``bool`` must be a real boolean (the string ``"false"`` is truthy: refused, not guessed), ``int`` an
+        integer that is not a bool, ``float`` a finite int or float (stored as float; NaN and infinity are
+        refused), ``str`` a string; ``X | None`` also accepts None. A config read from JSON, YAML or
+        ``--set key=value`` gets one error naming the field, the value and the expected type.
+        """
+        for name, (kind, optional) in _field_types().items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                expected = {bool: "a boolean (true or false)", int: "an integer", float: "a finite number",
+                            str: "a string"}.get(kind, kind.__name__) + (" or null" if optional else "")
+                hint = " (a quoted string is not a boolean: write true or false)" if kind is bool and isinstance(
+                    value, str) else ""
+                if kind is float and isinstance(value, float):  # NaN or infinity
+                    raise ValueError(f"ModelConfig field {name}={value!r} must be a finite number")
+                raise ValueError(f"ModelConfig field {name}={value!r} has the wrong type: expected {expected}{hint}")
+            if kind is float and not isinstance(value, float):
+                object.__setattr__(self, name, float(value))
+
     # ------------------------------------------------------------------ helpers
     @property
     def encoder_layers(self) -> int:
@@ -219,6 +254,18 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise ValueError(f"config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+@functools.cache
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """ModelConfig field -> (its type: bool, int, float or str; whether None is allowed), from the annotations."""
+    hints = typing.get_type_hints(ModelConfig)
+    out: dict[str, tuple[type, bool]] = {}
+    for f in fields(ModelConfig):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[f.name] = (args[0] if args else hint, len(args) < len(typing.get_args(hint)))
+    return out
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
