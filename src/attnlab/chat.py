@@ -25,9 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Message = dict[str, str]
 COMMANDS = "/reset (forget the conversation), /stats (speed and context), /exit (or Ctrl-D)"
@@ -211,7 +212,7 @@ class ChatSession:
             raise ValueError(f"context={self.context!r} must be between 1 and the model's max_seq_len={limit}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
-        from attnlab.inference.sampling import check_sampling_args
+        from attnlab.inference.sampling_args import check_sampling_args
 
         check_sampling_args(self.temperature, self.top_k, self.top_p)
         self.stop_ids = stop_token_ids(self.tokenizer, self.template)
@@ -244,6 +245,8 @@ class ChatSession:
         """Answer ``user_text``, streaming the text to ``write``; the exchange joins the history."""
         if not user_text.strip():
             raise ValueError("empty message")
+        import torch
+
         from attnlab.inference.generate import generate
 
         messages, ids = self.prompt(user_text)
@@ -389,7 +392,7 @@ def main(argv: list[str]) -> int:
                    help="torch threads (on a busy machine, 1 can be several times faster than 2)")
     args = p.parse_args(argv)
     # every check that needs no model comes first: loading one takes seconds (~20 s for smollm2)
-    from attnlab.inference.sampling import check_sampling_args
+    from attnlab.inference.sampling_args import check_sampling_args
     from attnlab.textio import check_text, lenient_stdin
 
     check_sampling_args(args.temperature, args.top_k, args.top_p, flags=True)
@@ -401,6 +404,8 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--threads {args.threads}: give a number of threads >= 1")
     if args.system is not None:
         args.system = check_text(args.system, "--system")
+    import torch
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

@@ -166,35 +166,11 @@ class ModelConfig:
         return self
 
     def _check_types(self) -> None:
-        """Every field against its annotation, before any other check reads it.
-
-        ``bool`` must be a real boolean (the string ``"false"`` is truthy: refused, not guessed), ``int`` an
-        integer that is not a bool, ``float`` a finite int or float (stored as float; NaN and infinity are
-        refused), ``str`` a string; ``X | None`` also accepts None. A config read from JSON, YAML or
-        ``--set key=value`` gets one error naming the field, the value and the expected type.
-        """
-        for name, (kind, optional) in _field_types().items():
-            value = getattr(self, name)
-            if value is None and optional:
-                continue
-            if kind is bool:
-                ok = isinstance(value, bool)
-            elif kind is int:
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif kind is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            else:
-                ok = isinstance(value, kind)
-            if not ok:
-                expected = {bool: "a boolean (true or false)", int: "an integer", float: "a finite number",
-                            str: "a string"}.get(kind, kind.__name__) + (" or null" if optional else "")
-                hint = " (a quoted string is not a boolean: write true or false)" if kind is bool and isinstance(
-                    value, str) else ""
-                if kind is float and isinstance(value, float):  # NaN or infinity
-                    raise ValueError(f"ModelConfig field {name}={value!r} must be a finite number")
-                raise ValueError(f"ModelConfig field {name}={value!r} has the wrong type: expected {expected}{hint}")
-            if kind is float and not isinstance(value, float):
-                object.__setattr__(self, name, float(value))
+        """Every field against its annotation (see :func:`check_field_types`); ints stored as floats where
+        the field is a float, so the serialised config is the same whatever the input wrote."""
+        for name, value in check_field_types(self.to_dict()).items():
+            if value is not getattr(self, name):
+                object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -254,6 +230,45 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise ValueError(f"config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+def check_field_types(values: dict[str, Any]) -> dict[str, Any]:
+    """Check ModelConfig field values against the dataclass annotations; return them with ints made floats
+    where the field is a float. Unknown keys are left to the caller (``from_dict`` names them).
+
+    ``bool`` must be a real boolean (the string ``"false"`` is truthy: refused, not guessed), ``int`` an
+    integer that is not a bool, ``float`` a finite int or float (NaN and infinity are refused), ``str`` a
+    string; ``X | None`` also accepts None. Callers that collect fields before building a config (the
+    ``--set key=value`` overrides of ``attnlab train``) can call this first, to fail before any work.
+    Raises ``ValueError`` naming the field, the value and the expected type.
+    """
+    types = _field_types()
+    out = dict(values)
+    for name, value in values.items():
+        if name not in types:
+            continue
+        kind, optional = types[name]
+        if value is None and optional:
+            continue
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            if kind is float and isinstance(value, float):  # NaN or infinity
+                raise ValueError(f"ModelConfig field {name}={value!r} must be a finite number")
+            expected = {bool: "a boolean (true or false)", int: "an integer", float: "a finite number",
+                        str: "a string"}.get(kind, kind.__name__) + (" or null" if optional else "")
+            hint = " (a quoted string is not a boolean: write true or false)" if kind is bool and isinstance(
+                value, str) else ""
+            raise ValueError(f"ModelConfig field {name}={value!r} has the wrong type: expected {expected}{hint}")
+        if kind is float and not isinstance(value, float):
+            out[name] = float(value)
+    return out
 
 
 @functools.cache

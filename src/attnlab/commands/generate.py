@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from attnlab.cli import parser
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parse_ids(text: str) -> list[int]:
@@ -23,7 +25,7 @@ def parse_ids(text: str) -> list[int]:
 
 def check_flags(args) -> None:
     """Every check that needs no model, so that a mistake costs no model load (and no echoed prompt)."""
-    from attnlab.inference.sampling import check_sampling_args
+    from attnlab.inference.sampling_args import check_sampling_args
     from attnlab.textio import check_text
 
     if args.reference and (args.dtype != "fp32" or args.compile):
@@ -88,7 +90,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--reference", action="store_true",
                    help="run the unprepared model (no fused projections; for comparisons)")
     args = p.parse_args(argv)
-    check_flags(args)
+    check_flags(args)  # before torch and the model load
+
+    import torch
 
     from attnlab.hub import from_pretrained, load_tokenizer
     from attnlab.inference.fast import prepare_for_decode

@@ -7,40 +7,10 @@ Shape legend: B batch, V vocab.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-
-def _real(value: object) -> bool:
-    """A real number (int or float, not bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
-                        repetition_penalty: float | None = None, *, flags: bool = False) -> None:
-    """The one validator of sampling settings (generate, speculative decoding, ``attnlab generate``/``chat``).
-
-    Raises ``ValueError`` naming the setting: ``temperature`` a finite number >= 0 (0 = greedy); ``top_k`` an
-    integer >= 1 or None; ``top_p`` in (0, 1] or None; ``repetition_penalty`` a finite number > 0 or None.
-    NaN and infinity are refused (a NaN temperature turns every probability into NaN). ``flags=True`` names
-    them as the CLI flags (``--top-k``) so that a command can check them before it loads a model.
-    """
-    def name(key: str) -> str:
-        return "--" + key.replace("_", "-") + " " if flags else key + "="
-
-    if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"{name('temperature')}{temperature!r}: the temperature must be a finite number >= 0 "
-                         f"(0 means greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"{name('top_k')}{top_k!r}: top-k must be an integer >= 1 (or unset, for no top-k filter)")
-    if top_p is not None and (not _real(top_p) or not (0.0 < top_p <= 1.0)):
-        raise ValueError(f"{name('top_p')}{top_p!r}: top-p must be in (0, 1] (or unset, for no nucleus filter)")
-    if repetition_penalty is not None and (not _real(repetition_penalty) or not math.isfinite(repetition_penalty)
-                                           or repetition_penalty <= 0):
-        raise ValueError(f"{name('repetition_penalty')}{repetition_penalty!r}: the repetition penalty must be a "
-                         f"finite number > 0 (1 = none)")
+from attnlab.inference.sampling_args import check_sampling_args
 
 
 def apply_repetition_penalty(logits: Tensor, previous: Tensor, penalty: float) -> Tensor:
@@ -84,3 +54,7 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+__all__ = ["apply_repetition_penalty", "check_sampling_args", "filter_logits", "logits_to_probs", "make_generator",
+           "sample_next"]
