@@ -232,9 +232,10 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
-def check_field_types(values: dict[str, Any]) -> dict[str, Any]:
-    """Check ModelConfig field values against the dataclass annotations; return them with ints made floats
-    where the field is a float. Unknown keys are left to the caller (``from_dict`` names them).
+def check_field_types(values: dict[str, Any], config_class: type | None = None) -> dict[str, Any]:
+    """Check field values of a dataclass (ModelConfig by default) against its annotations; return them with
+    ints made floats where the field is a float. Unknown keys are left to the caller (``from_dict`` names
+    them); fields annotated with anything but bool/int/float/str (optionally ``| None``) are not checked.
 
     ``bool`` must be a real boolean (the string ``"false"`` is truthy: refused, not guessed), ``int`` an
     integer that is not a bool, ``float`` a finite int or float (NaN and infinity are refused), ``str`` a
@@ -242,7 +243,9 @@ def check_field_types(values: dict[str, Any]) -> dict[str, Any]:
     ``--set key=value`` overrides of ``attnlab train``) can call this first, to fail before any work.
     Raises ``ValueError`` naming the field, the value and the expected type.
     """
-    types = _field_types()
+    config_class = ModelConfig if config_class is None else config_class
+    types = _field_types(config_class)
+    what = config_class.__name__
     out = dict(values)
     for name, value in values.items():
         if name not in types:
@@ -260,26 +263,29 @@ def check_field_types(values: dict[str, Any]) -> dict[str, Any]:
             ok = isinstance(value, kind)
         if not ok:
             if kind is float and isinstance(value, float):  # NaN or infinity
-                raise ValueError(f"ModelConfig field {name}={value!r} must be a finite number")
+                raise ValueError(f"{what} field {name}={value!r} must be a finite number")
             expected = {bool: "a boolean (true or false)", int: "an integer", float: "a finite number",
                         str: "a string"}.get(kind, kind.__name__) + (" or null" if optional else "")
             hint = " (a quoted string is not a boolean: write true or false)" if kind is bool and isinstance(
                 value, str) else ""
-            raise ValueError(f"ModelConfig field {name}={value!r} has the wrong type: expected {expected}{hint}")
+            raise ValueError(f"{what} field {name}={value!r} has the wrong type: expected {expected}{hint}")
         if kind is float and not isinstance(value, float):
             out[name] = float(value)
     return out
 
 
 @functools.cache
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """ModelConfig field -> (its type: bool, int, float or str; whether None is allowed), from the annotations."""
-    hints = typing.get_type_hints(ModelConfig)
+def _field_types(config_class: type) -> dict[str, tuple[type, bool]]:
+    """Field -> (its type: bool, int, float or str; whether None is allowed), from the annotations; fields of
+    other types (lists, unions of several types, ...) are left out."""
+    hints = typing.get_type_hints(config_class)
     out: dict[str, tuple[type, bool]] = {}
-    for f in fields(ModelConfig):
+    for f in fields(config_class):
         hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        out[f.name] = (args[0] if args else hint, len(args) < len(typing.get_args(hint)))
+        args = typing.get_args(hint)
+        kinds = [a for a in args if a is not type(None)] if args else [hint]
+        if len(kinds) == 1 and kinds[0] in (bool, int, float, str) and (not args or type(None) in args):
+            out[f.name] = (kinds[0], type(None) in args)
     return out
 
 

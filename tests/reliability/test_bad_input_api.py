@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import save_file
 
 from attnlab import ModelConfig, build_model, from_pretrained, generate
-from attnlab.textio import check_text
 
 V = 32  # vocabulary of the tiny models
 
@@ -145,8 +144,22 @@ def test_hf_config_problems(tmp_path: Path, config, needle: str) -> None:
 
 # ----------------------------------------------------------------------------- text
 def test_check_text_names_the_offset() -> None:
+    from attnlab.textio import check_text
+
     assert check_text("héllo", "--prompt") == "héllo"
     with pytest.raises(ValueError, match=r"--prompt is not valid UTF-8: byte 0xe9 at byte offset 1"):
         check_text(b"h\xe9llo".decode("utf-8", "surrogateescape"), "--prompt")
     with pytest.raises(ValueError, match=r"lone surrogate U\+D800 at character 2"):
         check_text("ab\ud800", "message")
+
+
+def test_field_type_check_serves_other_config_dataclasses() -> None:
+    """The same annotation-driven check, for a caller that collects settings before building a config
+    (``attnlab train --set lr=abc`` today reaches TrainConfig as the string 'abc')."""
+    from attnlab.config import check_field_types
+    from attnlab.training.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match=r"TrainConfig field lr='abc' has the wrong type: expected a finite number"):
+        check_field_types({"lr": "abc"}, TrainConfig)
+    assert check_field_types({"lr": 1, "bf16": True, "max_time": None}, TrainConfig) == {
+        "lr": 1.0, "bf16": True, "max_time": None}
