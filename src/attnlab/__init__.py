@@ -7,6 +7,7 @@ which checks its flags before it needs PyTorch — starts without importing torc
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,6 +39,12 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value  # later look-ups skip this function
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # a submodule (attnlab.hub, attnlab.inference, ...): load what the eager package used to, so that
+        # attnlab.inference.generate and the like resolve exactly as before
+        for module in set(_EXPORTS.values()):
+            importlib.import_module(module)
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
 
 
