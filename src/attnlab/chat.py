@@ -25,9 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Message = dict[str, str]
 COMMANDS = "/reset (forget the conversation), /stats (speed and context), /exit (or Ctrl-D)"
@@ -211,6 +212,9 @@ class ChatSession:
             raise ValueError(f"context={self.context!r} must be between 1 and the model's max_seq_len={limit}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        from attnlab.inference.sampling_args import check_sampling_args
+
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
         self.stop_ids = stop_token_ids(self.tokenizer, self.template)
         self.reset()
 
@@ -241,6 +245,8 @@ class ChatSession:
         """Answer ``user_text``, streaming the text to ``write``; the exchange joins the history."""
         if not user_text.strip():
             raise ValueError("empty message")
+        import torch
+
         from attnlab.inference.generate import generate
 
         messages, ids = self.prompt(user_text)
@@ -292,13 +298,20 @@ def chat_once(model: Any, tokenizer: Any, text: str, *, system: str | None = Non
 
 # ----------------------------------------------------------------------------- the terminal loop
 def run(session: ChatSession, stdin: TextIO, stdout: TextIO, *, name: str = "assistant") -> int:
-    """Read messages (and /commands) from ``stdin`` until /exit or EOF; stream replies to ``stdout``."""
+    """Read messages (and /commands) from ``stdin`` until /exit or EOF; stream replies to ``stdout``.
+
+    A line that is not valid UTF-8 (see attnlab.textio) ends piped input with that error; a terminal
+    user sees ``[error: ...]`` and types the next message.
+    """
     interactive = stdin.isatty()
 
     def write(piece: str) -> None:
         stdout.write(piece)
         stdout.flush()
 
+    from attnlab.textio import check_text
+
+    number = 0  # lines read, for error messages
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -320,6 +333,14 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO, *, name: str = "ass
         except KeyboardInterrupt:
             write("\n")
             break
+        number += 1
+        try:
+            line = check_text(line, f"stdin line {number}")
+        except ValueError as exc:
+            if not interactive:  # piped input in the wrong encoding: every line would be misread; stop
+                raise
+            write(f"[error: {exc}]\n")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -370,9 +391,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (on a busy machine, 1 can be several times faster than 2)")
     args = p.parse_args(argv)
+    # every check that needs no model comes first: loading one takes seconds (~20 s for smollm2)
+    from attnlab.inference.sampling_args import check_sampling_args
+    from attnlab.textio import check_text, lenient_stdin
+
+    check_sampling_args(args.temperature, args.top_k, args.top_p, flags=True)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: give a reply length >= 1 token")
+    if args.context is not None and args.context < 1:
+        raise ValueError(f"--context {args.context}: give a number of tokens >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: give a number of threads >= 1")
+    if args.system is not None:
+        args.system = check_text(args.system, "--system")
+    import torch
+
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads={args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
 
     from attnlab.hub import from_pretrained, load_tokenizer
@@ -383,7 +417,7 @@ def main(argv: list[str]) -> int:
     session = ChatSession(model, tokenizer, chat_template(tokenizer, source), system=args.system,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, context=args.context)
-    return run(session, sys.stdin, sys.stdout, name=Path(str(args.model)).stem)
+    return run(session, lenient_stdin(), sys.stdout, name=Path(str(args.model)).stem)
 
 
 __all__ = ["ChatSession", "TextStream", "chat_once", "chat_template", "compile_template", "main", "print_stream",

@@ -7,7 +7,10 @@ LayerNorm for RMSNorm, Pre-Norm for Post-Norm or one attention kernel for anothe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -101,6 +104,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> ModelConfig:
         """Raise ``ValueError`` naming the field, the bad value and what is allowed."""
+        self._check_types()
         _choice("family", self.family, FAMILIES)
         if self.family == "rwkv" and self.rwkv_version not in RWKV_VERSIONS:
             raise ValueError(f"rwkv_version={self.rwkv_version!r} is not valid; choose one of: 4, 7")
@@ -164,6 +168,13 @@ class ModelConfig:
         check_fields_in_use(self.to_dict(), _DEFAULTS)  # a field this family/mechanism never reads keeps its default
         return self
 
+    def _check_types(self) -> None:
+        """Every field against its annotation (see :func:`check_field_types`); ints stored as floats where
+        the field is a float, so the serialised config is the same whatever the input wrote."""
+        for name, value in check_field_types(self.to_dict()).items():
+            if value is not getattr(self, name):
+                object.__setattr__(self, name, value)
+
     # ------------------------------------------------------------------ helpers
     @property
     def encoder_layers(self) -> int:
@@ -225,6 +236,63 @@ class ModelConfig:
 
 
 _DEFAULTS = {f.name: f.default for f in fields(ModelConfig)}
+
+
+def check_field_types(values: dict[str, Any], config_class: type | None = None) -> dict[str, Any]:
+    """Check field values of a dataclass (ModelConfig by default) against its annotations; return them with
+    ints made floats where the field is a float. Unknown keys are left to the caller (``from_dict`` names
+    them); fields annotated with anything but bool/int/float/str (optionally ``| None``) are not checked.
+
+    ``bool`` must be a real boolean (the string ``"false"`` is truthy: refused, not guessed), ``int`` an
+    integer that is not a bool, ``float`` a finite int or float (NaN and infinity are refused), ``str`` a
+    string; ``X | None`` also accepts None. Callers that collect fields before building a config (the
+    ``--set key=value`` overrides of ``attnlab train``) can call this first, to fail before any work.
+    Raises ``ValueError`` naming the field, the value and the expected type.
+    """
+    config_class = ModelConfig if config_class is None else config_class
+    types = _field_types(config_class)
+    what = config_class.__name__
+    out = dict(values)
+    for name, value in values.items():
+        if name not in types:
+            continue
+        kind, optional = types[name]
+        if value is None and optional:
+            continue
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            if kind is float and isinstance(value, float):  # NaN or infinity
+                raise ValueError(f"{what} field {name}={value!r} must be a finite number")
+            expected = {bool: "a boolean (true or false)", int: "an integer", float: "a finite number",
+                        str: "a string"}.get(kind, kind.__name__) + (" or null" if optional else "")
+            hint = " (a quoted string is not a boolean: write true or false)" if kind is bool and isinstance(
+                value, str) else ""
+            raise ValueError(f"{what} field {name}={value!r} has the wrong type: expected {expected}{hint}")
+        if kind is float and not isinstance(value, float):
+            out[name] = float(value)
+    return out
+
+
+@functools.cache
+def _field_types(config_class: type) -> dict[str, tuple[type, bool]]:
+    """Field -> (its type: bool, int, float or str; whether None is allowed), from the annotations; fields of
+    other types (lists, unions of several types, ...) are left out."""
+    hints = typing.get_type_hints(config_class)
+    out: dict[str, tuple[type, bool]] = {}
+    for f in fields(config_class):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        kinds = [a for a in args if a is not type(None)] if args else [hint]
+        if len(kinds) == 1 and kinds[0] in (bool, int, float, str) and (not args or type(None) in args):
+            out[f.name] = (kinds[0], type(None) in args)
+    return out
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from attnlab.cli import parser
+
+if TYPE_CHECKING:  # torch loads after the flags are checked
+    import torch
+    from torch import nn
 
 
 def _pool_heads(t: torch.Tensor, k_old: int, k_new: int, head_dim: int) -> torch.Tensor:
@@ -54,6 +56,25 @@ def to_kv_heads(model: nn.Module, n_kv_heads: int) -> nn.Module:
     return new.eval() if not model.training else new
 
 
+def check_out(out: Path, source: Path | None, model_name: str) -> None:
+    """Refuse an ``--out`` whose writing would replace the current directory or the model being read.
+
+    The model directory is written as a whole (atomically), so ``--out .`` or ``--out`` equal to the source
+    (or to a folder holding either) would put the new model in place of what is there.
+    """
+    target = out.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(f"--out {out} is the current directory (or holds it): the model directory would take its "
+                         f"place; give a new directory name, e.g. --out {model_name.rstrip('/').split('/')[-1]}-gqa")
+    src = None if source is None else source.expanduser().resolve()
+    if src is not None and (target == src or target in src.parents):
+        raise ValueError(f"--out {out} is the source model {model_name} (or holds it): converting in place would "
+                         f"overwrite the weights being read; give another directory")
+    if target.is_file():
+        raise ValueError(f"--out {out} is a file; give a directory name for the converted model")
+
+
 def main(argv: list[str]) -> int:
     p = parser("attnlab convert", "Convert a checkpoint to fewer KV heads (MHA -> GQA -> MQA).")
     p.add_argument("--model", required=True, help="model directory, .gguf file or shipped name")
@@ -64,9 +85,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="storage dtype of the written weights (default: the model's)")
     args = p.parse_args(argv)
-    from attnlab.checkpoint import save_model
+    if args.kv_heads < 1:
+        raise ValueError(f"--kv-heads {args.kv_heads}: give a number of KV heads >= 1")
+    given = Path(args.model).expanduser()
+    check_out(Path(args.out), given if given.exists() else None, args.model)  # before the model loads
+    import torch
+
+    from attnlab.checkpoint import check_target, save_model
+
+    check_target(args.out, overwrite=args.overwrite)  # foreign files in --out: refused before the model loads
     from attnlab.hub import from_pretrained, resolve_path
 
+    check_out(Path(args.out), resolve_path(args.model), args.model)  # a shipped name, resolved
     model = from_pretrained(args.model)
     before = model.config.n_kv_heads
     new = to_kv_heads(model, args.kv_heads)

@@ -215,8 +215,8 @@ def stream_worker(model_dir: str, n_tokens: int, chunk: int, out: str) -> None:
       the number of chunks (measured 16.6 MiB at 8k and 16.8-18.7 MiB at 256k tokens) while the median
       chunk peak and the retained memory stay flat: that creep is not memory the stream holds.
     """
-    from attnlab.tasks.passkey import filler
     from attnlab.hub import load_model
+    from attnlab.tasks.passkey import filler
 
     torch.set_num_threads(1)
     model = load_model(model_dir).eval()

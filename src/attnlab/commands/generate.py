@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from attnlab.cli import parser
 
+if TYPE_CHECKING:
+    import torch
+
 
 def parse_ids(text: str) -> list[int]:
+    """``'1,2 3'`` -> ``[1, 2, 3]``; ``ValueError`` naming --prompt-ids otherwise."""
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
@@ -20,13 +23,33 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
+def check_flags(args) -> None:
+    """Every check that needs no model, so that a mistake costs no model load (and no echoed prompt)."""
+    from attnlab.inference.sampling_args import check_sampling_args
+    from attnlab.textio import check_text
+
+    if args.reference and (args.dtype != "fp32" or args.compile):
+        raise ValueError("--reference runs the plain fp32 model; drop --dtype/--compile or --reference")
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty, flags=True)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: give a number of tokens >= 0")
+    if args.gamma < 1:
+        raise ValueError(f"--gamma {args.gamma}: give a number of drafted tokens >= 1")
+    if args.prompt is not None:
+        args.prompt = check_text(args.prompt, "--prompt")
+    elif args.chat is not None:
+        args.chat = check_text(args.chat, "--chat")
+    else:
+        args.prompt_ids = parse_ids(args.prompt_ids)
+    if args.chat is not None and (args.draft or args.prompt_lookup or args.repetition_penalty not in (None, 1.0)):
+        raise ValueError("--chat runs plain decoding; drop --draft/--prompt-lookup/--repetition-penalty")
+
+
 def _chat_turn(model, args) -> int:
     """``--chat``: one user message in, the streamed reply out (the template's stop tokens end it)."""
     from attnlab.chat import chat_once, print_stream
     from attnlab.hub import load_tokenizer
 
-    if args.draft or args.prompt_lookup or args.repetition_penalty not in (None, 1.0):
-        raise ValueError("--chat runs plain decoding; drop --draft/--prompt-lookup/--repetition-penalty")
     start = time.perf_counter()
     text = chat_once(model, load_tokenizer(args.model), args.chat, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -67,12 +90,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--reference", action="store_true",
                    help="run the unprepared model (no fused projections; for comparisons)")
     args = p.parse_args(argv)
-    if args.reference and (args.dtype != "fp32" or args.compile):
-        raise ValueError("--reference runs the plain fp32 model; drop --dtype/--compile or --reference")
+    check_flags(args)  # before torch and the model load
+
+    import torch
 
     from attnlab.hub import from_pretrained, load_tokenizer
     from attnlab.inference.fast import prepare_for_decode
-    from attnlab.inference.generate import generate
+    from attnlab.inference.generate import check_context, generate
     from attnlab.inference.speculative import speculative_generate
 
     def load(name: str):
@@ -91,9 +115,11 @@ def main(argv: list[str]) -> int:
         if max(ids) >= model.config.vocab_size:
             raise ValueError("the tokenizer produces ids outside the model's vocabulary: they do not belong together")
     else:
-        ids = parse_ids(args.prompt_ids)
+        ids = args.prompt_ids  # parsed by check_flags
         if max(ids) >= model.config.vocab_size or min(ids) < 0:
             raise ValueError(f"--prompt-ids must be in [0, {model.config.vocab_size}) for this model")
+    if model.config.family == "decoder":  # the context check generate() makes, before the prompt is echoed
+        check_context(model, len(ids), args.max_new_tokens)
     eos = None
     if not args.no_eos:
         eos = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else model.config.eos_token_id

@@ -6,12 +6,13 @@ The KV-cache figures are measured from a real ``KVCache`` allocation, not comput
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from attnlab.cli import parser
 from attnlab.config import ModelConfig
-from attnlab.inference.cache import KVCache
+
+if TYPE_CHECKING:
+    import torch
 
 UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
          "tb": 1000**4, "tib": 1024**4}
@@ -26,6 +27,8 @@ def parse_bytes(text: str) -> int:
 
 def kv_bytes_per_token(cfg: ModelConfig, n_kv_heads: int, dtype: torch.dtype) -> int:
     """Bytes one position occupies in a real cache (measured on a 1-token allocation)."""
+    from attnlab.inference.cache import KVCache
+
     return KVCache(cfg.n_layers, 1, n_kv_heads, cfg.head_dim, 1, dtype=dtype).nbytes()
 
 
@@ -58,6 +61,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cache dtype")
     args = p.parse_args(argv)
     memory = parse_bytes(args.memory) if args.memory else None
+    cfg = ModelConfig.from_json(args.config) if args.config else None  # a bad config fails before torch loads
+
+    import torch
 
     if args.model:
         from attnlab.hub import from_pretrained
@@ -69,7 +75,7 @@ def main(argv: list[str]) -> int:
     else:
         from attnlab.models import build_model
 
-        cfg = ModelConfig.from_json(args.config)
+        assert cfg is not None
         with torch.device("meta"):
             params = build_model(cfg).num_parameters()
         dtype = getattr(torch, args.dtype) if args.dtype else torch.float32

@@ -27,6 +27,14 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.beam < 1:
         raise ValueError(f"--beam {args.beam}: give a beam width >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: give a number of tokens >= 1")
+    from attnlab.textio import check_lines, check_text, lenient_stdin
+
+    # the texts are read and checked (valid UTF-8) before the model loads
+    texts: list[str] = []
+    for i, t in enumerate(args.texts, start=1):
+        texts.extend(check_lines(lenient_stdin(), "stdin") if t == "-" else [check_text(t, f"TEXT argument {i}")])
 
     from attnlab.hub import from_pretrained, load_tokenizer
     from attnlab.tasks.translate import translate
@@ -37,7 +45,6 @@ def main(argv: list[str]) -> int:
     if args.max_new_tokens is not None and not 1 <= args.max_new_tokens < model.config.max_seq_len:
         raise ValueError(f"--max-new-tokens must be in [1, {model.config.max_seq_len - 1}] for this model")
     tokenizer = load_tokenizer(args.model)
-    texts = [line.rstrip("\n") for t in args.texts for line in (sys.stdin if t == "-" else [t])]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = translate(model, tokenizer, texts, num_beams=args.beam, length_penalty=args.length_penalty,

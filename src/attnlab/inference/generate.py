@@ -18,6 +18,7 @@ from attnlab.inference.sampling import (
     make_generator,
     sample_next,
 )
+from attnlab.layers.stack import check_token_ids
 
 
 def as_batch(input_ids, device: torch.device) -> Tensor:
@@ -30,6 +31,38 @@ def as_batch(input_ids, device: torch.device) -> Tensor:
     if ids.dtype not in (torch.long, torch.int32, torch.int64):
         raise ValueError(f"input_ids must be integer token ids, got {ids.dtype}")
     return ids.to(device=device, dtype=torch.long)
+
+
+def check_padding(model, ids: Tensor, attention_mask) -> Tensor | None:
+    """The ``attention_mask`` as a tensor on the ids' device, after checking it pads the side the model reads.
+
+    A decoder continues each row from its *last* position, so padding must come first (left padding:
+    each row's mask is 0...0 1...1); right padding would continue from a pad token and return garbage.
+    An encoder-decoder numbers source positions from the first column, so its sources are right-padded
+    (1...1 0...0). The mask holds 0 and 1 only, and every row has at least one real token.
+    """
+    if attention_mask is None:
+        return None
+    mask = torch.as_tensor(attention_mask, device=ids.device)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    real = mask.to(torch.bool)
+    if not bool(real.any(dim=1).all()):
+        row = int((~real.any(dim=1)).nonzero()[0, 0])
+        raise ValueError(f"attention_mask row {row} has no real token (all padding); drop that row")
+    seq2seq = getattr(model.config, "family", "decoder") == "seq2seq"
+    # left padding: the mask never goes from 1 back to 0 along a row; right padding: never from 0 to 1
+    wrong = (real[:, :-1] & ~real[:, 1:]) if not seq2seq else (~real[:, :-1] & real[:, 1:])
+    if bool(wrong.any()):
+        row = int(wrong.any(dim=1).nonzero()[0, 0])
+        if seq2seq:
+            raise ValueError(f"attention_mask row {row} has padding before real tokens: an encoder-decoder reads "
+                             f"right-padded sources (real tokens first, padding at the end); right-pad the batch")
+        raise ValueError(f"attention_mask row {row} has padding after real tokens: generate() continues every row "
+                         f"from its last position, so pad on the left (padding first, then the prompt)")
+    return mask
 
 
 def check_context(model, prompt_len: int, max_new_tokens: int) -> None:
@@ -76,24 +109,22 @@ def generate(
     decoding with ``gamma`` drafted tokens per step (``adaptive=True`` tunes it on the fly).
     Rows that produced ``eos_token_id`` keep emitting it; generation stops once every row has.
     """
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    device = model.device
+    ids = as_batch(input_ids, device)
+    check_token_ids(ids, model.config.vocab_size)
+    attention_mask = check_padding(model, ids, attention_mask)
     if draft is not None:  # speculative decoding: same greedy output, same sampling distribution, faster
         if repetition_penalty not in (None, 1.0):
             raise ValueError("repetition_penalty is not supported with speculative decoding (draft=...)")
         from attnlab.inference.speculative import speculative_generate
 
-        return speculative_generate(model, draft, input_ids, max_new_tokens, gamma=gamma, adaptive=adaptive,
+        return speculative_generate(model, draft, ids, max_new_tokens, gamma=gamma, adaptive=adaptive,
                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                     eos_token_id=eos_token_id, attention_mask=attention_mask, stream=stream)
-    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-    device = model.device
-    ids = as_batch(input_ids, device)
     B, T = ids.shape
-    if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask, device=device)
-        if attention_mask.shape != ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(ids.shape)}")
     generator = make_generator(seed, device)
     was_training = model.training
     model.eval()

@@ -10,17 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
-                        repetition_penalty: float | None = None) -> None:
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k} must be a positive integer or None")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0")
+from attnlab.inference.sampling_args import check_sampling_args
 
 
 def apply_repetition_penalty(logits: Tensor, previous: Tensor, penalty: float) -> Tensor:
@@ -64,3 +54,7 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+__all__ = ["apply_repetition_penalty", "check_sampling_args", "filter_logits", "logits_to_probs", "make_generator",
+           "sample_next"]

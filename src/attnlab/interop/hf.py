@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -181,6 +182,8 @@ def read_hf_config(directory: Path) -> dict:
         hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} must hold a JSON object (a Hugging Face model config), not a {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in FAMILIES and model_type not in OTHER_MODULES:
         arch = hf.get("architectures")
@@ -188,7 +191,45 @@ def read_hf_config(directory: Path) -> dict:
             f"{directory}: unsupported architecture model_type={model_type!r} (architectures={arch}); "
             f"attnlab loads: {', '.join(supported())}"
         )
+    _check_hf_types(hf, path)
     return hf
+
+
+# sizes every family reads (when present and not null): integers >= 1; flags: JSON booleans; numbers: finite > 0
+HF_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "intermediate_size", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_inner",
+            "n_positions", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+            "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "attention_hidden_size", "context_length")
+HF_FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_embedding")
+HF_NUMBERS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta")
+
+
+def _check_hf_types(hf: dict, path: Path) -> None:
+    """One line naming the file and the key for a size, flag or epsilon of the wrong type or range."""
+    for key in HF_SIZES:
+        value = hf.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{path}: {key}={value!r} must be an integer >= 1")
+    for key in HF_FLAGS:
+        value = hf.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{path}: {key}={value!r} must be true or false (a JSON boolean)")
+    for key in HF_NUMBERS:  # present means a number (null included: the loaders would read it as one)
+        value = hf.get(key)
+        if key in hf and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                          or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{path}: {key}={value!r} must be a finite number > 0")
+
+
+def hf_model_config(make_config: Callable[[dict, str, set[str]], ModelConfig], hf: dict, model_type: str,
+                    keys: set[str], path: Path) -> ModelConfig:
+    """``make_config(hf, model_type, keys)``, its errors naming the config file (and a missing key)."""
+    try:
+        return make_config(hf, model_type, keys)
+    except KeyError as exc:
+        raise ValueError(f"{path}: model_type={model_type!r} needs the key {exc.args[0]!r}, which is missing") from None
+    except (ValueError, TypeError, ZeroDivisionError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def read_hf_weights(directory: Path) -> dict[str, Tensor]:
@@ -278,7 +319,7 @@ def load_hf(directory: str | Path, *, dtype: torch.dtype | None = None) -> torch
             return module.load_hf(directory, dtype=dtype)
         make_config, names = module.FAMILIES[model_type]
     hf_state = read_hf_weights(directory)
-    cfg = make_config(hf, model_type, set(normalise_names(hf_state, names)))
+    cfg = hf_model_config(make_config, hf, model_type, set(normalise_names(hf_state, names)), directory / "config.json")
     state = convert_state(hf_state, cfg, names)
     model = build_model(cfg).to(torch.float32 if dtype is None else dtype)
     load_state_checked(model, state, f"{directory} (Hugging Face {hf['model_type']})")

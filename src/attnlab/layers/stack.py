@@ -78,6 +78,24 @@ def check_length(T: int, max_seq_len: int, what: str = "input") -> None:
         )
 
 
+def check_token_ids(input_ids: Tensor, vocab_size: int, what: str = "input_ids") -> None:
+    """``ValueError`` naming an id outside ``[0, vocab_size)`` (the embedding would fail with an IndexError).
+
+    One min/max reduction over the batch (no per-element Python); skipped while torch.compile traces, where
+    a data-dependent branch would break the graph (compiled decode steps feed back ids sampled from the
+    model's own vocabulary).
+    """
+    if input_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"{what} must be integer token ids, got dtype {input_ids.dtype}")
+    low, high = (int(v) for v in torch.aminmax(input_ids))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{what} holds token id {bad}, outside this model's vocabulary [0, {vocab_size}) "
+                         f"(vocab_size={vocab_size}); ids must come from the model's own tokenizer")
+
+
 def positions_from_mask(attention_mask: Tensor | None, B: int, T: int, device: torch.device) -> Tensor:
     """(B, T) positions counting real tokens only (left padding gets position 0)."""
     if attention_mask is None:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from attnlab.config import ModelConfig
 from attnlab.inference.cache import KVCache
 from attnlab.layers.linear import Linear
-from attnlab.layers.stack import Stack, check_length, positions_from_mask
+from attnlab.layers.stack import Stack, check_length, check_token_ids, positions_from_mask
 from attnlab.models.base import AttnlabModel
 
 
@@ -56,6 +56,7 @@ class DecoderLM(Stack, AttnlabModel):
         """``position_ids`` (B, T) or (T,) overrides the positions (e.g. a context-parallel shard's global ones)."""
         B, T = input_ids.shape
         cfg = self.config
+        check_token_ids(input_ids, cfg.vocab_size)
         token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
         unbounded = cfg.attention_mechanism == "infini"
         if cache is None:

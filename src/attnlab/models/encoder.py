@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
 from attnlab.layers.norm import build_norm
-from attnlab.layers.stack import Stack, check_length, positions_from_mask
+from attnlab.layers.stack import Stack, check_length, check_token_ids, positions_from_mask
 from attnlab.models.base import AttnlabModel
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu,
@@ -46,6 +46,7 @@ class EncoderModel(Stack, AttnlabModel):
                token_type_ids: Tensor | None = None) -> Tensor:
         B, T = input_ids.shape
         check_length(T, self.config.max_seq_len)
+        check_token_ids(input_ids, self.config.vocab_size)
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         key_mask = None if mask is None or bool(mask.all()) else mask
         positions = positions_from_mask(None, B, T, input_ids.device)  # right padding: real tokens first

@@ -34,6 +34,7 @@ from attnlab.config import ModelConfig
 from attnlab.inference.rwkv_state import STEP_MAX, RWKVState
 from attnlab.inference.rwkv_wkv import wkv_chunked, wkv_step
 from attnlab.layers.linear import Linear
+from attnlab.layers.stack import check_token_ids
 from attnlab.models.base import AttnlabModel
 
 
@@ -177,6 +178,7 @@ class RWKVLM(AttnlabModel):
     def forward(self, input_ids: Tensor, cache: RWKVState | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> Tensor:
         B, T = input_ids.shape
+        check_token_ids(input_ids, self.config.vocab_size)
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("RWKV has no attention mask: padding would enter the recurrence; give unpadded input")
         if cache is not None and cache.batch_size != B:

@@ -20,7 +20,7 @@ from attnlab.config import ModelConfig
 from attnlab.inference.cache import KVCache
 from attnlab.inference.seq2seq_cache import Seq2SeqCache
 from attnlab.layers.linear import Linear
-from attnlab.layers.stack import Stack, check_length, positions_from_mask
+from attnlab.layers.stack import Stack, check_length, check_token_ids, positions_from_mask
 from attnlab.models.base import AttnlabModel
 
 
@@ -45,6 +45,7 @@ class Seq2SeqLM(AttnlabModel):
         """(B, S) source ids -> (B, S, C) encoder output."""
         B, S = input_ids.shape
         check_length(S, self.config.max_seq_len, "source")
+        check_token_ids(input_ids, self.config.vocab_size, "source ids")
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         key_mask = None if mask is None or bool(mask.all()) else mask
         positions = positions_from_mask(None, B, S, input_ids.device)  # right-padded sources
@@ -81,6 +82,7 @@ class Seq2SeqLM(AttnlabModel):
                 encoder_out: Tensor | None = None) -> Tensor:
         """Decoder logits (B, T, V) for ``input_ids`` given a source (ids, or encoder output, or a cache)."""
         B, T = input_ids.shape
+        check_token_ids(input_ids, self.config.vocab_size)
         token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
         if cache is not None:
             memory, memory_mask = cache.memory, cache.memory_mask

@@ -24,7 +24,7 @@ import torch
 
 from attnlab.checkpoint import write_json
 from attnlab.cli import parser
-from attnlab.config import ModelConfig
+from attnlab.config import ModelConfig, check_field_types
 from attnlab.presets import PRESETS
 from attnlab.tokenizer import Tokenizer
 
@@ -152,6 +152,7 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     model_fields, train = resolve_settings(args)
+    check_field_types(model_fields)  # a wrong type in --set/--config: one line, before any work
     out = Path(args.out)
     latest = check_output(out, resume=args.resume)  # before any work: a file or foreign files in --out
     if latest is not None:  # every setting from the checkpoint; a flag that contradicts it is an error

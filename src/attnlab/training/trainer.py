@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from attnlab.checkpoint import (
     save_model,
     write_model_files,
 )
+from attnlab.config import check_field_types
 from attnlab.training.checkpoint import (
     check_optimizer_state,
     is_complete,
@@ -68,20 +69,7 @@ class TrainConfig:
     save_dtype: str = "float32"
 
     def validate(self) -> TrainConfig:
-        for f in fields(self):  # types first: a value from --set or a config file may be any JSON
-            value, kind = getattr(self, f.name), f.type
-            if kind == "bool":
-                ok = isinstance(value, bool)
-            elif kind == "int":
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif kind in ("float", "float | None"):
-                ok = (value is None and kind != "float") or (
-                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
-            else:
-                ok = isinstance(value, str)
-            if not ok:
-                raise ValueError(f"training setting {f.name}={value!r}: expected {kind.replace(' | None', ' or null')}"
-                                 f"{' (finite)' if 'float' in kind else ''}")
+        check_field_types(asdict(self), TrainConfig)  # types first: --set or a config file may hold any JSON
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every", "save_every", "keep_last"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
