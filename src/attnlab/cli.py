@@ -1,44 +1,33 @@
-"""The ``attnlab`` command: info | generate | translate | chat | train | data NAME | bench NAME | tour | convert.
+"""The ``attnlab`` command: one table of subcommands, each a module with ``main(argv) -> int`` that parses
+its own flags (with ``attnlab.commands.args.parser``).
 
 Every subcommand prints a user error (bad config, bad checkpoint, prompt too long, ...) as one line
-``error: ...`` and exits with status 2 — never a traceback. Commands owned by other parts of the package
-(train, bench, tour, chat, convert) receive their remaining arguments and parse them themselves.
+``error: ...`` and exits with status 2 — never a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
-# subcommand -> module with ``main(argv: list[str]) -> int`` (each parses its own flags)
-DELEGATED = {
-    "train": "attnlab.training.cli",
-    "tour": "attnlab.tour",
-    "chat": "attnlab.chat",
-    "convert": "attnlab.convert",
-    "data": "attnlab.commands.data",
-    "translate": "attnlab.commands.translate",
+# command -> (module with ``main(argv: list[str]) -> int``, what it does)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("attnlab.commands.info", "parameters and KV-cache bytes of a model or config, with its MHA/GQA/MQA "
+                                      "siblings"),
+    "generate": ("attnlab.commands.generate", "generate text (or token ids) from a model"),
+    "translate": ("attnlab.commands.translate", "translate English to Spanish with an encoder-decoder "
+                                                "(e.g. translate-en-es)"),
+    "chat": ("attnlab.commands.chat", "interactive chat with a model that has a chat template"),
+    "train": ("attnlab.training.cli", "train a model on the built-in corpus or your own data"),
+    "data": ("attnlab.commands.data", "build a data set on this machine: attnlab data translation --out DIR"),
+    "bench": ("attnlab.bench", "run a benchmark: attnlab bench NAME (decode, attention, ...)"),
+    "tour": ("attnlab.tour", "the field guide run as measured experiments, written to a report"),
+    "convert": ("attnlab.commands.convert", "convert a checkpoint (e.g. to fewer KV heads)"),
 }
 
-USAGE = """attnlab <command> [options]
-
-commands:
-  info       parameters and KV-cache bytes of a model or config, with its MHA/GQA/MQA siblings
-  generate   generate text (or token ids) from a model
-  translate  translate English to Spanish with an encoder-decoder (e.g. translate-en-es)
-  chat       interactive chat with a model that has a chat template
-  train      train a model on the built-in corpus or your own data
-  data       build a data set on this machine: attnlab data translation --out DIR
-  bench      run a benchmark: attnlab bench NAME (decode, attention, ...)
-  tour       the field guide run as measured experiments, written to a report
-  convert    convert a checkpoint (e.g. to fewer KV heads)
-
-`attnlab <command> --help` shows a command's options."""
-
-
-def _run_delegated(command: str, argv: list[str]) -> int:
-    return int(importlib.import_module(DELEGATED[command]).main(argv) or 0)
+USAGE = "attnlab <command> [options]\n\ncommands:\n" + "\n".join(
+    f"  {name:<10} {what}" for name, (_, what) in COMMANDS.items()) + "\n\n`attnlab <command> --help` shows a " \
+    "command's options."
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -46,24 +35,9 @@ def _dispatch(argv: list[str]) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "info":
-        from attnlab.commands.info import main as info_main
-
-        return info_main(rest)
-    if command == "generate":
-        from attnlab.commands.generate import main as generate_main
-
-        return generate_main(rest)
-    if command == "bench":
-        from attnlab.bench import BENCHES, run_bench
-
-        if not rest or rest[0] in ("-h", "--help"):
-            print(f"usage: attnlab bench NAME [options]\nbenchmarks: {', '.join(sorted(BENCHES))}")
-            return 0 if rest else 2
-        return run_bench(rest[0], rest[1:])
-    if command in DELEGATED:
-        return _run_delegated(command, rest)
-    raise ValueError(f"unknown command {command!r}; run `attnlab --help` for the list")
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; run `attnlab --help` for the list")
+    return int(importlib.import_module(COMMANDS[command][0]).main(rest) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,16 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser whose errors raise ValueError (printed by ``main``) instead of exiting."""
-
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # type: ignore[override]
-            raise ValueError(f"{self.prog}: {message}")
-
-    return _Parser(prog=prog, description=description)
 
 
 if __name__ == "__main__":

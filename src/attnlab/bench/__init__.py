@@ -29,3 +29,11 @@ def run_bench(name: str, argv: list[str]) -> int:
     if name not in BENCHES:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHES))}")
     return int(importlib.import_module(BENCHES[name]).main(argv) or 0)
+
+
+def main(argv: list[str]) -> int:
+    """``attnlab bench NAME [options]``."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: attnlab bench NAME [options]\nbenchmarks: {', '.join(sorted(BENCHES))}")
+        return 0 if argv else 2
+    return run_bench(argv[0], argv[1:])

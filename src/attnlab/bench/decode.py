@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from attnlab.bench.common import machine, markdown_table, write_json
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 SHAPES = {
     # name: LlamaConfig keyword arguments

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from attnlab.bench.common import machine, write_json
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 TRAIN = ["--preset", "tiny", "--quiet", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4",
          "--eval-every", "5", "--save-every", "1", "--keep-last", "2"]

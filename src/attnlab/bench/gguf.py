@@ -19,7 +19,7 @@ import torch
 
 
 def main(argv: list[str]) -> int:
-    from attnlab.cli import parser
+    from attnlab.commands.args import parser
 
     p = parser("attnlab bench gguf", "SmolLM2-135M from its GGUF: attnlab's default generate vs Hugging Face.")
     p.add_argument("--new-tokens", type=int, default=128)

@@ -1,6 +1,6 @@
 """``attnlab bench gqa``: MHA -> GQA -> MQA conversion of trained models, cost and benefit side by side.
 
-Conversion mean-pools each group of K/V heads (``attnlab.convert.to_kv_heads``; Ainslie et al. 2023, "GQA:
+Conversion mean-pools each group of K/V heads (``attnlab.models.kv_heads.to_kv_heads``; Ainslie et al. 2023, "GQA:
 Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints"), then the converted model
 is uptrained for a stated number of steps with the ordinary ``Trainer``. For every source model and every
 target number of KV heads K, one row gives:
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from attnlab.bench.common import machine, markdown_table, write_json
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 SOURCES = ("default", "smollm2", "mha")
 
@@ -235,7 +235,7 @@ def targets_for(n_kv_heads: int) -> list[int]:
 
 
 def run_source(name: str, settings: Settings, log=print) -> tuple[list[dict], dict]:
-    from attnlab.convert import to_kv_heads
+    from attnlab.models.kv_heads import to_kv_heads
 
     budget = settings.budgets[name]
     source, tok, notes = load_source(name, settings)

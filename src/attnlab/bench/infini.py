@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from attnlab.bench.common import machine, markdown_table, peak_rss_bytes, reset_peak_rss, write_json
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 MODELS = ("infini", "softmax")
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.bench.common import machine, markdown_table, write_json
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.bench.common import machine, markdown_table, write_json
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 
 class VariableLengthTask:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attnlab.bench.common import machine, markdown_table, write_json
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 
 def test_windows(model_name: str, seq_len: int, n_windows: int, max_files: int | None) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ import torch
 from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.bench.common import peak_rss_bytes as _rss_bytes
 from attnlab.bench.common import reset_peak_rss as _reset_peak
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 
 def _free_port() -> int:

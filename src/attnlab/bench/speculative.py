@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from attnlab.bench.common import machine, markdown_table, timed, write_json
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 DEFAULT_ROW = "default: generate(draft=)"  # from_pretrained models, no flags: what a user writes first
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from attnlab.bench.common import machine, markdown_table, write_json
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 
 def _label(tokenizer, i: int) -> str:

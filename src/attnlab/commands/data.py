@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 DATASETS = ("translation", "teacher")
 

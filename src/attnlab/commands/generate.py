@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from attnlab.cli import parser
+from attnlab.commands.args import add_precision, parser
 
 if TYPE_CHECKING:
     import torch
@@ -47,8 +47,9 @@ def check_flags(args) -> None:
 
 def _chat_turn(model, args) -> int:
     """``--chat``: one user message in, the streamed reply out (the template's stop tokens end it)."""
-    from attnlab.chat import chat_once, print_stream
+    from attnlab.chat import chat_once
     from attnlab.hub import load_tokenizer
+    from attnlab.inference.streaming import print_stream
 
     start = time.perf_counter()
     text = chat_once(model, load_tokenizer(args.model), args.chat, max_new_tokens=args.max_new_tokens,
@@ -82,8 +83,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gamma", type=int, default=4, help="drafted tokens per step (max, with --adaptive)")
     p.add_argument("--adaptive", action="store_true", help="tune gamma from the running acceptance rate")
     p.add_argument("--stats", action="store_true", help="print speed (and speculative statistics) at the end")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
-                   help="weights for decoding: fp32 (exact), bf16, or int8 weight-only (default fp32)")
+    add_precision(p, ("fp32", "bf16", "int8"), default="fp32",
+                  help="weights for decoding: fp32 (exact), bf16, or int8 weight-only (default fp32)")
     p.add_argument("--compile", nargs="?", const=True, default=False, choices=["static", "dynamic"],
                    help="torch.compile the decode steps (eager if no compiler): static-shape graphs for a decoder "
                         "(the default), or 'dynamic' (the whole forward with dynamic shapes; slow to compile)")
@@ -98,6 +99,7 @@ def main(argv: list[str]) -> int:
     from attnlab.inference.fast import prepare_for_decode
     from attnlab.inference.generate import check_context, generate
     from attnlab.inference.speculative import speculative_generate
+    from attnlab.inference.streaming import TextStream
 
     def load(name: str):
         m = from_pretrained(name)
@@ -125,7 +127,7 @@ def main(argv: list[str]) -> int:
         eos = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else model.config.eos_token_id
 
     generated: list[int] = []
-    printed = ""
+    text_stream = TextStream(tokenizer) if tokenizer is not None else None
     if tokenizer is not None:
         sys.stdout.write(args.prompt)
     else:
@@ -133,19 +135,11 @@ def main(argv: list[str]) -> int:
     sys.stdout.flush()
 
     def on_token(token: torch.Tensor) -> None:
-        nonlocal printed
         tok = int(token[0])
         if eos is not None and tok == eos:
             return
         generated.append(tok)
-        if tokenizer is None:
-            sys.stdout.write(f" {tok}")
-        else:
-            text = tokenizer.decode(generated)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                return
-            sys.stdout.write(text[len(printed):])
-            printed = text
+        sys.stdout.write(f" {tok}" if text_stream is None else text_stream.push(tok))  # whole characters only
         sys.stdout.flush()
 
     draft = load(args.draft) if args.draft else ("prompt_lookup" if args.prompt_lookup else None)
@@ -167,7 +161,7 @@ def main(argv: list[str]) -> int:
                                         top_p=args.top_p, seed=args.seed, eos_token_id=eos, stream=on_token,
                                         return_stats=True)
     seconds = time.perf_counter() - start
-    sys.stdout.write("\n")
+    sys.stdout.write((text_stream.flush() if text_stream is not None else "") + "\n")
     if args.stats:
         print(f"[{len(generated)} tokens in {seconds:.2f} s: {len(generated) / max(seconds, 1e-9):.1f} tok/s]",
               file=sys.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from attnlab.cli import parser
+from attnlab.commands.args import add_precision, parser, torch_dtype
 from attnlab.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     src.add_argument("--model", help="model directory, .gguf file or shipped name (default, ...)")
     src.add_argument("--config", help="a ModelConfig JSON file (or JSON text)")
     p.add_argument("--memory", help="a memory budget for the KV cache (e.g. 8GiB): longest context that fits")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cache dtype")
+    add_precision(p, ("fp32", "bf16", "fp16"), default=None, help="cache precision")
     args = p.parse_args(argv)
     memory = parse_bytes(args.memory) if args.memory else None
     cfg = ModelConfig.from_json(args.config) if args.config else None  # a bad config fails before torch loads
@@ -71,14 +71,14 @@ def main(argv: list[str]) -> int:
         model = from_pretrained(args.model)
         cfg = model.config
         params = model.num_parameters()
-        dtype = getattr(torch, args.dtype) if args.dtype else model.dtype
+        dtype = torch_dtype(args.dtype) if args.dtype else model.dtype
     else:
         from attnlab.models import build_model
 
         assert cfg is not None
         with torch.device("meta"):
             params = build_model(cfg).num_parameters()
-        dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+        dtype = torch_dtype(args.dtype) if args.dtype else torch.float32
 
     print(f"family            {cfg.family}")
     print(f"parameters        {params:,}")

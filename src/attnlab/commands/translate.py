@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import warnings
 
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 
 
 def main(argv: list[str]) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from attnlab.cli import parser
+from attnlab.commands.args import parser
 from attnlab.tour import basics, decoding, infini, optimisations, rwkv, seq2seq
 from attnlab.tour.common import seeds
 from attnlab.tour.report import Section, write_html, write_json, write_markdown

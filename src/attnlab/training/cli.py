@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from attnlab.checkpoint import write_json
-from attnlab.cli import parser
+from attnlab.commands.args import TORCH_NAMES, add_precision, parser
 from attnlab.config import ModelConfig, check_field_types
 from attnlab.presets import PRESETS
 from attnlab.tokenizer import Tokenizer
@@ -111,7 +111,8 @@ def build_parser():
                       ("max-time", float), ("keep-last", int), ("context-parallel", int)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward/backward")
-    p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    add_precision(p, ("fp32", "bf16", "fp16"), default=None, flag="--save-dtype",
+                  help="precision of the weights in --out and best/ (checkpoints keep fp32)")
     p.add_argument("--max-files", type=int, default=None, help="use only the first N files of the default corpus")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -139,7 +140,7 @@ def resolve_settings(args) -> tuple[dict, dict]:
                 "save_every", "max_time", "keep_last", "save_dtype"):
         value = getattr(args, key)
         if value is not None:
-            train[key] = value
+            train[key] = TORCH_NAMES[value] if key == "save_dtype" else value  # TrainConfig keeps torch's names
     if args.bf16:
         train["bf16"] = True
     return model, train

@@ -1,0 +1,59 @@
+"""What every command's flags share: a parser whose mistakes are one ``error:`` line, and one precision
+vocabulary.
+
+Precisions are named the same way in every command: ``fp32``, ``bf16``, ``fp16`` and ``int8`` (int8 weights
+with float activations, for decoding); ``float32``, ``bfloat16`` and ``float16`` are accepted as the same
+names. Each command takes the subset it can honour (``attnlab generate``: fp32, bf16, int8; ``chat``: fp32,
+bf16; ``convert``/``info``/``train --save-dtype``: fp32, bf16, fp16). Nothing here imports torch, so a flag
+mistake costs no torch import.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser whose errors raise ValueError (printed by ``attnlab.cli.main``) instead of exiting."""
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # type: ignore[override]
+            raise ValueError(f"{self.prog}: {message}")
+
+    return _Parser(prog=prog, description=description)
+
+
+def precision_type(choices: Sequence[str], flag: str = "--dtype") -> Callable[[str], str]:
+    """An argparse ``type=``: a precision name (or its long alias) among ``choices``, as its short name."""
+    def parse(text: str) -> str:
+        name = ALIASES.get(text, text)
+        if name not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return name
+
+    parse.__name__ = flag  # argparse names the type in its message
+    return parse
+
+
+def add_precision(p: argparse.ArgumentParser, choices: Sequence[str], *, default: str | None, help: str,
+                  flag: str = "--dtype") -> None:
+    unknown = set(choices) - set(PRECISIONS)
+    assert not unknown, unknown
+    p.add_argument(flag, type=precision_type(choices, flag), default=default, metavar="{" + ",".join(choices) + "}",
+                   help=f"{help} (the long names float32/bfloat16/float16 are accepted too)")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``fp32``/``bf16``/``fp16`` (or an alias) -> the torch dtype."""
+    import torch
+
+    return getattr(torch, TORCH_NAMES[ALIASES.get(name, name)])
