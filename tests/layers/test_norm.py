@@ -83,7 +83,8 @@ def test_encoder_with_masked_batchnorm_is_padding_invariant_end_to_end():
 @pytest.mark.parametrize("place", ["pre", "post", "sandwich"])
 def test_forward_backward_every_norm_and_placement(family, norm, place):
     cfg = ModelConfig(family=family, vocab_size=30, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, norm=norm,
-                      norm_position=place, position="learned", max_seq_len=32, decoder_start_token_id=0)
+                      norm_position=place, position="learned", max_seq_len=32,
+                      **({"decoder_start_token_id": 0} if family == "seq2seq" else {}))  # an encoder has no decoder
     model = build_model(cfg).train()
     ids = torch.randint(0, 30, (2, 8))
     mask = torch.ones_like(ids)
