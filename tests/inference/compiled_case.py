@@ -1,32 +1,35 @@
-"""One compiled-decoding case, run in a fresh interpreter by tests/inference/test_compiled_fresh.py.
+"""Compiled decoding at one precision, run in a fresh interpreter by tests/inference/test_compiled_fresh.py.
 
-    python compiled_case.py PRECISION PATH        # PRECISION: fp32 | bf16 | int8, PATH: plain | speculative
+    python compiled_case.py fp32|bf16|int8
 
-Loads the shipped ``default`` model (and ``default-draft`` for ``speculative``), prepares them with
-``prepare_for_decode(precision=PRECISION, compile="static")`` and decodes with the call a user writes,
-``attnlab.generate(target, ids, N)`` or ``attnlab.generate(target, ids, N, draft=draft)``, before anything else
-in this process has run a decode step, traced a graph or loaded attnlab's CPU kernel. Then it runs the eager
-references and prints one JSON line (the last line of stdout) for the test to judge:
+Prepares the shipped ``default`` model (target) and ``default-draft`` (draft) with
+``prepare_for_decode(precision=..., compile="static")`` and decodes with the calls a user writes, before
+anything else in this process has run a decode step, traced a graph or loaded attnlab's CPU kernel:
 
-- ``fresh``: attnlab's CPU kernel was not loaded yet when the model was prepared (the state in which the
-  kernel-loading bug showed);
+1. ``plain``: ``attnlab.generate(draft, ids, N)`` — the first graph traced in this process (draft, 1 token);
+2. ``speculative``: ``attnlab.generate(target, ids, N, draft=draft)`` — the same prepared draft (its 1-token
+   graph reused, a 2-token one for catch-up feeds) and the target's verification graph (γ + 1 = 5 tokens).
+
+Then it runs the eager references and prints one JSON object (the last line of stdout) for the test to judge;
+per path:
+
 - ``failed`` / ``fallback_warnings``: each StaticDecoder's failure reason (None when its graphs compiled) and
-  every "decoding stays eager" warning;
-- ``graphs`` / ``static_calls`` / ``eager_calls``: the compiled graphs (batch, width, slots) and how many calls
-  ran them; ``graph_breaks``: dynamo's graph-break counter (the graphs are compiled with fullgraph=True, so
-  any break is a failure);
-- ``compiled``: the compiled tokens; ``eager``: plain greedy decoding of the unprepared fp32 model (the
-  reference); ``eager_same_precision``: plain greedy decoding of the model prepared at PRECISION without
-  compiling; ``margins``: for each new token of the compiled run, the gap between the best and second-best
-  logit of the eager same-precision model along the compiled tokens (how close to a tie each choice was);
-- ``seconds``: wall time of the compiled run (compilation included) and of the whole case.
+  every "decoding stays eager" warning; ``graphs`` ((batch, width, slots) of each compiled graph),
+  ``static_calls`` / ``eager_calls`` (calls that ran a graph / the eager forward);
+- ``compiled``: the new tokens; ``eager``: plain greedy decoding of the unprepared fp32 model;
+  ``eager_same_precision``: plain greedy decoding of the model prepared at this precision without compiling;
+  ``margin``: the smallest gap between the best and second-best logit of that eager model along the compiled
+  tokens (how near a tie the closest choice was).
+
+and, for the whole process: ``fresh`` (the kernel was not loaded when the models were prepared),
+``graph_breaks`` (dynamo's counter: the graphs are compiled with fullgraph=True, so any break is a failure)
+and ``seconds``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 import time
 import warnings
@@ -36,7 +39,7 @@ PROMPT = ('def fibonacci(n: int) -> int:\n    """Return the n-th Fibonacci numbe
 NEW_TOKENS = 32
 
 
-def main(precision: str, path: str) -> dict:
+def main(precision: str) -> dict:
     start = time.perf_counter()
     import torch
 
@@ -46,45 +49,49 @@ def main(precision: str, path: str) -> dict:
 
     ids = torch.tensor([attnlab.load_tokenizer("default").encode(PROMPT)])  # (1, T)
     # prefill runs eagerly; with more rows than the kernel serves it uses BLAS and does not load the kernel,
-    # so the first use of the kernel in this process is inside the first compiled decode step (or in
-    # prepare_for_decode, which loads it on purpose before anything is traced)
+    # so without prepare_for_decode's explicit load the first use of the kernel would be inside a trace
     assert ids.shape[1] > cpu_kernels.MAX_ROWS, ids.shape
-    target = attnlab.from_pretrained(os.environ.get("CASE_TARGET", "default"))
-    draft = attnlab.from_pretrained("default-draft") if path == "speculative" else None
+    models = {name: attnlab.from_pretrained(name) for name in ("default", "default-draft")}
     fresh = cpu_kernels._state["loaded"] is None
-    fast = prepare_for_decode(copy.deepcopy(target), precision=precision, compile="static")
-    fast_draft = None if draft is None else prepare_for_decode(copy.deepcopy(draft), precision=precision,
-                                                               compile="static")
-    compile_start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled = attnlab.generate(fast, ids, NEW_TOKENS, draft=fast_draft)  # (1, T + NEW_TOKENS)
-    compiled_seconds = time.perf_counter() - compile_start
-    decoders = {"target": fast.static_decoder} | ({} if fast_draft is None else {"draft": fast_draft.static_decoder})
-
-    eager = attnlab.generate(target, ids, NEW_TOKENS)
-    same = prepare_for_decode(copy.deepcopy(target), precision=precision)
-    eager_same = attnlab.generate(same, ids, NEW_TOKENS)
-    with torch.inference_mode():  # the eager same-precision logits along the compiled tokens
-        logits = same(compiled[:, :-1])[0, ids.shape[1] - 1:].float()  # (NEW_TOKENS, V)
-    top2 = logits.topk(2, dim=-1).values
-    return {
-        "precision": precision, "path": path, "fresh": fresh,
-        "failed": {name: d.failed for name, d in decoders.items()},
-        "fallback_warnings": [str(w.message) for w in caught if "decoding stays eager" in str(w.message)],
-        "graphs": {name: [list(key[:3]) for key in d.stats.graphs] for name, d in decoders.items()},
-        "static_calls": {name: d.stats.static_calls for name, d in decoders.items()},
-        "eager_calls": {name: d.stats.eager_calls for name, d in decoders.items()},
-        "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
-        "prompt_len": ids.shape[1],
-        "compiled": compiled[0].tolist(), "eager": eager[0].tolist(), "eager_same_precision": eager_same[0].tolist(),
-        "margins": (top2[:, 0] - top2[:, 1]).tolist(),
-        "seconds": {"compiled_run": compiled_seconds, "total": time.perf_counter() - start},
-    }
+    fast = {name: prepare_for_decode(copy.deepcopy(m), precision=precision, compile="static")
+            for name, m in models.items()}
+    runs = {"plain": ("default-draft", None), "speculative": ("default", "default-draft")}
+    result: dict = {"precision": precision, "fresh": fresh, "prompt_len": ids.shape[1], "seconds": {}}
+    for path, (target, draft) in runs.items():
+        # the draft's decoder is shared by both paths: count its graphs and calls per path
+        before = {name: (len(f.static_decoder.stats.graphs), f.static_decoder.stats.static_calls,
+                         f.static_decoder.stats.eager_calls) for name, f in fast.items()}
+        began = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = attnlab.generate(fast[target], ids, NEW_TOKENS, draft=None if draft is None else fast[draft])
+        result["seconds"][path] = time.perf_counter() - began
+        used = [target] + ([draft] if draft else [])
+        stats = {name: fast[name].static_decoder.stats for name in used}
+        result[path] = {
+            "failed": {name: fast[name].static_decoder.failed for name in used},
+            "fallback_warnings": [str(w.message) for w in caught if "decoding stays eager" in str(w.message)],
+            "graphs": {name: [list(key[:3]) for key in list(s.graphs)[before[name][0]:]] for name, s in stats.items()},
+            "static_calls": {name: s.static_calls - before[name][1] for name, s in stats.items()},
+            "eager_calls": {name: s.eager_calls - before[name][2] for name, s in stats.items()},
+            "compiled": out[0, ids.shape[1]:].tolist(),
+        }
+    result["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
+    for path, (target, _) in runs.items():  # the references, after every compiled call
+        same = prepare_for_decode(copy.deepcopy(models[target]), precision=precision)
+        run = result[path]
+        run["eager"] = attnlab.generate(models[target], ids, NEW_TOKENS)[0, ids.shape[1]:].tolist()
+        run["eager_same_precision"] = attnlab.generate(same, ids, NEW_TOKENS)[0, ids.shape[1]:].tolist()
+        with torch.inference_mode():
+            seq = torch.tensor([ids[0].tolist() + run["compiled"]])
+            logits = same(seq[:, :-1])[0, ids.shape[1] - 1:].float()  # (NEW_TOKENS, V)
+        top2 = logits.topk(2, dim=-1).values
+        run["margin"] = float((top2[:, 0] - top2[:, 1]).min())
+    result["seconds"]["total"] = time.perf_counter() - start
+    return result
 
 
 if __name__ == "__main__":
-    precision, path = sys.argv[1:3]
-    if precision not in ("fp32", "bf16", "int8") or path not in ("plain", "speculative"):
-        sys.exit(f"usage: python {sys.argv[0]} fp32|bf16|int8 plain|speculative")
-    print(json.dumps(main(precision, path)))
+    if len(sys.argv) != 2 or sys.argv[1] not in ("fp32", "bf16", "int8"):
+        sys.exit(f"usage: python {sys.argv[0]} fp32|bf16|int8")
+    print(json.dumps(main(sys.argv[1])))
