@@ -20,11 +20,14 @@ kernel's row limit, so the eager prefill does not load the kernel either.
 What is asserted on the tokens (32 new ones):
 - fp32: plain and speculative compiled decoding give exactly the tokens of eager greedy decoding of the
   unprepared model (speculative greedy decoding is exact, and the static graphs are width-invariant).
-- bf16 and int8: exactly the tokens of eager greedy decoding of the model prepared at that precision
-  without compiling. That holds today on this prompt (and, here, even the fp32 tokens); it is stated as an
-  equality because the decode graphs round as the eager code does (``static.inductor_options``) and the linear
-  layers run attnlab's own kernel, the same in both. Near-ties could in principle part them on another
-  machine; the case reports the closest eager margin (``margin``) to tell such a failure from a real one.
+- bf16 and int8: each compiled token is the greedy choice of the same model prepared at that precision
+  without compiling, or within ``NEAR_TIE`` (0.05 standard deviations of that step's logits) of its best
+  logit, decoding along the compiled tokens (``compiled_case.regret``). Not an equality: the static graph's
+  attention accumulates over all cache slots in float32 and rounds otherwise than the eager kernel, so a
+  near-tie can flip — here bf16 plain decoding of ``default-draft`` parts from eager bf16 at step 28, where
+  the two best eager logits are one bf16 step (0.031) apart: regret 0.016. Speculative decoding gave the eager
+  bf16/int8 tokens exactly, and int8 plain too. A real fault (a wrong mask, slot or weight) picks tokens
+  standard deviations away from eager's choice.
 
 Cost (2 cores): ~30 s per precision when inductor's cache (``TORCHINDUCTOR_CACHE_DIR``, /tmp by default)
 holds the graphs; about twice that the first time on a machine, when inductor compiles the three graphs cold.
@@ -41,6 +44,7 @@ import pytest
 
 CASE = Path(__file__).with_name("compiled_case.py")
 PRECISIONS = ["fp32", "bf16", "int8"]
+NEAR_TIE = 0.05  # bf16/int8: how far (in std of the step's logits) a compiled token may be from eager's best
 
 
 @pytest.fixture(scope="module", params=PRECISIONS)
@@ -59,13 +63,20 @@ def _assert_compiled(run: dict, case: dict) -> None:
     assert all(n == 1 for n in run["eager_calls"].values()), run["eager_calls"]  # the prompt only
 
 
+def _assert_eager_tokens(run: dict, precision: str) -> None:
+    if precision == "fp32":
+        assert run["compiled"] == run["eager"]
+        assert run["regret"] == 0.0
+    else:
+        assert run["regret"] <= NEAR_TIE, (run["regret"], run["compiled"], run["eager_same_precision"])
+
+
 def test_plain_greedy_compiles_in_a_fresh_process(case):
     run = case["plain"]
     _assert_compiled(run, case)
     assert run["graphs"] == {"default-draft": [[1, 1, 256]]}  # (batch, tokens per call, cache slots)
     assert run["static_calls"] == {"default-draft": 31}  # every step after the prompt ran the graph
-    want = run["eager"] if case["precision"] == "fp32" else run["eager_same_precision"]
-    assert run["compiled"] == want, f"closest eager margin {run['margin']:.4f}"
+    _assert_eager_tokens(run, case["precision"])
 
 
 def test_speculative_with_a_draft_compiles_in_a_fresh_process(case):
@@ -73,5 +84,4 @@ def test_speculative_with_a_draft_compiles_in_a_fresh_process(case):
     _assert_compiled(run, case)
     assert [1, 5, 256] in run["graphs"]["default"]  # γ + 1 = 5 (shorter last rounds may add a narrower one)
     assert run["static_calls"]["default"] > 0 and run["static_calls"]["default-draft"] > 0
-    want = run["eager"] if case["precision"] == "fp32" else run["eager_same_precision"]
-    assert run["compiled"] == want, f"closest eager margin {run['margin']:.4f}"
+    _assert_eager_tokens(run, case["precision"])
