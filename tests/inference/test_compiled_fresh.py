@@ -29,8 +29,9 @@ What is asserted on the tokens (32 new ones):
   bf16/int8 tokens exactly, and int8 plain too. A real fault (a wrong mask, slot or weight) picks tokens
   standard deviations away from eager's choice.
 
-Cost (2 cores): ~30 s per precision when inductor's cache (``TORCHINDUCTOR_CACHE_DIR``, /tmp by default)
-holds the graphs; about twice that the first time on a machine, when inductor compiles the three graphs cold.
+Cost, as CPU time of the three processes (measured on a loaded 2-core machine; a quiet one takes about as
+long in wall time): ~40 s per precision when inductor's cache (``TORCHINDUCTOR_CACHE_DIR``, /tmp by default)
+holds the graphs, ~90 s the first time on a machine, when inductor compiles the three graphs cold.
 """
 
 from __future__ import annotations
