@@ -4,7 +4,8 @@ padding and capacity errors behave as in the eager cache; no compiler -> eager w
 
 Most tests run the static step *uncompiled* (``compiler=no_compile``: the same masks, slots, padding rows
 and cache writes, no compile time); a few compile it with inductor (tiny models, a few graphs), and the
-full inductor matrix is marked slow.
+full inductor matrix is marked slow. Compilation in a fresh process, per precision, plain and speculative,
+on the shipped models: test_compiled_fresh.py.
 """
 
 import copy
@@ -435,24 +436,3 @@ def test_inductor_low_precision_compiles(precision):
     assert fast.static_decoder.failed is None and fast.static_decoder.stats.static_calls == 12
     err = float((got - want).norm() / want.norm())
     assert err < max(1.5 * float((forced_logits(eager, ids, None, tokens) - want).norm() / want.norm()), 0.01)
-
-
-def test_fp32_static_graphs_compile_in_a_process_where_the_kernel_is_not_loaded_yet():
-    """The first fp32 decode call is also the first use of attnlab's CPU kernel: loaded while dynamo traced the
-    step, its CPU check broke the trace and decoding fell back to eager (the other tests load it earlier)."""
-    import subprocess
-    import sys
-
-    code = ("import torch, attnlab\n"
-            "from attnlab.inference.fast import prepare_for_decode\n"
-            "from attnlab.layers import cpu_kernels\n"
-            "assert cpu_kernels._state['loaded'] is None\n"
-            "torch.manual_seed(0)\n"
-            "m = attnlab.build_model(attnlab.ModelConfig(vocab_size=300, d_model=576, n_layers=1, n_heads=9,\n"
-            "                        n_kv_heads=3, d_ff=1536, max_seq_len=512)).eval()\n"
-            "m = prepare_for_decode(m, precision='fp32', compile='static')\n"
-            "attnlab.generate(m, torch.arange(1, 129)[None], 3)  # a prompt of > 16 rows: BLAS, not the kernel\n"
-            "assert m.static_decoder.failed is None, m.static_decoder.failed\n"
-            "assert m.static_decoder.stats.graphs\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]

