@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from attnlab.checkpoint import atomic_write_file, atomic_write_text, read_json
+from attnlab.textio import check_text
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIALS_FILE = "special_tokens.json"
@@ -61,10 +62,19 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added: chat templates write their own)."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # not text, or text with lone surrogates: say which, as the CLI does
+            check_text(text, "the text to encode")
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        except TypeError:
+            for i, text in enumerate(texts):
+                check_text(text, f"text {i} of the batch")
+            raise
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

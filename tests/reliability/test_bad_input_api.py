@@ -163,3 +163,15 @@ def test_field_type_check_serves_other_config_dataclasses() -> None:
         check_field_types({"lr": "abc"}, TrainConfig)
     assert check_field_types({"lr": 1, "bf16": True, "max_time": None}, TrainConfig) == {
         "lr": 1.0, "bf16": True, "max_time": None}
+
+
+def test_the_tokenizer_names_text_that_is_not_unicode():
+    from attnlab import load_tokenizer
+
+    tok = load_tokenizer("default-draft")
+    with pytest.raises(ValueError, match=r"lone surrogate U\+D800"):
+        tok.encode("abc\ud800")
+    with pytest.raises(ValueError, match=r"text 1 of the batch.*byte 0xff"):
+        tok.encode_batch(["fine", "bad \udcff byte"])
+    with pytest.raises(ValueError, match="must be text"):
+        tok.encode(b"bytes")
