@@ -118,11 +118,11 @@ def main(argv: list[str]) -> int:
     straight = newest(root / "straight")
 
     rng = random.Random(args.seed)
-    kills, runs, problems, equal = 0, [], [], 0
+    kills, runs, problems, equal, moments = 0, [], [], 0, []
     bar = tqdm(total=args.kills, desc="kills", unit="kill")
     run_dir, resumed = root / "run-0", False
     while kills < args.kills:
-        delay = rng.uniform(0.3 * first, first + (total - first) / 4)  # from start-up to a quarter of the run
+        delay = rng.uniform(0.5 * first, first + (total - first) / 3)  # from start-up to a third of the run
         proc = subprocess.Popen(command(corpus, run_dir, args.steps, resumed), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         try:
@@ -132,6 +132,9 @@ def main(argv: list[str]) -> int:
             proc.wait()
             kills += 1
             bar.update(1)
+            last = newest(run_dir)
+            moments.append({"run": run_dir.name, "delay_s": round(delay, 2), "newest_step": int(last.name[5:]) if last
+                            else None, "mid_save": bool(leftovers(run_dir))})  # a temporary copy was being written
             found = check_after_kill(run_dir)
             problems += [f"kill {kills}: {p}" for p in found]
             resumed = (run_dir / "checkpoints").is_dir()
@@ -156,12 +159,15 @@ def main(argv: list[str]) -> int:
             runs.append(result)
     survived = args.kills - len({p.split(":")[0] for p in problems if p.startswith("kill")})
     summary = {"kills": args.kills, "kills_survived": survived, "runs": len(runs), "runs_equal": equal,
+               "kills_before_first_checkpoint": sum(m["newest_step"] is None for m in moments),
+               "kills_mid_save": sum(m["mid_save"] for m in moments),
                "leftovers": sum(len(r["leftovers"]) for r in runs), "problems": problems,
                "reference_seconds": round(total, 1), "first_checkpoint_seconds": round(first, 1)}
-    print(f"kills survived: {survived}/{args.kills}; runs equal to the uninterrupted one: {equal}/{len(runs)}; "
-          f"temporary leftovers: {summary['leftovers']}")
+    print(f"kills survived: {survived}/{args.kills} ({summary['kills_mid_save']} in the middle of a save, "
+          f"{summary['kills_before_first_checkpoint']} before a run's first checkpoint); runs equal to the "
+          f"uninterrupted one: {equal}/{len(runs)}; temporary leftovers: {summary['leftovers']}")
     for problem in problems:
         print(f"  problem: {problem}")
     write_json(args.json, {"bench": "faults", "machine": machine(), "args": vars(args), "summary": summary,
-                           "runs": runs})
+                           "runs": runs, "kills": moments})
     return 0 if not problems and equal == len(runs) and not summary["leftovers"] else 1
