@@ -122,7 +122,9 @@ def main(argv: list[str]) -> int:
     bar = tqdm(total=args.kills, desc="kills", unit="kill")
     run_dir, resumed = root / "run-0", False
     while kills < args.kills:
-        delay = rng.uniform(0.5 * first, first + (total - first) / 3)  # from start-up to a third of the run
+        # from the end of start-up (the first checkpoint of the reference came `first` s after launch) to a third of
+        # the training time later: most kills land while steps and saves run, a few during start-up
+        delay = rng.uniform(0.9 * first, first + (total - first) / 3)
         proc = subprocess.Popen(command(corpus, run_dir, args.steps, resumed), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         try:
@@ -138,7 +140,13 @@ def main(argv: list[str]) -> int:
             found = check_after_kill(run_dir)
             problems += [f"kill {kills}: {p}" for p in found]
             resumed = (run_dir / "checkpoints").is_dir()
-            continue
+            if not (last is not None and int(last.name[5:]) == args.steps):
+                continue
+            # killed after its last checkpoint (while writing its summary): finish it unkilled, so that the next
+            # kills land in a fresh run's steps and saves rather than in this one's start-up again and again
+            proc = subprocess.Popen(command(corpus, run_dir, args.steps, True), env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+            proc.wait()
         if proc.returncode != 0:  # finished by itself: it must have succeeded
             problems.append(f"{run_dir.name}: the resumed run failed: {proc.stderr.read().decode()[-300:]}")
         result = {"run": run_dir.name, "equal": same_weights(newest(run_dir), straight),
