@@ -56,7 +56,10 @@ def regret(model, ids, tokens: list[int]) -> float:
     return worst
 
 
-def main(precision: str) -> dict:
+RUNS = {"plain": ("default-draft", None), "speculative": ("default", "default-draft")}  # path: (target, draft)
+
+
+def main(precision: str, path: str) -> dict:
     start = time.perf_counter()
     import torch
 
@@ -68,11 +71,11 @@ def main(precision: str) -> dict:
     # prefill runs eagerly; with more rows than the kernel serves it uses BLAS and does not load the kernel,
     # so without prepare_for_decode's explicit load the first use of the kernel would be inside a trace
     assert ids.shape[1] > cpu_kernels.MAX_ROWS, ids.shape
-    models = {name: attnlab.from_pretrained(name) for name in ("default", "default-draft")}
+    runs = {path: RUNS[path]}  # one path per process: its first decode step is the process's first trace
+    models = {name: attnlab.from_pretrained(name) for name in RUNS[path] if name is not None}
     fresh = cpu_kernels._state["loaded"] is None
     fast = {name: prepare_for_decode(copy.deepcopy(m), precision=precision, compile="static")
             for name, m in models.items()}
-    runs = {"plain": ("default-draft", None), "speculative": ("default", "default-draft")}
     result: dict = {"precision": precision, "fresh": fresh, "prompt_len": ids.shape[1], "seconds": {}}
     for path, (target, draft) in runs.items():
         # the draft's decoder is shared by both paths: count its graphs and calls per path
@@ -105,6 +108,6 @@ def main(precision: str) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("fp32", "bf16", "int8"):
-        sys.exit(f"usage: python {sys.argv[0]} fp32|bf16|int8")
-    print(json.dumps(main(sys.argv[1])))
+    if len(sys.argv) != 3 or sys.argv[1] not in ("fp32", "bf16", "int8") or sys.argv[2] not in RUNS:
+        sys.exit(f"usage: python {sys.argv[0]} fp32|bf16|int8 plain|speculative")
+    print(json.dumps(main(sys.argv[1], sys.argv[2])))

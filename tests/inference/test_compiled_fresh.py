@@ -10,12 +10,10 @@ process-wide state initialised lazily — attnlab's CPU kernel, loaded on its fi
 the dynamo trace when that first use was inside the first traced decode step. In the test process, or after
 any other decode, that state already exists and the bug cannot show. Each precision reaches the kernel
 through its own layer (fp32 ``Linear``, bf16 ``PackedLinear``, int8 ``Int8Linear``), so each gets its own
-process (``compiled_case.py``). Within one, plain decoding runs first: its first step is the first trace of
-the process. A fresh speculative run would start with the very same trace (the draft's one-token step, after
-eager prefills), so speculation runs second, with the same prepared draft, and adds the graphs only it needs
-(the draft's 2-token catch-up feed, the target's 5-token verification) — a third process per precision would
-cost its imports and compilations again and reach no other first trace. The prompt is longer than the
-kernel's row limit, so the eager prefill does not load the kernel either.
+process (``compiled_case.py``), and so does each path: plain greedy decoding, and speculative decoding with a
+draft (whose graphs — the draft's steps, its catch-up feed, the target's 5-token verification — are then
+traced first in their process too). The prompt is longer than the kernel's row limit, so the eager prefill
+does not load the kernel either.
 
 What is asserted on the tokens (32 new ones):
 - fp32: plain and speculative compiled decoding give exactly the tokens of eager greedy decoding of the
@@ -29,7 +27,8 @@ What is asserted on the tokens (32 new ones):
   bf16/int8 tokens exactly, and int8 plain too. A real fault (a wrong mask, slot or weight) picks tokens
   standard deviations away from eager's choice.
 
-Cost, as CPU time of the three processes (measured on a loaded 2-core machine; a quiet one takes about as
+Cost, as CPU time of the processes (before the paths were split into processes of their own; splitting adds
+each process's imports and the draft's one-token graph) (measured on a loaded 2-core machine; a quiet one takes about as
 long in wall time): ~40 s per precision when inductor's cache (``TORCHINDUCTOR_CACHE_DIR``, /tmp by default)
 holds the graphs, ~90 s the first time on a machine, when inductor compiles the three graphs cold.
 """
@@ -48,12 +47,21 @@ PRECISIONS = ["fp32", "bf16", "int8"]
 NEAR_TIE = 0.05  # bf16/int8: how far (in std of the step's logits) a compiled token may be from eager's best
 
 
-@pytest.fixture(scope="module", params=PRECISIONS)
-def case(request) -> dict:
-    done = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", str(CASE), request.param],
+def _run_case(precision: str, path: str) -> dict:
+    done = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", str(CASE), precision, path],
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(params=PRECISIONS)
+def plain(request) -> dict:
+    return _run_case(request.param, "plain")
+
+
+@pytest.fixture(params=PRECISIONS)
+def speculative(request) -> dict:
+    return _run_case(request.param, "speculative")
 
 
 def _assert_compiled(run: dict, case: dict) -> None:
@@ -72,7 +80,8 @@ def _assert_eager_tokens(run: dict, precision: str) -> None:
         assert run["regret"] <= NEAR_TIE, (run["regret"], run["compiled"], run["eager_same_precision"])
 
 
-def test_plain_greedy_compiles_in_a_fresh_process(case):
+def test_plain_greedy_compiles_in_a_fresh_process(plain):
+    case = plain
     run = case["plain"]
     _assert_compiled(run, case)
     assert run["graphs"] == {"default-draft": [[1, 1, 256]]}  # (batch, tokens per call, cache slots)
@@ -80,7 +89,8 @@ def test_plain_greedy_compiles_in_a_fresh_process(case):
     _assert_eager_tokens(run, case["precision"])
 
 
-def test_speculative_with_a_draft_compiles_in_a_fresh_process(case):
+def test_speculative_with_a_draft_compiles_in_a_fresh_process(speculative):
+    case = speculative
     run = case["speculative"]
     _assert_compiled(run, case)
     assert [1, 5, 256] in run["graphs"]["default"]  # γ + 1 = 5 (shorter last rounds may add a narrower one)
