@@ -97,7 +97,8 @@ def main(argv: list[str]) -> int:
 
     from attnlab.hub import from_pretrained, load_tokenizer
     from attnlab.inference.fast import prepare_for_decode
-    from attnlab.inference.generate import check_context, generate
+    from attnlab.inference.generate import generate
+    from attnlab.inference.inputs import check_context
     from attnlab.inference.speculative import speculative_generate
     from attnlab.inference.streaming import TextStream
 

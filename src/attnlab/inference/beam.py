@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab.inference.generate import as_batch
+from attnlab.inference.inputs import as_batch
 
 
 def _score(logprob: float, length: int, length_penalty: float) -> float:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from attnlab.inference.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter, Sampling
-from attnlab.inference.generate import as_batch, check_context
+from attnlab.inference.inputs import as_batch, check_context
 from attnlab.inference.sampling import check_sampling_args, logits_to_probs, make_generator, sample_next
 
 

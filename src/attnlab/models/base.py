@@ -51,7 +51,7 @@ class AttnlabModel(nn.Module):
         A decoder feeds the prompt itself into a cache sized for prompt + new tokens; an encoder-decoder
         overrides this to encode the source and start the decoder from its start token.
         """
-        from attnlab.inference.generate import check_context
+        from attnlab.inference.inputs import check_context
 
         B, T = input_ids.shape
         check_context(self, T, max_new_tokens)
