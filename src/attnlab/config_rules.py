@@ -12,20 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 TRANSFORMER = "the Transformer families (decoder, encoder, seq2seq), not RWKV (its own time and channel mixing)"
+# fields only the Transformer families read (RWKV keeps them at their defaults)
+TRANSFORMER_FIELDS = ("ffn", "norm_position", "residual", "attn_qkv_bias", "attn_out_bias", "ffn_bias",
+                      "attention_kernel", "attention_mechanism", "dropout", "embed_norm", "embed_scale", "lm_head_bias")
 # field -> (who reads it, a test on the config's values); the field must keep its default when the test fails
 READERS: dict[str, tuple[str, Any]] = {
-    "ffn": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "norm_position": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "residual": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "attn_qkv_bias": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "attn_out_bias": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "ffn_bias": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "attention_kernel": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "attention_mechanism": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "dropout": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "embed_norm": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "embed_scale": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
-    "lm_head_bias": (TRANSFORMER, lambda c: c["family"] != "rwkv"),
+    **{name: (TRANSFORMER, lambda c: c["family"] != "rwkv") for name in TRANSFORMER_FIELDS},
     "rope_theta": ("position='rope'", lambda c: c["family"] != "rwkv" and c["position"] == "rope"),
     "ring_layout": ("attention_kernel='ring'", lambda c: c["attention_kernel"] == "ring"),
     "segment_len": ("attention_mechanism='infini'", lambda c: c["attention_mechanism"] == "infini"),
