@@ -22,6 +22,9 @@ BENCHES: dict[str, str] = {
     "linear": "attnlab.bench.linear",
     "faults": "attnlab.bench.faults",
     "gguf": "attnlab.bench.gguf",
+    "peer": "attnlab.bench.peer",
+    "quality": "attnlab.bench.peer_quality",
+    "startup": "attnlab.bench.startup",
 }
 
 
