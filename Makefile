@@ -9,7 +9,7 @@ WHEELS  := $(wildcard /opt/wheels)
 FIND    := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP   := $(VENV)/.attnlab-installed
 
-.PHONY: install test test-all tour lint bench clean
+.PHONY: install test test-all tour lint bench clean peer
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,24 @@ tour: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
+
+# llama.cpp for `attnlab bench peer` / `bench startup` (the [peer] extra), never part of test/tour: built from
+# its source package for the machine's generic x86-64 kernels (GGML_NATIVE=OFF: AVX2, not -march=native),
+# ~8 minutes on 2 free cores; the wheel is kept in PEER_WHEELS and reused by later `make peer` runs.
+LLAMA_CPP  ?= llama-cpp-python==0.3.36
+PEER_WHEELS ?= $(or $(ATTNLAB_CACHE),$(HOME)/.cache/attnlab)/wheels
+
+peer: $(STAMP)
+	@if $(BIN)/python -c "import llama_cpp" 2>/dev/null; then echo "llama-cpp-python is installed"; else \
+	  set -e; mkdir -p "$(PEER_WHEELS)"; \
+	  if ! ls "$(PEER_WHEELS)"/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	    echo "building $(LLAMA_CPP) from source into $(PEER_WHEELS) (CMAKE_ARGS=-DGGML_NATIVE=OFF, ~8 min)"; \
+	    CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip wheel --no-deps --no-binary llama-cpp-python \
+	      -w "$(PEER_WHEELS)" "$(LLAMA_CPP)"; \
+	  fi; \
+	  $(BIN)/pip install -q $(FIND) "$$(ls "$(PEER_WHEELS)"/llama_cpp_python-*.whl | sort -V | tail -1)"; \
+	fi
+	$(BIN)/pip install -q $(FIND) -e '.[peer]'
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -82,8 +82,11 @@ def attnlab_precisions() -> tuple[str, ...]:
     return tuple(PRECISIONS)
 
 
-def plan_rows(formats: list[str], precisions: tuple[str, ...], *, hf: bool, default: bool) -> list[dict]:
-    """Every row to run (``engine``, ``variant``, ``precision``, ``format``) and the '—' rows with a reason."""
+def plan_rows(formats: list[str], precisions: tuple[str, ...], available: tuple[str, ...], *, hf: bool,
+              default: bool) -> list[dict]:
+    """Every row to run (``engine``, ``variant``, ``precision``, ``format``): llama.cpp at ``formats``, attnlab
+    compiled at ``precisions``, and a '—' row with the reason for a format no precision of ``available``
+    (``inference.fast.PRECISIONS``) can run."""
     rows = [{"engine": "llama.cpp", "variant": "", "precision": f, "format": f} for f in formats]
     if default:
         rows.append({"engine": "attnlab", "variant": "default", "precision": "fp32", "format": "F32"})
@@ -94,8 +97,9 @@ def plan_rows(formats: list[str], precisions: tuple[str, ...], *, hf: bool, defa
             continue
         covered.add(f)
         rows.append({"engine": "attnlab", "variant": "compiled", "precision": p, "format": f})
+    possible = {format_of(p) for p in available}
     for f in formats:
-        if f not in covered:
+        if f not in covered and f not in possible:
             rows.append({"engine": "attnlab", "variant": "compiled", "precision": "—", "format": f,
                          "skipped": NOT_YET.get(f, f"no attnlab precision runs {f} yet")})
     if hf:
@@ -200,7 +204,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=2, help="threads of every engine")
     p.add_argument("--long-prompt", type=int, default=LONG_PROMPT_TOKENS, help="tokens of the long (prefill) prompt")
     p.add_argument("--formats", default=",".join(FORMATS), help=f"llama.cpp formats (of {', '.join(FORMATS)})")
-    p.add_argument("--precisions", default=None, help="attnlab precisions (default: all of inference.fast.PRECISIONS)")
+    p.add_argument("--precisions", default=None, help="attnlab precisions of the compiled rows (default: all of "
+                                                       "inference.fast.PRECISIONS; '' for none)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers fp32 row")
     p.add_argument("--no-default", action="store_true", help="skip the `attnlab default` row")
     p.add_argument("--quality", action="store_true", help="also the perplexity of each row on held-out text")
@@ -234,7 +239,7 @@ def main(argv: list[str]) -> int:
                            quantizer_version=version, progress=lambda m: print(m, file=sys.stderr))
     files[SHIPPED_FORMAT] = source
     short, long, texts = prompts(load_tokenizer(source), args.long_prompt)
-    rows = plan_rows(formats, precisions, hf=not args.no_hf, default=not args.no_default)
+    rows = plan_rows(formats, precisions, available, hf=not args.no_hf, default=not args.no_default)
     runnable = [r for r in rows if "skipped" not in r]
     base = dict(threads=args.threads, context=len(long) + args.new_tokens + 16, prompt=short, long_prompt=long,
                 new_tokens=args.new_tokens, texts=texts)
