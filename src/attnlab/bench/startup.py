@@ -40,6 +40,8 @@ def stamp(name):
     t[name] = time.time()
 import attnlab.commands.generate
 stamp("import")
+import torch
+stamp("torch")
 import attnlab
 model = attnlab.from_pretrained(sys.argv[1])
 stamp("load")
@@ -115,8 +117,9 @@ def fresh_env(cache: Path) -> dict[str, str]:
 
 def phases(stamps: dict, launched: float) -> dict:
     """Seconds spent in each step of the probe, from its stamps (time.time()) and the launch moment."""
-    order = ["started", "import", "load", "tokenizer", "first_token"]
-    names = {"started": "interpreter start", "import": "import attnlab generate", "load": "from_pretrained",
+    order = ["started", "import", "torch", "load", "tokenizer", "first_token"]
+    names = {"started": "interpreter start", "import": "import attnlab generate", "torch": "import torch",
+             "load": "from_pretrained",
              "tokenizer": "tokenizer", "first_token": "first token (incl. any preparation)"}
     out, before = {}, launched
     for key in order:
