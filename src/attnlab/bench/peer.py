@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -241,8 +242,9 @@ def main(argv: list[str]) -> int:
     short, long, texts = prompts(load_tokenizer(source), args.long_prompt)
     rows = plan_rows(formats, precisions, available, hf=not args.no_hf, default=not args.no_default)
     runnable = [r for r in rows if "skipped" not in r]
-    base = dict(threads=args.threads, context=len(long) + args.new_tokens + 16, prompt=short, long_prompt=long,
-                new_tokens=args.new_tokens, texts=texts)
+    context = max(len(long) + args.new_tokens, len(short) + args.new_tokens, *map(len, texts.values())) + 16
+    base = dict(threads=args.threads, context=context, prompt=short, long_prompt=long, new_tokens=args.new_tokens,
+                texts=texts)
 
     def spec(row: dict, mode: str) -> dict:
         model = files[row["format"]] if row["engine"] == "llama.cpp" else source
@@ -266,7 +268,7 @@ def main(argv: list[str]) -> int:
             from attnlab.bench.peer_quality import quality_rows
 
             quality_rows(runnable, lambda row: run_worker(spec(row, "quality"), Path(tmp), args.timeout))
-    return report(rows, args, short, long, texts, version, quality=args.quality or args.quality_only,
+    return report(rows, args, argv, short, long, texts, version, quality=args.quality or args.quality_only,
                   timing=not args.quality_only)
 
 
@@ -276,8 +278,8 @@ def argparse_hidden() -> str:
     return argparse.SUPPRESS
 
 
-def report(rows: list[dict], args, short: list[int], long: list[int], texts: dict, version: str, *,
-           quality: bool, timing: bool) -> int:
+def report(rows: list[dict], args, argv: list[str], short: list[int], long: list[int], texts: dict, version: str,
+           *, quality: bool, timing: bool) -> int:
     """Print and write (atomically) the JSON, markdown and PNG of a run."""
     import platform
 
@@ -289,15 +291,16 @@ def report(rows: list[dict], args, short: list[int], long: list[int], texts: dic
     machine = rep.cpu_description() | {"date": when, "llama_cpp": version, "torch": torch.__version__,
                                        "python": platform.python_version()}
     tokens = {r["key"]: r["tokens"] for r in rows if r.get("tokens") is not None}
-    settings = {"command": "attnlab bench peer " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "peer"] else []),
+    settings = {"command": shlex.join(["attnlab", "bench", "peer", *argv]),
                 "rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads,
                 "prompt": PROMPT, "prompt_tokens": len(short), "long_prompt_tokens": len(long),
                 "quality_tokens": {k: len(v) for k, v in texts.items()}}
     payload = {"machine": machine, "settings": settings, "rows": rows, "first_difference": rep.difference_matrix(tokens)}
     head = (f"SmolLM2-135M-Instruct, {machine['cpu']} ({', '.join(machine['isa']) or 'no AVX2'}), {machine['cores']} "
-            f"cores, {when}; {args.threads} threads, {len(short)}-token chat prompt, {len(long)}-token prefill "
-            f"prompt, {args.new_tokens} greedy tokens, median of {args.rounds} interleaved round(s); {version}")
-    parts = [f"# attnlab bench peer\n\n{head}\n"]
+            f"cores, {when}; {args.threads} threads" + (
+                f", {len(short)}-token chat prompt, {len(long)}-token prefill prompt, {args.new_tokens} greedy tokens, "
+                f"median of {args.rounds} interleaved round(s)" if timing else "") + f"; {version}")
+    parts = [f"# attnlab bench peer\n\n{head}\n\n`{settings['command']}`\n"]
     if timing:
         parts.append(rep.markdown(rows, COLUMNS))
         busy = [r["key"] for r in rows if r.get("busy")]
