@@ -291,7 +291,9 @@ def report(rows: list[dict], args, argv: list[str], short: list[int], long: list
     machine = rep.cpu_description() | {"date": when, "llama_cpp": version, "torch": torch.__version__,
                                        "python": platform.python_version()}
     tokens = {r["key"]: r["tokens"] for r in rows if r.get("tokens") is not None}
-    settings = {"command": shlex.join(["attnlab", "bench", "peer", *argv]),
+    command = (["attnlab", "bench", "quality", *argv[3:]] if argv[:3] == ["--quality-only", "--rounds", "1"]
+               else ["attnlab", "bench", "peer", *argv])  # bench quality calls main with those three first
+    settings = {"command": shlex.join(command),
                 "rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads,
                 "prompt": PROMPT, "prompt_tokens": len(short), "long_prompt_tokens": len(long),
                 "quality_tokens": {k: len(v) for k, v in texts.items()}}
