@@ -23,7 +23,7 @@ BENCHES: dict[str, str] = {
     "faults": "attnlab.bench.faults",
     "gguf": "attnlab.bench.gguf",
     "peer": "attnlab.bench.peer",
-    "quality": "attnlab.bench.peer_quality",
+    "quality": "attnlab.bench.quality",
     "startup": "attnlab.bench.startup",
 }
 

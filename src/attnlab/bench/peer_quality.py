@@ -64,10 +64,3 @@ def quality_rows(rows: list[dict], run: Callable[[dict], dict]) -> None:
             continue
         row["ppl"] = result["ppl"]
     judge(rows)
-
-
-def main(argv: list[str]) -> int:
-    """``attnlab bench quality``: ``bench peer``'s perplexity part alone."""
-    from attnlab.bench import peer
-
-    return peer.main(["--quality-only", "--rounds", "1", *argv])
