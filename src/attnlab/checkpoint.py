@@ -314,9 +314,11 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_",
 
 
 @contextlib.contextmanager
-def _no_init() -> Iterator[None]:
-    """``torch.nn.init``'s fills as no-ops: parameters stay ``torch.empty`` (pages never touched, so never
-    resident) until a loader assigns the real tensors. Not thread-safe: it patches the module for a moment."""
+def no_init() -> Iterator[None]:
+    """Build a model without initialising its weights: ``torch.nn.init``'s fills become no-ops, so parameters
+    stay ``torch.empty`` (pages never touched, never resident) until a loader assigns the real tensors
+    (``load_state_checked(..., assign=True)``). Initialising SmolLM2-135M cost ~15% of its load. Not
+    thread-safe: it patches ``torch.nn.init`` while the block runs."""
     saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
     try:
         for name in _INIT_FUNCTIONS:
@@ -325,15 +327,6 @@ def _no_init() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(torch.nn.init, name, fn)
-
-
-def empty_model(cfg: ModelConfig) -> torch.nn.Module:
-    """``build_model(cfg)`` without initialising its weights: for a loader that assigns every tensor
-    (``load_state_checked(..., assign=True)``). Initialising SmolLM2-135M's weights cost ~15% of its load."""
-    from attnlab.models import build_model
-
-    with _no_init():
-        return build_model(cfg)
 
 
 def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *,

@@ -35,6 +35,7 @@ from torch import nn
 from attnlab.layers import cpu_kernels
 from attnlab.layers.linear import Linear
 from attnlab.layers.quant import Int8Linear, PackedLinear
+from attnlab.memstats import release_freed_memory
 
 PRECISIONS = ("fp32", "bf16", "int8")
 COMPILE_MODES = (False, True, "static", "dynamic")
@@ -116,6 +117,7 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
             _replace_linears(model, lambda lin: PackedLinear(lin.weight, lin.bias))
         else:
             _replace_linears(model, lambda lin: Int8Linear(lin.weight, lin.bias, torch.bfloat16))
+    release_freed_memory()  # the conversion's freed temporaries (130-350 MiB for SmolLM2), see memstats.py
     model.prepared_for_decode = f"precision={precision}, fuse={fuse}, compile={compile}"
     if compile:
         # load (or build) attnlab's CPU kernel before anything is traced: first loaded while dynamo traced a

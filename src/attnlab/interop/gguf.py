@@ -277,7 +277,9 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, cache: bool
     ``ATTNLAB_WEIGHTS_CACHE=0``) converts the file every time.
     """
     from attnlab import weights_cache
-    from attnlab.checkpoint import empty_model, load_state_checked
+    from attnlab.checkpoint import load_state_checked, no_init
+    from attnlab.memstats import release_freed_memory
+    from attnlab.models import build_model
 
     dtype = torch.float32 if dtype is None else dtype
     if dtype not in DTYPES:
@@ -299,8 +301,10 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, cache: bool
     else:
         info, state = build()
     cfg = ModelConfig.from_dict(info["config"])
-    model = empty_model(cfg)
+    with no_init():
+        model = build_model(cfg)
     load_state_checked(model, state, info["source"], assign=True)
+    release_freed_memory()  # the temporaries of a conversion (a cold load)
     return model.eval()
 
 
@@ -420,10 +424,15 @@ def load_gguf_tokenizer(path: str | Path, *, cache: bool = True) -> Tokenizer:
         tok = gguf_tokenizer(open_gguf(path))
         return json.dumps({"backend": tok.backend.to_str(), "specials": tok.specials()})
 
+    from attnlab.memstats import release_freed_memory
+
     data = json.loads(weights_cache.cached_text(path, "tokenizer", build))
     specials = {k: data["specials"].get(k) for k in ("eos_token", "bos_token", "pad_token", "chat_template")}
-    return Tokenizer(Backend.from_str(data["backend"]), add_bos_token=bool(data["specials"].get("add_bos_token")),
-                     **specials)
+    tokenizer = Tokenizer(Backend.from_str(data["backend"]), add_bos_token=bool(data["specials"].get("add_bos_token")),
+                          **specials)
+    del data
+    release_freed_memory()  # the parsed JSON (and on a cold load the vocabulary lists): ~30 MiB for SmolLM2
+    return tokenizer
 
 
 __all__ = [
