@@ -52,7 +52,8 @@ def pause_point(point: str) -> None:
     """Fault-injection hook for the reliability tests: when ``$ATTNLAB_TEST_PAUSE`` matches ``point`` (a glob
     over ``write:<file path>`` or ``dir:<directory path>``), say so on stdout and sleep, so a test can kill
     the process at exactly this moment of a save: the temporary copy is complete, its rename not done.
-    ``$ATTNLAB_TEST_PAUSE_SKIP=N`` lets the first N matching moments pass."""
+    ``$ATTNLAB_TEST_PAUSE_SKIP=N`` lets the first N matching moments pass; with ``$ATTNLAB_TEST_PAUSE_UNTIL=<file>``
+    the process resumes once that file exists (a test interleaves two writers)."""
     pattern = os.environ.get("ATTNLAB_TEST_PAUSE")
     if not pattern or not fnmatch.fnmatchcase(point, pattern):
         return
@@ -61,8 +62,9 @@ def pause_point(point: str) -> None:
         os.environ["ATTNLAB_TEST_PAUSE_SKIP"] = str(skip - 1)
         return
     print(f"paused at {point}", file=sys.stdout, flush=True)
-    while True:
-        time.sleep(60)
+    until = os.environ.get("ATTNLAB_TEST_PAUSE_UNTIL")
+    while not (until and os.path.exists(until)):
+        time.sleep(0.05 if until else 60)
 
 
 def fsync_dir(path: Path) -> None:
