@@ -61,7 +61,9 @@ def measure_memory(name: str, precision: str | None, context: int | None, *, pro
     - ``baseline``: RSS once Python, torch and attnlab's loading and decoding code are imported;
     - ``weights``: bytes of the model's parameters and buffers by dtype, each memory block once (tied
       embedding and head: one table), after ``prepare_for_decode(precision)`` when a precision is given;
-      ``load_growth`` is what the RSS grew by over the load (weights, module objects, allocator slack);
+      ``load_growth`` is what the RSS grew by over the load and a 2-token warm-up generation (which reads
+      every weight: memory-mapped weights are resident from then on), i.e. weights + module objects +
+      allocator slack;
     - ``cache``: a real ``model.new_cache(1, context)`` (its ``nbytes()``) and the RSS growth it caused;
     - ``workspace``: the peak RSS above that during one generation (``prompt`` tokens in, ``new_tokens`` out:
       activations, attention scores, kernel buffers, the generation's own small cache).
@@ -79,16 +81,17 @@ def measure_memory(name: str, precision: str | None, context: int | None, *, pro
     params = model.num_parameters()  # before preparing: packed weights are buffers, not parameters
     if precision is not None:
         prepare_for_decode(model, precision=precision)
+    cfg = model.config
+    ids = (torch.arange(prompt) * 7919 % cfg.vocab_size)[None]  # (1, prompt): any valid ids
+    generate(model, ids, 2, eos_token_id=None)  # warm-up: every weight is read once (mapped pages become resident)
     release_freed_memory()
     loaded = rss_bytes()
     by_dtype = tensor_bytes(model)
-    cfg = model.config
     context = min(cfg.max_seq_len, 2048) if context is None else context
     if context < 1 or context > cfg.max_seq_len:
         raise ValueError(f"--context {context}: give a number of tokens in 1..{cfg.max_seq_len} (the model's context)")
     cache = model.new_cache(1, context)
     with_cache = rss_bytes()
-    ids = (torch.arange(prompt) * 7919 % cfg.vocab_size)[None]  # (1, prompt): any valid ids
     peak_known = reset_peak()
     generate(model, ids, new_tokens, eos_token_id=None)
     peak = peak_rss_bytes() if peak_known else None
@@ -115,7 +118,7 @@ def print_memory(report: dict) -> None:
     row("weights (sum of tensor bytes)", report["weights"], f"{report['params']:,} parameters")
     for dtype, part in sorted(report["weights_by_dtype"].items()):
         row(f"  {dtype}", part["bytes"], f"{part['tensors']} tensors")
-    row("  RSS growth over the load", report["load_growth"],
+    row("  RSS growth over load + warm-up", report["load_growth"],
         f"{(report['load_growth'] - report['weights']) / mib:+.1f} MiB beside the weights")
     row(f"KV cache, {report['context']} tokens", report["cache"],
         f"RSS grew {report['cache_growth'] / mib:.1f} MiB")
