@@ -64,11 +64,16 @@ def test_memory_report_matches_the_allocations(model_dir, precision, size):
 
 
 def test_tensor_bytes_counts_shared_blocks_once():
+    """A tied head (one Parameter under two names) and a buffer viewing the embedding's memory (what a packed
+    bf16 head does after prepare_for_decode) are counted once; a real copy is counted."""
     model = build_model(ModelConfig(family="decoder", vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32,
                                     tie_embeddings=True))
-    counted = tensor_bytes(model)
     expected = sum(t.nbytes for t in model.state_dict().values()) - model.lm_head.weight.nbytes
-    assert counted == {"float32": {"bytes": expected, "tensors": len(model.state_dict()) - 1}}
+    n = len(model.state_dict()) - 1
+    model.register_buffer("alias", model.embed.weight.detach(), persistent=False)
+    assert tensor_bytes(model) == {"float32": {"bytes": expected, "tensors": n}}
+    model.register_buffer("copy", model.embed.weight.detach().to(torch.bfloat16), persistent=False)
+    assert tensor_bytes(model)["bfloat16"] == {"bytes": model.embed.weight.numel() * 2, "tensors": 1}
 
 
 def test_release_freed_memory_returns_heap_pages():
