@@ -46,13 +46,13 @@ def _concat_linear(parts: list[nn.Linear]) -> Linear:
     """One Linear whose output rows are the rows of ``parts`` in order (biases likewise)."""
     weight = torch.cat([p.weight.detach() for p in parts], dim=0)
     has_bias = any(p.bias is not None for p in parts)
-    fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if has_bias:
-            fused.bias.copy_(torch.cat([p.bias.detach() if p.bias is not None else
-                                        torch.zeros(p.out_features, dtype=weight.dtype, device=weight.device)
-                                        for p in parts]))
+    # built on the meta device and given the concatenation itself: no initialisation, no second copy
+    fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() if p.bias is not None else
+                                             torch.zeros(p.out_features, dtype=weight.dtype, device=weight.device)
+                                             for p in parts]), requires_grad=False)
     return fused
 
 
