@@ -85,3 +85,19 @@ def test_release_freed_memory_returns_heap_pages():
     del blocks
     release_freed_memory()
     assert rss_bytes() < before - 48 * MIB
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "--config", "{c}", "--memory"], "give --model too"),
+    (["info", "--model", "{m}", "--memory", "--context", "0"], "--context 0"),
+    (["info", "--model", "{m}", "--memory", "--context", "5000"], "in 1..1024"),
+    (["info", "--model", "{m}", "--precision", "bf16"], "go with --memory"),
+    (["info", "--model", "{m}", "--memory", "--precision", "fp16"], "'fp16' is not one of fp32, bf16, int8"),
+])
+def test_memory_flags_errors_are_one_line(model_dir, capsys, argv, message):
+    from attnlab.cli import main
+
+    argv = [a.replace("{m}", str(model_dir)).replace("{c}", str(model_dir / "config.json")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
