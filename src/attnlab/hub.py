@@ -17,6 +17,7 @@ from attnlab.checkpoint import (
     WEIGHTS_NAME,
     is_attnlab_dir,
     load_state_checked,
+    no_init,
     read_config,
     read_weights,
 )
@@ -87,15 +88,23 @@ def resolve_path(path_or_name: str | Path) -> Path:
 
 
 def load_model(directory: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """An attnlab model directory (config + safetensors weights), widened to float32 unless ``dtype``."""
+    """An attnlab model directory (config + safetensors weights), widened to float32 unless ``dtype``.
+
+    Tensors already stored in that dtype stay memory-mapped from the file (safetensors maps it; nothing is
+    copied), the others are converted once; the model is built without initialising its weights."""
+    from attnlab.memstats import release_freed_memory
     from attnlab.models import build_model
 
     directory = Path(directory)
     cfg = read_config(directory)
     state = read_weights(directory / WEIGHTS_NAME)
-    model = build_model(cfg)
-    model.to(torch.float32 if dtype is None else dtype)  # weights stored in 16 bits are widened by default
-    load_state_checked(model, state, str(directory / WEIGHTS_NAME))
+    target = torch.float32 if dtype is None else dtype  # weights stored in 16 bits are widened by default
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    with no_init():
+        model = build_model(cfg)
+    load_state_checked(model, state, str(directory / WEIGHTS_NAME), assign=True)
+    del state
+    release_freed_memory()
     return model.eval()
 
 

@@ -1,6 +1,8 @@
-"""``attnlab info``: parameters and KV-cache bytes of a model, with its MHA/GQA/MQA siblings.
+"""``attnlab info``: parameters and KV-cache bytes of a model, with its MHA/GQA/MQA siblings; with
+``--memory`` alone, the measured resident memory of the loaded model, part by part.
 
-The KV-cache figures are measured from a real ``KVCache`` allocation, not computed on paper.
+The KV-cache figures are measured from a real ``KVCache`` allocation, not computed on paper; the memory
+report reads the process's RSS around each step (``memstats.py``).
 """
 
 from __future__ import annotations
@@ -52,14 +54,107 @@ def human(n: float) -> str:
     return str(n)
 
 
+def measure_memory(name: str, precision: str | None, context: int | None, *, prompt: int = 16,
+                   new_tokens: int = 8) -> dict:
+    """Load ``name`` in this process and measure each part of its resident memory (bytes).
+
+    - ``baseline``: RSS once Python, torch and attnlab's loading and decoding code are imported;
+    - ``weights``: bytes of the model's parameters and buffers by dtype, each memory block once (tied
+      embedding and head: one table), after ``prepare_for_decode(precision)`` when a precision is given;
+      ``load_growth`` is what the RSS grew by over the load and a 2-token warm-up generation (which reads
+      every weight: memory-mapped weights are resident from then on), i.e. weights + module objects +
+      allocator slack;
+    - ``cache``: a real ``model.new_cache(1, context)`` (its ``nbytes()``) and the RSS growth it caused;
+    - ``workspace``: the peak RSS above that during one generation (``prompt`` tokens in, ``new_tokens`` out:
+      activations, attention scores, kernel buffers, the generation's own small cache).
+    """
+    import torch
+
+    from attnlab.hub import from_pretrained
+    from attnlab.inference.fast import prepare_for_decode
+    from attnlab.inference.generate import generate
+    from attnlab.memstats import peak_rss_bytes, release_freed_memory, reset_peak, rss_bytes, tensor_bytes
+
+    release_freed_memory()
+    baseline = rss_bytes()
+    model = from_pretrained(name, dtype=None if precision in (None, "fp32") else torch.bfloat16)
+    params = model.num_parameters()  # before preparing: packed weights are buffers, not parameters
+    if precision is not None:
+        prepare_for_decode(model, precision=precision)
+    cfg = model.config
+    ids = (torch.arange(prompt) * 7919 % cfg.vocab_size)[None]  # (1, prompt): any valid ids
+    generate(model, ids, 2, eos_token_id=None)  # warm-up: every weight is read once (mapped pages become resident)
+    release_freed_memory()
+    loaded = rss_bytes()
+    by_dtype = tensor_bytes(model)
+    context = min(cfg.max_seq_len, 2048) if context is None else context
+    if context < 1 or context > cfg.max_seq_len:
+        raise ValueError(f"--context {context}: give a number of tokens in 1..{cfg.max_seq_len} (the model's context)")
+    cache = model.new_cache(1, context)
+    with_cache = rss_bytes()
+    peak_known = reset_peak()
+    generate(model, ids, new_tokens, eos_token_id=None)
+    peak = peak_rss_bytes() if peak_known else None
+    end = rss_bytes()
+    weights = sum(row["bytes"] for row in by_dtype.values())
+    return {
+        "model": name, "precision": precision or f"{str(model.dtype).removeprefix('torch.')} (as loaded)",
+        "baseline": baseline, "weights": weights, "weights_by_dtype": by_dtype, "load_growth": loaded - baseline,
+        "context": context, "cache": cache.nbytes(), "cache_growth": with_cache - loaded,
+        "workspace": None if peak is None else max(0, peak - with_cache), "rss_end": end,
+        "total": baseline + weights + cache.nbytes(), "params": params,
+    }
+
+
+def print_memory(report: dict) -> None:
+    mib = 1024 ** 2
+
+    def row(label: str, value: float | None, note: str = "") -> None:
+        shown = "n/a" if value is None else f"{value / mib:10.1f} MiB"
+        print(f"{label:<40}{shown:>14}  {note}".rstrip())
+
+    print(f"memory of {report['model']} at precision {report['precision']} (measured in this process)")
+    row("Python + torch + attnlab (baseline RSS)", report["baseline"])
+    row("weights (sum of tensor bytes)", report["weights"], f"{report['params']:,} parameters")
+    for dtype, part in sorted(report["weights_by_dtype"].items()):
+        row(f"  {dtype}", part["bytes"], f"{part['tensors']} tensors")
+    row("  RSS growth over load + warm-up", report["load_growth"],
+        f"{(report['load_growth'] - report['weights']) / mib:+.1f} MiB beside the weights")
+    row(f"KV cache, {report['context']} tokens", report["cache"],
+        f"RSS grew {report['cache_growth'] / mib:.1f} MiB")
+    row("workspace (peak over one generation)", report["workspace"], "16-token prompt, 8 new tokens")
+    row("baseline + weights + cache", report["total"], f"RSS after the generation: {report['rss_end'] / mib:.1f} MiB")
+
+
 def main(argv: list[str]) -> int:
     p = parser("attnlab info", "Parameters and KV-cache bytes of a model or config.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model directory, .gguf file or shipped name (default, ...)")
     src.add_argument("--config", help="a ModelConfig JSON file (or JSON text)")
-    p.add_argument("--memory", help="a memory budget for the KV cache (e.g. 8GiB): longest context that fits")
+    p.add_argument("--memory", nargs="?", const="", metavar="BUDGET",
+                   help="alone (with --model): load the model and measure its resident memory (weights by dtype, "
+                        "KV cache, workspace, import baseline); with a size (e.g. 8GiB): the longest context whose "
+                        "KV cache fits in it")
     add_precision(p, ("fp32", "bf16", "fp16"), default=None, help="cache precision")
+    add_precision(p, ("fp32", "bf16", "int8"), default=None, flag="--precision",
+                  help="with --memory: the precision the model runs in (prepare_for_decode; default: as loaded)")
+    p.add_argument("--context", type=int, default=None,
+                   help="with --memory: tokens of KV cache to allocate (default: min(2048, the model's context))")
+    p.add_argument("--json", action="store_true", help="with --memory: print the measurements as JSON")
     args = p.parse_args(argv)
+    if args.memory == "":
+        if not args.model:
+            raise ValueError("--memory without a size measures a loaded model: give --model too")
+        import json
+
+        report = measure_memory(args.model, args.precision, args.context)
+        if args.json:
+            print(json.dumps(report, indent=1))
+        else:
+            print_memory(report)
+        return 0
+    if args.precision or args.context is not None or args.json:
+        raise ValueError("--precision, --context and --json go with --memory (alone, to measure a loaded model)")
     memory = parse_bytes(args.memory) if args.memory else None
     cfg = ModelConfig.from_json(args.config) if args.config else None  # a bad config fails before torch loads
 

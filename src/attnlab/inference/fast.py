@@ -35,6 +35,7 @@ from torch import nn
 from attnlab.layers import cpu_kernels
 from attnlab.layers.linear import Linear
 from attnlab.layers.quant import Int8Linear, PackedLinear
+from attnlab.memstats import release_freed_memory
 
 PRECISIONS = ("fp32", "bf16", "int8")
 COMPILE_MODES = (False, True, "static", "dynamic")
@@ -45,13 +46,13 @@ def _concat_linear(parts: list[nn.Linear]) -> Linear:
     """One Linear whose output rows are the rows of ``parts`` in order (biases likewise)."""
     weight = torch.cat([p.weight.detach() for p in parts], dim=0)
     has_bias = any(p.bias is not None for p in parts)
-    fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if has_bias:
-            fused.bias.copy_(torch.cat([p.bias.detach() if p.bias is not None else
-                                        torch.zeros(p.out_features, dtype=weight.dtype, device=weight.device)
-                                        for p in parts]))
+    # built on the meta device and given the concatenation itself: no initialisation, no second copy
+    fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() if p.bias is not None else
+                                             torch.zeros(p.out_features, dtype=weight.dtype, device=weight.device)
+                                             for p in parts]), requires_grad=False)
     return fused
 
 
@@ -116,6 +117,7 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
             _replace_linears(model, lambda lin: PackedLinear(lin.weight, lin.bias))
         else:
             _replace_linears(model, lambda lin: Int8Linear(lin.weight, lin.bias, torch.bfloat16))
+    release_freed_memory()  # the conversion's freed temporaries (130-350 MiB for SmolLM2), see memstats.py
     model.prepared_for_decode = f"precision={precision}, fuse={fuse}, compile={compile}"
     if compile:
         # load (or build) attnlab's CPU kernel before anything is traced: first loaded while dynamo traced a

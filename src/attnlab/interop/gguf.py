@@ -1,9 +1,12 @@
 """GGUF checkpoints (llama.cpp's single-file format): weights, config and tokenizer from one file.
 
-The file is read with the ``gguf`` package's reader and every tensor is dequantised with the package's
-``gguf.quants.dequantize`` (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants, ...) into ordinary float
-tensors: attnlab then runs the model in float32 (or the dtype asked for). Nothing is quantised at run
-time, so the output quality equals the quantised file's, at the speed and memory of a dense model.
+The header is parsed by ``gguf_file.py`` and every tensor is decoded from its memory-mapped bytes by the
+vectorised PyTorch code of ``ggml_dequant.py`` (F32, F16, BF16, Q4_0 ... Q8_0, Q4_K-Q6_K; rarer types
+through the ``gguf`` package) into ordinary float tensors: attnlab then runs the model in float32 (or the
+dtype asked for), so the output quality equals the quantised file's. The converted state dict is kept in
+the prepared-weights cache (``weights_cache.py``) and memory-mapped by later loads, and so is the rebuilt
+tokenizer: a second load neither parses nor decodes the file. ``raw_tensors`` hands out a tensor's bytes as
+stored (ggml type, shape) for code that runs a quantised format as is.
 
 What llama.cpp changes when it converts a Hugging Face checkpoint, and what is undone here:
 
@@ -20,7 +23,9 @@ Shape legend: O output features (rows), I input features, H heads, D head dim.
 from __future__ import annotations
 
 import functools
+import json
 import re
+import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,11 +37,11 @@ import torch
 from torch import Tensor
 
 from attnlab.config import ModelConfig
+from attnlab.interop.ggml_dequant import DEQUANTIZERS, dequantize_blocks
+from attnlab.interop.gguf_file import GGUFFile, RawTensor, ggml_type_info, parse_header
 from attnlab.tokenizer import Tokenizer
 
-if TYPE_CHECKING:  # keep the `gguf` package out of import time
-    import gguf as gguf_pkg
-
+if TYPE_CHECKING:
     from attnlab.models.decoder import DecoderLM
 
 
@@ -73,68 +78,32 @@ _TOP_RE = re.compile(r"^(\w+)\.(weight|bias)$")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _import_gguf() -> Any:
-    try:
-        import gguf
-    except ModuleNotFoundError:
-        raise ValueError("reading GGUF files needs the `gguf` package: pip install gguf") from None
-    return gguf
-
-
 # ----------------------------------------------------------------------------- reading
-class GGUFFile:
-    """One opened GGUF file: its metadata (``meta``) and tensors (``tensors``, by name)."""
-
-    def __init__(self, path: Path, reader: gguf_pkg.GGUFReader) -> None:
-        self.path = path
-        self.reader = reader
-        self.tensors = {t.name: t for t in reader.tensors}
-
-    def has(self, key: str) -> bool:
-        return key in self.reader.fields
-
-    def meta(self, key: str, default: Any = ...) -> Any:
-        """A metadata value (str, number, bool or list); a missing key without default is an error."""
-        field = self.reader.fields.get(key)
-        if field is None:
-            if default is ...:
-                raise ValueError(f"{self.path}: the GGUF metadata has no {key!r}; the file is incomplete")
-            return default
-        try:
-            return field.contents()
-        except Exception as exc:  # a garbled field: report it, not the reader's internals
-            raise ValueError(f"{self.path}: cannot read the GGUF metadata field {key!r} ({exc})") from None
-
-
 def open_gguf(path: str | Path) -> GGUFFile:
-    """Open (and memory-map) a GGUF file, turning the reader's failures into one clear ValueError."""
+    """Parse a GGUF file's header (metadata and tensor directory), turning any failure into one ValueError."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
-    stat = path.stat()
-    return _open_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=2)  # model and tokenizer come from the same file: parse its header once
-def _open_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
-    gguf = _import_gguf()
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct/numpy errors, ...
+        return parse_header(path.resolve())
+    except (ValueError, OSError, struct.error, OverflowError, UnicodeDecodeError, MemoryError) as exc:
         raise ValueError(
-            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it may be truncated or "
-            f"corrupted (size {size} bytes) — download it again"
+            f"{path} is not a readable GGUF file ({exc}); it may be truncated or corrupted "
+            f"(size {path.stat().st_size} bytes) — download it again"
         ) from None
-    return GGUFFile(Path(path), reader)
 
 
 @functools.cache
 def _can_dequantize(qtype: int) -> bool:
-    """Whether the installed ``gguf`` package dequantises this tensor type (tried on one zero block)."""
-    gguf = _import_gguf()
-    kind = gguf.GGMLQuantizationType(qtype)
-    _, type_size = gguf.GGML_QUANT_SIZES[kind]
+    """Whether this tensor type can be decoded: by attnlab's own code, or by the installed ``gguf`` package
+    (tried on one zero block)."""
+    if qtype in DEQUANTIZERS:
+        return True
     try:
+        import gguf
+
+        kind = gguf.GGMLQuantizationType(qtype)
+        _, type_size = gguf.GGML_QUANT_SIZES[kind]
         gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), kind)
     except Exception:
         return False
@@ -143,28 +112,42 @@ def _can_dequantize(qtype: int) -> bool:
 
 def supported_tensor_types() -> list[str]:
     """Names of the tensor types this installation can load (F32, F16, BF16, Q8_0, Q4_K, ...)."""
-    gguf = _import_gguf()
-    return [kind.name for kind in gguf.GGMLQuantizationType if _can_dequantize(int(kind))]
-
-
-def dequantize(file: GGUFFile, name: str) -> np.ndarray:
-    """One tensor as float32, shaped like PyTorch's (O, I) (GGUF lists dims innermost first)."""
-    gguf = _import_gguf()
-    tensor = file.tensors[name]
-    if not _can_dequantize(int(tensor.tensor_type)):
-        raise ValueError(
-            f"{file.path}: tensor {name!r} is stored as {tensor.tensor_type.name}, which the installed gguf "
-            f"package cannot dequantise; supported types: {', '.join(supported_tensor_types())}"
-        )
+    names = {ggml_type_info(t)[0] for t in DEQUANTIZERS}
     try:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        import gguf
+
+        names |= {kind.name for kind in gguf.GGMLQuantizationType if _can_dequantize(int(kind))}
+    except ImportError:
+        pass
+    return sorted(names)
+
+
+def raw_tensors(path: str | Path, names: list[str] | None = None) -> dict[str, RawTensor]:
+    """Tensors as stored in the file, by GGUF name: a uint8 view of the memory-mapped bytes (rows x bytes per
+    row), the ggml type and the PyTorch-order shape — for code that runs a quantised format as is."""
+    return open_gguf(path).raw(names)
+
+
+def dequantize(file: GGUFFile, raw: RawTensor) -> Tensor:
+    """One stored tensor as float32, shaped like PyTorch's (O, I) (a fresh tensor, never a view of the file)."""
+    kind = raw.ggml_type
+    if not _can_dequantize(kind):
+        raise ValueError(
+            f"{file.path}: tensor {raw.name!r} is stored as {raw.type_name}, which attnlab cannot decode (nor the "
+            f"installed gguf package); supported types: {', '.join(supported_tensor_types())}"
+        )
+    _, _, block_bytes = ggml_type_info(kind)
+    try:
+        if kind in DEQUANTIZERS:
+            values = dequantize_blocks(raw.data, kind, block_bytes)
+        else:  # a rarer type: the gguf package's NumPy code (slow, complete)
+            import gguf
+
+            decoded = gguf.quants.dequantize(raw.data.numpy(), gguf.GGMLQuantizationType(kind))
+            values = torch.from_numpy(np.array(decoded, dtype=np.float32, copy=True))
     except Exception as exc:
-        raise ValueError(f"{file.path}: cannot dequantise tensor {name!r} ({tensor.tensor_type.name}): {exc}") from None
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    values = np.asarray(values, dtype=np.float32).reshape(shape)
-    if not values.flags.writeable or not values.flags.c_contiguous:  # a view of the read-only memory map
-        values = np.array(values, dtype=np.float32, order="C")
-    return values
+        raise ValueError(f"{file.path}: cannot decode tensor {raw.name!r} ({raw.type_name}): {exc}") from None
+    return values.reshape(raw.shape)
 
 
 def unpermute_rotary_rows(weight: Tensor, n_heads: int) -> Tensor:
@@ -199,7 +182,7 @@ def gguf_config(file: GGUFFile) -> ModelConfig:
 
     if "token_embd.weight" not in file.tensors:
         raise ValueError(f"{file.path}: no token_embd.weight tensor; not a language model GGUF")
-    vocab_size = int(file.tensors["token_embd.weight"].shape[1])  # dims are (C, V), innermost first
+    vocab_size = int(file.tensors["token_embd.weight"].shape[0])  # (V, C) in PyTorch order
     d_model = int(number("embedding_length"))
     n_heads = int(number("attention.head_count"))
     n_kv_heads = int(number("attention.head_count_kv", n_heads))
@@ -260,41 +243,68 @@ def our_name(gguf_name: str) -> str | None:
 
 
 def gguf_state(file: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Every tensor dequantised, renamed to ours, q/k rows put back in HF order, cast to ``dtype``."""
+    """Every tensor decoded, renamed to ours, q/k rows put back in HF order, cast to ``dtype``.
+
+    The file is mapped once for the whole pass and unmapped when it ends (the state holds fresh tensors);
+    at any moment one tensor's float32 values exist beside the state being built."""
     arch = ARCHITECTURES[file.meta("general.architecture")]
     unknown = sorted(n for n in file.tensors if our_name(n) is None)
     if unknown:
         raise ValueError(f"{file.path}: tensor(s) attnlab does not know how to load: {unknown[:8]} "
                          f"(the file's architecture has parts our decoder lacks)")
-    for name, tensor in file.tensors.items():  # check every type before the slow part
-        if not _can_dequantize(int(tensor.tensor_type)):
-            dequantize(file, name)  # raises the ValueError naming the type
+    raws = file.raw()
+    for raw in raws.values():  # check every type before the slow part
+        if not _can_dequantize(raw.ggml_type):
+            dequantize(file, raw)  # raises the ValueError naming the type
     state: dict[str, Tensor] = {}
-    for name in file.tensors:
+    for name in list(raws):
         ours = our_name(name)
         assert ours is not None
-        values = torch.from_numpy(dequantize(file, name))
+        values = dequantize(file, raws.pop(name))
         if arch.permuted_qk and ".attn.q_proj." in ours:
             values = unpermute_rotary_rows(values, cfg.n_heads)
         elif arch.permuted_qk and ".attn.k_proj." in ours:
             values = unpermute_rotary_rows(values, cfg.n_kv_heads)
-        state[ours] = values.to(dtype)
+        state[ours] = values.to(dtype).contiguous()
     return state
 
 
-def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None) -> DecoderLM:
-    """Build our decoder from a GGUF file, weights dequantised to ``dtype`` (default float32)."""
-    from attnlab.checkpoint import load_state_checked
+def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, cache: bool = True) -> DecoderLM:
+    """Build our decoder from a GGUF file, weights decoded to ``dtype`` (default float32).
+
+    The first load of a file (per dtype and attnlab version) converts it and keeps the result in the
+    prepared-weights cache (``weights_cache.py``); later loads memory-map that cache. ``cache=False`` (or
+    ``ATTNLAB_WEIGHTS_CACHE=0``) converts the file every time.
+    """
+    from attnlab import weights_cache
+    from attnlab.checkpoint import load_state_checked, no_init
+    from attnlab.memstats import release_freed_memory
     from attnlab.models import build_model
 
     dtype = torch.float32 if dtype is None else dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype} is not supported for GGUF weights; choose one of: {list(DTYPES)}")
-    file = open_gguf(path)
-    cfg = gguf_config(file)
-    state = gguf_state(file, cfg, dtype)
-    model = build_model(cfg).to(dtype)
-    load_state_checked(model, state, f"{file.path} (GGUF {file.meta('general.architecture')})")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    def build() -> tuple[dict, dict[str, Tensor]]:
+        file = open_gguf(path)
+        cfg = gguf_config(file)
+        source = f"{file.path} (GGUF {file.meta('general.architecture')})"
+        return {"config": cfg.to_dict(), "source": source}, gguf_state(file, cfg, dtype)
+
+    if cache:
+        info, state = weights_cache.cached_state(path, dtype_name, build,
+                                                 what=f"decoding the tensors of {path.name} to {dtype_name}")
+    else:
+        info, state = build()
+    cfg = ModelConfig.from_dict(info["config"])
+    with no_init():
+        model = build_model(cfg)
+    load_state_checked(model, state, info["source"], assign=True)
+    release_freed_memory()  # the temporaries of a conversion (a cold load)
     return model.eval()
 
 
@@ -395,12 +405,37 @@ def gguf_tokenizer(file: GGUFFile) -> Tokenizer:
     )
 
 
-def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer stored in a GGUF file (text in and out with no other file)."""
-    return gguf_tokenizer(open_gguf(path))
+def load_gguf_tokenizer(path: str | Path, *, cache: bool = True) -> Tokenizer:
+    """The tokenizer stored in a GGUF file (text in and out with no other file).
+
+    Rebuilding it parses the vocabulary and merges (49k each for SmolLM2): the result is kept as JSON in the
+    prepared-weights cache beside the weights, and read back from there by later loads."""
+    from tokenizers import Tokenizer as Backend
+
+    from attnlab import weights_cache
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    if not cache:
+        return gguf_tokenizer(open_gguf(path))
+
+    def build() -> str:
+        tok = gguf_tokenizer(open_gguf(path))
+        return json.dumps({"backend": tok.backend.to_str(), "specials": tok.specials()})
+
+    from attnlab.memstats import release_freed_memory
+
+    data = json.loads(weights_cache.cached_text(path, "tokenizer", build))
+    specials = {k: data["specials"].get(k) for k in ("eos_token", "bos_token", "pad_token", "chat_template")}
+    tokenizer = Tokenizer(Backend.from_str(data["backend"]), add_bos_token=bool(data["specials"].get("add_bos_token")),
+                          **specials)
+    del data
+    release_freed_memory()  # the parsed JSON (and on a cold load the vocabulary lists): ~30 MiB for SmolLM2
+    return tokenizer
 
 
 __all__ = [
     "ARCHITECTURES", "build_bpe_tokenizer", "gguf_config", "load_gguf",
-    "load_gguf_tokenizer", "open_gguf", "supported_tensor_types", "unpermute_rotary_rows",
+    "load_gguf_tokenizer", "open_gguf", "raw_tensors", "supported_tensor_types", "unpermute_rotary_rows",
 ]
