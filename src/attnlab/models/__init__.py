@@ -15,11 +15,11 @@ FAMILY_CLASSES: dict[str, str] = {
     "decoder": "attnlab.models.decoder:DecoderLM",
     "encoder": "attnlab.models.encoder:EncoderModel",
     "seq2seq": "attnlab.models.seq2seq:Seq2SeqLM",
-    "rwkv": "attnlab.models.rwkv:RWKVLM",
+    "rwkv": "attnlab.models.rwkv.v4:RWKVLM",
 }
 # (family, version) -> "module:Class" for a family whose versions are different classes
 VERSION_CLASSES: dict[tuple[str, int], str] = {
-    ("rwkv", 7): "attnlab.models.rwkv7:RWKV7LM",
+    ("rwkv", 7): "attnlab.models.rwkv.v7:RWKV7LM",
 }
 
 
