@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
 from attnlab.inference.cache import KVCache
+from attnlab.inference.infini_state import InfiniState
 from attnlab.layers.linear import Linear
 from attnlab.layers.stack import Stack, check_length, check_token_ids, positions_from_mask
 from attnlab.models.base import AttnlabModel
@@ -40,9 +41,7 @@ class DecoderLM(Stack, AttnlabModel):
 
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.config
-        if cfg.attention_mechanism == "infini":  # constant-size state, whatever the length
-            from attnlab.inference.infini_state import InfiniState
-
+        if cfg.unbounded_context:  # a stream: a constant-size state, whatever the length
             layers = [b.attn.new_state(batch, dtype or self.dtype, self.device) for b in self.blocks]
             return InfiniState(layers, batch, cfg.segment_len)
         max_len = cfg.max_seq_len if max_len is None else max_len
@@ -58,7 +57,7 @@ class DecoderLM(Stack, AttnlabModel):
         cfg = self.config
         check_token_ids(input_ids, cfg.vocab_size)
         token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
-        unbounded = cfg.attention_mechanism == "infini"
+        unbounded = cfg.unbounded_context
         if cache is None:
             if not unbounded:
                 check_length(T, cfg.max_seq_len)
