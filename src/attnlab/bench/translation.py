@@ -35,7 +35,7 @@ def draw_alignments(path: Path, model, tokenizer, sources: list[str]) -> None:
     import torch
 
     from attnlab.tasks.seq2seq_data import END
-    from attnlab.tasks.translate import cross_attention, decode
+    from attnlab.tasks.translation.task import cross_attention, decode
 
     fig, axes = plt.subplots(len(sources), 1, figsize=(10, 4.2 * len(sources)), squeeze=False)
     limit = model.config.max_seq_len
@@ -110,8 +110,8 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--beam {args.beam}: each width must be >= 2 (greedy is always scored)")
 
     from attnlab.hub import from_pretrained, load_tokenizer, resolve_path
-    from attnlab.tasks.translate import evaluate
-    from attnlab.tasks.translation import SOURCE, TARGET, load_split
+    from attnlab.tasks.translation.data import SOURCE, TARGET, load_split
+    from attnlab.tasks.translation.task import evaluate
 
     model = from_pretrained(args.model).eval()
     tok = load_tokenizer(args.model)

@@ -1,4 +1,4 @@
-"""Training and using an English -> Spanish encoder-decoder on the data of ``attnlab.tasks.translation``.
+"""Training and using an English -> Spanish encoder-decoder on the data of ``attnlab.tasks.translation.data``.
 
 - ``TranslationTask``: the ``Seq2SeqTask`` of ``--task numbers`` (teacher forcing, label-smoothed loss)
   with length-bucketed batches (less padding) and a cheap validation BLEU at each evaluation.
@@ -29,7 +29,7 @@ from torch import Tensor
 from attnlab.checkpoint import write_json
 from attnlab.presets import TASK_MODELS
 from attnlab.tasks.seq2seq_data import END, PAD, START, Seq2SeqTask, collate, cross_attention  # noqa: F401
-from attnlab.tasks.translation import SOURCE, TARGET, load_split
+from attnlab.tasks.translation.data import SOURCE, TARGET, load_split
 
 # the model of `attnlab train --task translation` unless a preset or --set says otherwise
 DEFAULT_MODEL = {**TASK_MODELS["translation"], "pad_token_id": PAD, "decoder_start_token_id": START,
