@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from attnlab.attention.kernels import get_kernel
 from attnlab.config import ModelConfig
-from attnlab.inference.infini_state import InfiniLayerState
+from attnlab.inference.infini_state import InfiniLayerState, InfiniState
 from attnlab.layers.linear import Linear
 from attnlab.layers.position import RotaryEmbedding, apply_rope
 
@@ -94,8 +94,8 @@ class InfiniAttention(nn.Module):
         g = torch.sigmoid(self.gate).view(1, H, 1, 1)
         return (g * mem + (1 - g) * local.to(mem.dtype)).to(q.dtype)
 
-    def forward(self, x: Tensor, *, rope=None, key_mask: Tensor | None = None, cache=None, layer: int = 0,
-                memory: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, rope=None, key_mask: Tensor | None = None, cache: InfiniState | None = None,
+                layer: int = 0, memory: Tensor | None = None) -> Tensor:
         if key_mask is not None:
             raise ValueError("Infini-attention does not support padding; give sequences of equal length")
         B, T, _ = x.shape

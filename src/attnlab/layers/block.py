@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from attnlab.attention.infini import InfiniAttention
 from attnlab.attention.mha import MultiHeadAttention
 from attnlab.config import ModelConfig
+from attnlab.inference.cache import SequenceCache
 from attnlab.layers.ffn import FFN
 from attnlab.layers.norm import build_norm
 
@@ -70,7 +71,7 @@ class Block(nn.Module):
         rope=None,
         key_mask: Tensor | None = None,
         token_mask: Tensor | None = None,
-        cache=None,
+        cache: SequenceCache | None = None,
         layer: int = 0,
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
-from attnlab.inference.cache import KVCache
+from attnlab.inference.cache import KVCache, SequenceCache
 from attnlab.inference.infini_state import InfiniState
 from attnlab.layers.linear import Linear
 from attnlab.layers.stack import Stack, check_length, check_token_ids, positions_from_mask
@@ -39,7 +39,8 @@ class DecoderLM(Stack, AttnlabModel):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int | None = None, *,
+                  dtype: torch.dtype | None = None) -> KVCache | InfiniState:
         cfg = self.config
         if cfg.unbounded_context:  # a stream: a constant-size state, whatever the length
             layers = [b.attn.new_state(batch, dtype or self.dtype, self.device) for b in self.blocks]
@@ -50,7 +51,7 @@ class DecoderLM(Stack, AttnlabModel):
         return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, max_len,
                        dtype=dtype or self.dtype, device=self.device)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None,
+    def forward(self, input_ids: Tensor, cache: SequenceCache | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, full_vocab: bool = True) -> Tensor:
         """``position_ids`` (B, T) or (T,) overrides the positions (e.g. a context-parallel shard's global ones)."""
         B, T = input_ids.shape

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,7 +68,8 @@ def load_data_tokenizer(data_dir: str | Path):
     return Tokenizer.from_dir(data_dir)
 
 
-def build_translation_run(data_dir: str | Path | None, model_fields: dict, *, seed: int = 0):
+def build_translation_run(data_dir: str | Path | None, model_fields: dict, *,
+                          seed: int = 0) -> tuple[TranslationTask, dict, Callable[[Path], None], str]:
     """(task, model fields, extra_files writer, description) for ``attnlab train --task translation``.
 
     Training and validation pairs longer than the model's context on either side (``max_seq_len`` tokens,
