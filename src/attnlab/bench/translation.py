@@ -14,10 +14,9 @@ source tokens (columns), for the model's own greedy translation of the first tes
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.bench.common import Stopwatch, machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
 
@@ -128,9 +127,8 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, examples = [], {}
     for beams in (1, *widths):
-        start = time.perf_counter()
-        res = evaluate(model, tok, pairs, num_beams=beams, length_penalty=args.length_penalty)
-        seconds = time.perf_counter() - start
+        seconds, res = Stopwatch.call(lambda beams=beams: evaluate(model, tok, pairs, num_beams=beams,
+                                                                  length_penalty=args.length_penalty))
         name = "greedy" if beams == 1 else f"beam {beams} (length penalty {args.length_penalty:g})"
         rows.append({"decoding": name, "BLEU": round(res["bleu"], 2), "chrF": round(res["chrf"], 2),
                      "sentences/s": round(len(pairs) / seconds, 2)})
