@@ -181,6 +181,13 @@ class ModelConfig:
         return self.n_layers if self.n_encoder_layers is None else self.n_encoder_layers
 
     @property
+    def unbounded_context(self) -> bool:
+        """Whether the attention mechanism streams input of any length through a constant-size state (Infini-
+        attention's compressive memory): ``max_seq_len`` does not limit the input, and the decoder's cache is
+        that state (``InfiniState``) instead of a ``KVCache``."""
+        return self.attention_mechanism == "infini"
+
+    @property
     def kv_groups(self) -> int:
         """Query heads per KV head (1 for MHA, n_heads for MQA)."""
         return self.n_heads // self.n_kv_heads

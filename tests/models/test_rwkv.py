@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.inference.rwkv_wkv import wkv_chunked, wkv_step
+from attnlab.models.rwkv.wkv4 import wkv_chunked, wkv_step
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.inference.rwkv7_wkv import wkv7_chunked, wkv7_step
-from attnlab.models.rwkv7 import RWKV7LM
+from attnlab.models.rwkv import RWKV7LM
+from attnlab.models.rwkv.wkv7 import wkv7_chunked, wkv7_step
 
 
 def make_model(seed: int = 0, **overrides) -> RWKV7LM:

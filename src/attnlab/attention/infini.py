@@ -12,7 +12,9 @@ and a learned per-head gate mixes the two: A = sigmoid(β) A_mem + (1 - sigmoid(
 written once a segment is complete, so every token reads the memory of the segments before its own.
 RoPE (if any) uses positions *within* the segment, so a stream can be arbitrarily long; the memory is
 position-free. A division by a zero normaliser (empty memory) reads as zero: we divide by max(σ(Q)z, ε).
-Works with GQA: memory is kept per KV head and read by its group of query heads.
+Works with GQA: memory is kept per KV head and read by its group of query heads. The streaming state (each
+layer's ``InfiniLayerState`` and the model's ``InfiniState`` around them) is the decoder's cache, in
+``inference/infini_state.py`` with the other caches.
 
 Shape legend: B batch, H query heads, K kv heads, G = H / K, T new tokens, L segment length, D head dim.
 """
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 from attnlab.attention.kernels import get_kernel
 from attnlab.config import ModelConfig
+from attnlab.inference.infini_state import InfiniLayerState, InfiniState
 from attnlab.layers.linear import Linear
 from attnlab.layers.position import RotaryEmbedding, apply_rope
 
@@ -51,29 +54,6 @@ def memory_write(M: Tensor, z: Tensor, k: Tensor, v: Tensor, rule: str) -> tuple
         retrieved = torch.matmul(sk, M) / torch.matmul(sk, z[..., None]).clamp_min(EPS)  # (B, K, L, D)
         v = v - retrieved
     return M + torch.matmul(sk.transpose(-1, -2), v), z + sk.sum(dim=2)
-
-
-class InfiniLayerState:
-    """One layer's streaming state: memory, normaliser, the current segment's K/V (preallocated).
-
-    The previous segment's state is kept too, so ``crop`` can roll back across one segment boundary.
-    """
-
-    def __init__(self, batch: int, n_kv: int, head_dim: int, seg_len: int, dtype: torch.dtype, device) -> None:
-        f32 = torch.promote_types(dtype, torch.float32)
-        self.M = torch.zeros(batch, n_kv, head_dim, head_dim, dtype=f32, device=device)
-        self.z = torch.zeros(batch, n_kv, head_dim, dtype=f32, device=device)
-        self.k = torch.zeros(batch, n_kv, seg_len, head_dim, dtype=dtype, device=device)  # un-rotated keys
-        self.v = torch.zeros(batch, n_kv, seg_len, head_dim, dtype=dtype, device=device)
-        self.fill = 0
-        self.prev = (self.M.clone(), self.z.clone(), self.k.clone(), self.v.clone())
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {"M": self.M, "z": self.z, "k": self.k, "v": self.v, "prev_M": self.prev[0], "prev_z": self.prev[1],
-                "prev_k": self.prev[2], "prev_v": self.prev[3]}
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors().values())
 
 
 class InfiniAttention(nn.Module):
@@ -114,8 +94,8 @@ class InfiniAttention(nn.Module):
         g = torch.sigmoid(self.gate).view(1, H, 1, 1)
         return (g * mem + (1 - g) * local.to(mem.dtype)).to(q.dtype)
 
-    def forward(self, x: Tensor, *, rope=None, key_mask: Tensor | None = None, cache=None, layer: int = 0,
-                memory: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, rope=None, key_mask: Tensor | None = None, cache: InfiniState | None = None,
+                layer: int = 0, memory: Tensor | None = None) -> Tensor:
         if key_mask is not None:
             raise ValueError("Infini-attention does not support padding; give sequences of equal length")
         B, T, _ = x.shape

@@ -29,13 +29,14 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from attnlab.bench.common import Stopwatch, markdown_table
 
 KERNEL_NAMES = ("naive", "sdpa", "flash")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -95,16 +96,16 @@ def time_case(runs: dict[str, list[str]], cfg: str, T: int, causal: bool, dtype:
     pairs = [(kern, mode) for kern, ms in runs.items() for mode in ms]
     slowest = 0.0
     for kern, mode in pairs:  # warm-up
-        t0 = time.perf_counter()
-        _run(kern, mode, *inputs[mode], causal)
-        slowest = max(slowest, time.perf_counter() - t0)
+        with Stopwatch() as clock:
+            _run(kern, mode, *inputs[mode], causal)
+        slowest = max(slowest, clock.seconds)
     repeats = max(1, min(max_repeats, int(min_time / max(slowest, 1e-6))))
     times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
     for _ in range(repeats):
         for kern, mode in pairs:
-            t0 = time.perf_counter()
-            _run(kern, mode, *inputs[mode], causal)
-            times[(kern, mode)].append(time.perf_counter() - t0)
+            with Stopwatch() as clock:
+                _run(kern, mode, *inputs[mode], causal)
+            times[(kern, mode)].append(clock.seconds)
     return times
 
 
@@ -189,10 +190,8 @@ def plain_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in body)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(line) + " |" for line in table_rows(rows)]
-    return "\n".join(lines)
+def markdown(rows: list[dict[str, Any]]) -> str:
+    return markdown_table([dict(zip(COLUMNS, line)) for line in table_rows(rows)], COLUMNS)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print(plain_table(rows))
     print()
-    print(markdown_table(rows))
+    print(markdown(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, threads=args.threads, memory_method=MEMORY_METHOD, argv=argv)
     (args.out / "attention.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -10,11 +10,14 @@ import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from attnlab.layers import cpu_kernels
 from attnlab.layers.quant import native_bf16
+
+T = TypeVar("T")
 
 
 def machine() -> dict:
@@ -57,6 +60,33 @@ def reset_peak_rss() -> None:
         pass
 
 
+class Stopwatch:
+    """The one wall clock of the benchmarks (``time.perf_counter``). It starts when made, or again on entering
+    a ``with`` block; ``seconds`` is the time since, frozen when the block ends. ``Stopwatch.call(fn)`` times
+    one call and returns (seconds, result)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.end: float | None = None
+
+    def __enter__(self) -> Stopwatch:
+        self.start, self.end = time.perf_counter(), None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return (time.perf_counter() if self.end is None else self.end) - self.start
+
+    @classmethod
+    def call(cls, fn: Callable[[], T]) -> tuple[float, T]:
+        with cls() as clock:
+            result = fn()
+        return clock.seconds, result
+
+
 def timed(fn: Callable[[], object], *, repeats: int = 3, warmup: int = 1) -> tuple[float, object]:
     """Best wall time over ``repeats`` runs after ``warmup`` runs; returns (seconds, last result)."""
     result = None
@@ -64,9 +94,8 @@ def timed(fn: Callable[[], object], *, repeats: int = 3, warmup: int = 1) -> tup
         result = fn()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
+        seconds, result = Stopwatch.call(fn)
+        best = min(best, seconds)
     return best, result
 
 
@@ -79,16 +108,17 @@ def timed_pair(a: Callable[[], object], b: Callable[[], object], *, repeats: int
         ra, rb = a(), b()
     best_a = best_b = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        ra = a()
-        best_a = min(best_a, time.perf_counter() - start)
-        start = time.perf_counter()
-        rb = b()
-        best_b = min(best_b, time.perf_counter() - start)
+        seconds, ra = Stopwatch.call(a)
+        best_a = min(best_a, seconds)
+        seconds, rb = Stopwatch.call(b)
+        best_b = min(best_b, seconds)
     return best_a, ra, best_b, rb
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
+def markdown_table(rows: list[dict], columns: list[str] | tuple[str, ...]) -> str:
+    """The one markdown table writer of the benchmarks: a row per dict, ``columns`` in order (a missing value is
+    blank); floats to 3 significant digits (thousands separated from 1000 on), anything else as ``str``."""
+
     def fmt(v: object) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"

@@ -35,12 +35,11 @@ import copy
 import functools
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.bench.common import Stopwatch, machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
 SHAPES = {
@@ -91,12 +90,8 @@ def bandwidth_probe(megabytes: int = 512, repeats: int = 5) -> float:
     dst.copy_(src)
     best_copy = best_read = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best_copy = min(best_copy, time.perf_counter() - start)
-        start = time.perf_counter()
-        src.sum()
-        best_read = min(best_read, time.perf_counter() - start)
+        best_copy = min(best_copy, Stopwatch.call(lambda: dst.copy_(src))[0])
+        best_read = min(best_read, Stopwatch.call(src.sum)[0])
     return max(2 * n * 4 / best_copy, n * 4 / best_read)
 
 
@@ -125,12 +120,6 @@ def hf_llama_from_attnlab(model, directory: Path) -> None:
     hf.save_pretrained(directory)
 
 
-def _wall(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def _time_interleaved(runs: dict[str, object], new_tokens: int, repeats: int) -> dict[str, tuple]:
     """For each implementation: (best seconds for 1 token, best seconds for ``new_tokens``, its tokens).
 
@@ -150,10 +139,9 @@ def _time_interleaved(runs: dict[str, object], new_tokens: int, repeats: int) ->
         for name, fn in runs.items():
             progress.set_postfix_str(name)
             progress.update()
-            best[name][0] = min(best[name][0], _wall(lambda fn=fn: fn(1)))
-            start = time.perf_counter()
-            out = fn(new_tokens)
-            best[name][1] = min(best[name][1], time.perf_counter() - start)
+            best[name][0] = min(best[name][0], Stopwatch.call(lambda fn=fn: fn(1))[0])
+            seconds, out = Stopwatch.call(lambda fn=fn: fn(new_tokens))
+            best[name][1] = min(best[name][1], seconds)
             best[name][2] = out
     progress.close()
     return {name: tuple(v) for name, v in best.items()}
@@ -204,9 +192,8 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
         key = "attnlab" + (f" {compiled}" if compiled else "") + f"|{precision}"
         runs[key], meta[key], logits_fns[key] = run_ours, weight_bytes(model), model
         if compiled:
-            start = time.perf_counter()
-            run_ours(new_tokens)  # compiles every graph the timed runs use
-            compiled_models[key] = (model, time.perf_counter() - start)
+            seconds, _ = Stopwatch.call(lambda: run_ours(new_tokens))  # compiles every graph the timed runs use
+            compiled_models[key] = (model, seconds)
     rows = []
     timings = _time_interleaved(runs, new_tokens, repeats)
     bandwidth = max(bandwidth, timings.pop("bandwidth")[0])

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from attnlab.bench.common import machine, write_json
+from attnlab.bench.common import Stopwatch, machine, write_json
 from attnlab.commands.args import parser
 
 TRAIN = ["--preset", "tiny", "--quiet", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4",
@@ -103,17 +103,17 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "ATTNLAB_CACHE": str(root / "cache")}
     env.pop("ATTNLAB_TEST_PAUSE", None)
 
-    start = time.perf_counter()  # the uninterrupted reference, timed to place the kills
+    clock = Stopwatch()  # the uninterrupted reference, timed to place the kills
     proc = subprocess.Popen(command(corpus, root / "straight", args.steps, False), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = None
     while proc.poll() is None:
         if first is None and newest(root / "straight") is not None:
-            first = time.perf_counter() - start
+            first = clock.seconds
         time.sleep(0.05)
     if proc.returncode != 0:
         raise ValueError(f"the reference run failed: {proc.stderr.read().decode()[-500:]}")
-    total = time.perf_counter() - start
+    total = clock.seconds
     first = first or total / 2
     straight = newest(root / "straight")
 

@@ -13,7 +13,6 @@ best run of each counts. The two continuations must be identical.
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 
@@ -34,20 +33,15 @@ def main(argv: list[str]) -> int:
     import transformers
 
     import attnlab
-    from attnlab.bench.common import machine, timed_pair
+    from attnlab.bench.common import Stopwatch, machine, timed_pair
     from attnlab.chat import render_chat
     from attnlab.hub import find_shipped_gguf
     from attnlab.interop.gguf import load_gguf, load_gguf_tokenizer
 
     path = find_shipped_gguf("smollm2")
-    start = time.perf_counter()
-    ours = load_gguf(path)
-    tokenizer = load_gguf_tokenizer(path)
-    load_ours = time.perf_counter() - start
-    start = time.perf_counter()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
-    load_hf = time.perf_counter() - start
+    load_ours, (ours, tokenizer) = Stopwatch.call(lambda: (load_gguf(path), load_gguf_tokenizer(path)))
+    load_hf, hf = Stopwatch.call(lambda: transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval())
     hf.generation_config.eos_token_id = None  # exactly --new-tokens on both sides
 
     text = render_chat(tokenizer.chat_template, [{"role": "user", "content": args.prompt}],

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.bench.common import Stopwatch, machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
 SOURCES = ("default", "smollm2", "mha")
@@ -160,11 +159,9 @@ def mha_source(settings: Settings) -> tuple[nn.Module, object, dict]:
     task, _ = lm_task(tok, settings.seq_len, settings.eval_len, settings.max_files)
     torch.manual_seed(0)
     model = build_model(cfg)
-    start = time.perf_counter()
-    train_steps(model, task, settings.mha_steps, settings.mha_batch, 3e-3, warmup=max(1, settings.mha_steps // 20),
-                seed=1)
-    notes = {"trained": f"{settings.mha_steps} x {settings.mha_batch} x {settings.seq_len} tokens in "
-                        f"{time.perf_counter() - start:.0f} s"}
+    seconds, _ = Stopwatch.call(lambda: train_steps(model, task, settings.mha_steps, settings.mha_batch, 3e-3,
+                                                    warmup=max(1, settings.mha_steps // 20), seed=1))
+    notes = {"trained": f"{settings.mha_steps} x {settings.mha_batch} x {settings.seq_len} tokens in {seconds:.0f} s"}
     if keep is not None:
         model.save_pretrained(keep)
     return model, tok, notes
@@ -215,10 +212,10 @@ def decode_speeds(models: dict[int, nn.Module], context: int, new_tokens: int, r
             cache = caches[k]
             cache.crop(context)
             tok = torch.zeros(1, 1, dtype=torch.long)
-            start = time.perf_counter()
-            for _ in range(new_tokens):
-                tok = view(tok, cache=cache)[:, -1:].argmax(-1)  # (1, 1)
-            best[k] = min(best[k], time.perf_counter() - start)
+            with Stopwatch() as clock:
+                for _ in range(new_tokens):
+                    tok = view(tok, cache=cache)[:, -1:].argmax(-1)  # (1, 1)
+            best[k] = min(best[k], clock.seconds)
     return {k: new_tokens / s for k, s in best.items()}
 
 
@@ -251,18 +248,16 @@ def run_source(name: str, settings: Settings, log=print) -> tuple[list[dict], di
         models[k] = to_kv_heads(source, k)
     speeds = {}
     for c in budget.contexts:
-        start = time.perf_counter()
-        speeds[c] = decode_speeds(models, c, settings.new_tokens, settings.repeats)
+        seconds, speeds[c] = Stopwatch.call(lambda c=c: decode_speeds(models, c, settings.new_tokens, settings.repeats))
         log(f"[{name}] decode at {c} positions: " + ", ".join(f"K={k} {v:.1f} tok/s" for k, v in speeds[c].items())
-            + f" ({time.perf_counter() - start:.0f} s)")
+            + f" ({seconds:.0f} s)")
     rows, curves = [], {}
     # converted variants first, the control (the source itself, trained in place) last
     for k in ks[1:] + ks[:1]:
         model = models[k]
         converted = before if k == cfg.n_kv_heads else val_loss(model, windows)
-        start = time.perf_counter()
-        curve = train_steps(model, task, budget.steps, budget.batch, budget.lr, warmup=max(1, budget.steps // 10))
-        secs = time.perf_counter() - start
+        secs, curve = Stopwatch.call(lambda model=model: train_steps(model, task, budget.steps, budget.batch, budget.lr,
+                                                                     warmup=max(1, budget.steps // 10)))
         after = val_loss(model, windows)
         curves[f"{name} K={k}"] = curve
         kind = "MHA" if k == cfg.n_heads else ("MQA" if k == 1 else "GQA")
@@ -363,7 +358,7 @@ def main(argv: list[str]) -> int:
         if name == "smollm2" and args.smollm2_contexts:
             budget.contexts = list(args.smollm2_contexts)
     rows, curves = [], {}
-    start = time.perf_counter()
+    clock = Stopwatch()
     for name in args.models:
         r, c = run_source(name, settings)
         rows += r
@@ -372,9 +367,9 @@ def main(argv: list[str]) -> int:
     info = machine()
     print(f"machine: {info}")
     print(markdown_table(rows, columns(rows)))
-    print(f"total {time.perf_counter() - start:.0f} s")
+    print(f"total {clock.seconds:.0f} s")
     if args.plot:
         plot(rows, curves, args.plot)
     write_json(args.json, {"machine": info, "command": "attnlab bench gqa " + " ".join(argv), "rows": rows,
-                           "curves": curves, "seconds": time.perf_counter() - start})
+                           "curves": curves, "seconds": clock.seconds})
     return 0

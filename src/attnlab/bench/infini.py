@@ -25,13 +25,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import machine, markdown_table, peak_rss_bytes, reset_peak_rss, write_json
+from attnlab.bench.common import (
+    Stopwatch,
+    machine,
+    markdown_table,
+    peak_rss_bytes,
+    reset_peak_rss,
+    write_json,
+)
 from attnlab.commands.args import parser
 
 MODELS = ("infini", "softmax")
@@ -182,11 +188,11 @@ def evaluate(models: dict[str, torch.nn.Module], s: Settings) -> list[dict]:
         batch = max(1, min(16, 2**18 // length))
         row = {"multiple": k, "tokens": length}
         for name, model in models.items():
-            start = time.perf_counter()
             window = s.train_len if name == "softmax" else None
-            row[f"{name}_acc"] = retrieval_accuracy(model, length, s.eval_examples, seed=seed, window=window,
-                                                    batch_size=batch)
-            row[f"{name}_s"] = time.perf_counter() - start
+            with Stopwatch() as clock:
+                row[f"{name}_acc"] = retrieval_accuracy(model, length, s.eval_examples, seed=seed, window=window,
+                                                        batch_size=batch)
+            row[f"{name}_s"] = clock.seconds
             print(f"{k}x ({length} tokens) {name}: {row[f'{name}_acc']:.0%}", file=sys.stderr, flush=True)
         row["key_in_window"] = key_in_window(length, s.eval_examples, seed, s.train_len)
         share = key_share(models["infini"], length, min(s.eval_examples, 20), seed)
@@ -226,12 +232,12 @@ def stream_worker(model_dir: str, n_tokens: int, chunk: int, out: str) -> None:
         cache = model.new_cache(1)
         base = rss_bytes()
         peaks = []
-        start = time.perf_counter()
-        for s in range(0, n_tokens, chunk):
-            reset_peak_rss()
-            model(torch.tensor([filler(min(chunk, n_tokens - s), s)]), cache=cache)  # (1, C)
-            peaks.append(peak_rss_bytes() - base)
-        seconds = time.perf_counter() - start
+        with Stopwatch() as clock:
+            for s in range(0, n_tokens, chunk):
+                reset_peak_rss()
+                model(torch.tensor([filler(min(chunk, n_tokens - s), s)]), cache=cache)  # (1, C)
+                peaks.append(peak_rss_bytes() - base)
+        seconds = clock.seconds
         retained = rss_bytes() - base
     assert cache.length == n_tokens
     Path(out).write_text(json.dumps({"peak_rss": base + max(peaks), "peak_extra": max(peaks),

@@ -18,12 +18,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.bench.common import Stopwatch, machine, markdown_table, write_json
 from attnlab.bench.common import peak_rss_bytes as _rss_bytes
 from attnlab.bench.common import reset_peak_rss as _reset_peak
 from attnlab.commands.args import parser
@@ -69,10 +68,10 @@ def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D
         ql.grad = kl.grad = vl.grad = None
         _reset_peak()
         base = _rss_bytes()
-        start = time.perf_counter()
-        out_t, _ = flash_attention(ql, kl, vl, causal=True)
-        out_t.sum().backward()
-        result = {"seconds": time.perf_counter() - start, "peak_extra": _rss_bytes() - base, "max_err": 0.0}
+        with Stopwatch() as clock:
+            out_t, _ = flash_attention(ql, kl, vl, causal=True)
+            out_t.sum().backward()
+        result = {"seconds": clock.seconds, "peak_extra": _rss_bytes() - base, "max_err": 0.0}
         if trace:
             result["trace"] = _traced(lambda: flash_attention(ql, kl, vl, causal=True)[0], (ql, kl, vl), ql.numel() * 4)
     else:
@@ -85,10 +84,10 @@ def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D
         ql.grad = kl.grad = vl.grad = None
         _reset_peak()
         base = _rss_bytes()
-        start = time.perf_counter()
-        out_t = ring_attention(ql, kl, vl, causal=True, layout=layout, timeout=600)
-        out_t.sum().backward()
-        seconds = time.perf_counter() - start
+        with Stopwatch() as clock:
+            out_t = ring_attention(ql, kl, vl, causal=True, layout=layout, timeout=600)
+            out_t.sum().backward()
+        seconds = clock.seconds
         peak = _rss_bytes() - base
         traced = None
         if trace:

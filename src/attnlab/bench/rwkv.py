@@ -14,12 +14,11 @@ rounds counts. Bytes are ``cache.nbytes()`` of the allocated tensors.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.bench.common import Stopwatch, machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
 CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]
@@ -40,10 +39,10 @@ def rwkv_like(target_cfg, seed: int = 0):
 def _decode(model, cache, length: int, new_tokens: int) -> float:
     cache.crop(length)
     tok = torch.zeros(1, 1, dtype=torch.long)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        tok = model(tok, cache=cache)[:, -1:].argmax(-1)
-    return time.perf_counter() - start
+    with Stopwatch() as clock:
+        for _ in range(new_tokens):
+            tok = model(tok, cache=cache)[:, -1:].argmax(-1)
+    return clock.seconds
 
 
 @torch.inference_mode()

@@ -30,12 +30,11 @@ first calls took.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import machine, markdown_table, timed, write_json
+from attnlab.bench.common import Stopwatch, machine, markdown_table, timed, write_json
 from attnlab.commands.args import parser
 
 DEFAULT_ROW = "default: generate(draft=)"  # from_pretrained models, no flags: what a user writes first
@@ -125,20 +124,20 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
             for rnd in range(repeats + int(static)):  # every variant once per round: load spikes hit them alike
                 progress.set_postfix_str(f"{set_name}{', compiling' if static and rnd == 0 else ''}")
                 progress.update()
-                start = time.perf_counter()
-                generate(target, x, 1)  # the prompt's prefill and first token: what every method pays alike
+                with Stopwatch() as clock:
+                    generate(target, x, 1)  # the prompt's prefill and first token: what every method pays alike
                 if not (static and rnd == 0):
-                    prefill = min(prefill, time.perf_counter() - start)
+                    prefill = min(prefill, clock.seconds)
                 for name, d, g in variants:
-                    start = time.perf_counter()
-                    if d is None:
-                        res = (generate(target, x, new_tokens), None)
-                    elif name == DEFAULT_ROW:  # exactly what a user writes; gives no statistics
-                        res = (generate(default_target, x, new_tokens, draft=d), None)
-                    else:
-                        res = speculative_generate(target, d, x, new_tokens, gamma=g, adaptive=name.endswith("adaptive"),
-                                                   return_stats=True)
-                    secs = time.perf_counter() - start
+                    with Stopwatch() as clock:
+                        if d is None:
+                            res = (generate(target, x, new_tokens), None)
+                        elif name == DEFAULT_ROW:  # exactly what a user writes; gives no statistics
+                            res = (generate(default_target, x, new_tokens, draft=d), None)
+                        else:
+                            res = speculative_generate(target, d, x, new_tokens, gamma=g,
+                                                       adaptive=name.endswith("adaptive"), return_stats=True)
+                    secs = clock.seconds
                     if static and rnd == 0:
                         continue  # the untimed round that compiles this prompt's graphs
                     if name not in best or secs < best[name][0]:

@@ -14,10 +14,9 @@ source tokens (columns), for the model's own greedy translation of the first tes
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-from attnlab.bench.common import machine, markdown_table, write_json
+from attnlab.bench.common import Stopwatch, machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
 
@@ -35,7 +34,7 @@ def draw_alignments(path: Path, model, tokenizer, sources: list[str]) -> None:
     import torch
 
     from attnlab.tasks.seq2seq_data import END
-    from attnlab.tasks.translate import cross_attention, decode
+    from attnlab.tasks.translation.task import cross_attention, decode
 
     fig, axes = plt.subplots(len(sources), 1, figsize=(10, 4.2 * len(sources)), squeeze=False)
     limit = model.config.max_seq_len
@@ -110,8 +109,8 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--beam {args.beam}: each width must be >= 2 (greedy is always scored)")
 
     from attnlab.hub import from_pretrained, load_tokenizer, resolve_path
-    from attnlab.tasks.translate import evaluate
-    from attnlab.tasks.translation import SOURCE, TARGET, load_split
+    from attnlab.tasks.translation.data import SOURCE, TARGET, load_split
+    from attnlab.tasks.translation.task import evaluate
 
     model = from_pretrained(args.model).eval()
     tok = load_tokenizer(args.model)
@@ -128,9 +127,8 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, examples = [], {}
     for beams in (1, *widths):
-        start = time.perf_counter()
-        res = evaluate(model, tok, pairs, num_beams=beams, length_penalty=args.length_penalty)
-        seconds = time.perf_counter() - start
+        seconds, res = Stopwatch.call(lambda beams=beams: evaluate(model, tok, pairs, num_beams=beams,
+                                                                  length_penalty=args.length_penalty))
         name = "greedy" if beams == 1 else f"beam {beams} (length penalty {args.length_penalty:g})"
         rows.append({"decoding": name, "BLEU": round(res["bleu"], 2), "chrF": round(res["chrf"], 2),
                      "sentences/s": round(len(pairs) / seconds, 2)})

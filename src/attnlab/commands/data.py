@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
                                                  "translation or ~/.cache/attnlab/translation)")
     args = p.parse_args(rest)
 
-    from attnlab.tasks.translation import build_dataset
+    from attnlab.tasks.translation.data import build_dataset
 
     manifest = build_dataset(args.out, cache=args.cache, vocab_size=args.vocab_size)
     print(f"wrote {args.out}: pairs sha256 {manifest['pairs_sha256'][:16]}..., vocab "

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         texts.extend(check_lines(lenient_stdin(), "stdin") if t == "-" else [check_text(t, f"TEXT argument {i}")])
 
     from attnlab.hub import from_pretrained, load_tokenizer
-    from attnlab.tasks.translate import translate
+    from attnlab.tasks.translation.task import translate
 
     model = from_pretrained(args.model)
     if model.config.family != "seq2seq":

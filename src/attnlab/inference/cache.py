@@ -1,4 +1,15 @@
-"""KV cache: preallocated, sized by ``n_kv_heads``, written in place, with ``crop`` for rollback.
+"""The cache protocols every model's cache implements, and the KV cache: preallocated, sized by
+``n_kv_heads``, written in place, with ``crop`` for rollback.
+
+The protocols (``typing.Protocol``: a cache implements them by having the members, no base class):
+
+- ``Cache``: what every cache offers the generation loops: ``batch_size``, ``length`` (tokens fed so far),
+  ``max_len`` (capacity), ``nbytes()``, ``crop(n)``. ``KVCache``, ``Seq2SeqCache``, ``RWKVState``, ``InfiniState``.
+- ``SequenceCache``: what a Transformer stack's forward asks: ``begin`` registers new tokens (their positions and
+  the key mask), ``commit`` advances once every layer has used them. ``KVCache``, ``Seq2SeqCache``, ``InfiniState``.
+- ``SlotCache``: rows that accept different numbers of speculative tokens: ``drop_slots`` and ``compact``.
+  ``KVCache``, ``RWKVState`` (batch size 1). Runtime-checkable: a drafter asks whether its cache is one.
+- ``ReorderCache``: ``reorder(index)`` selects batch rows (beam search). ``KVCache``, ``Seq2SeqCache``.
 
 Shape legend: L layers, B batch, K kv heads, S cache slots (max_len, or more: ``slots``), T new tokens, D head dim.
 
@@ -10,8 +21,53 @@ slots that hold no real token; it is allocated only then, so a padding-free cach
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch import Tensor
+
+
+class Cache(Protocol):
+    """A model's decoding state, whatever it holds (K/V, a recurrent state, a compressive memory)."""
+
+    batch_size: int
+    length: int  # tokens fed so far
+    max_len: int  # tokens it can hold (2**62 for a constant-size state)
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors it has allocated."""
+
+    def crop(self, n: int) -> None:
+        """Roll back to the first ``n`` tokens (speculative decoding drops rejected proposals this way)."""
+
+
+class SequenceCache(Cache, Protocol):
+    """A cache fed by a Transformer stack: each forward registers its tokens, every layer uses them, then it
+    advances."""
+
+    def begin(self, n_new: int, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Register ``n_new`` tokens: their positions (B, T) and the key mask to attend with (None: all real)."""
+
+    def commit(self, n_new: int, attention_mask: Tensor | None) -> None:
+        """Advance past the tokens registered by ``begin``."""
+
+
+@runtime_checkable
+class SlotCache(Cache, Protocol):
+    """A cache whose rows can keep different numbers of tokens (batched speculative decoding)."""
+
+    def drop_slots(self, keep: Tensor) -> None:
+        """Keep (True) or drop (False) each row's last ``keep.shape[1]`` tokens."""
+
+    def compact(self) -> None:
+        """Squeeze out the dropped tokens to make room."""
+
+
+class ReorderCache(Cache, Protocol):
+    """A cache whose batch rows can be selected (beam search follows its beams)."""
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the rows ``index`` (B',), in that order."""
 
 
 class KVCache:

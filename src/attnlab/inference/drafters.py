@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnlab.inference.cache import SlotCache
 from attnlab.inference.sampling import logits_to_probs
 
 
@@ -57,7 +58,7 @@ class ModelDrafter:
 
     def _room(self, needed: int) -> None:
         if self.cache.max_len - self.cache.length < needed:
-            if not hasattr(self.cache, "compact"):
+            if not isinstance(self.cache, SlotCache):
                 raise ValueError("the draft's cache cannot make room (no compact()); use batch size 1")
             self.cache.compact()
 

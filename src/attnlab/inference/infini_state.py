@@ -1,5 +1,6 @@
-"""InfiniState: the Infini-attention decoder's cache — per layer a compressive memory, its normaliser and
-the current segment's K/V. Its size depends on the segment length, never on how much was streamed.
+"""InfiniState: the Infini-attention decoder's cache — per layer (``InfiniLayerState``) a compressive memory,
+its normaliser and the current segment's K/V. Its size depends on the segment length, never on how much was
+streamed. ``attention/infini.py`` reads and writes the layer states; this module owns them.
 
 ``crop(n)`` rolls back within the current segment, or across one segment boundary (the state before the
 last memory write is kept for that); further back raises. ``save``/``load`` write the state as
@@ -14,7 +15,28 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from attnlab.attention.infini import InfiniLayerState
+
+class InfiniLayerState:
+    """One layer's streaming state: memory, normaliser, the current segment's K/V (preallocated).
+
+    The previous segment's state is kept too, so ``crop`` can roll back across one segment boundary.
+    """
+
+    def __init__(self, batch: int, n_kv: int, head_dim: int, seg_len: int, dtype: torch.dtype, device) -> None:
+        f32 = torch.promote_types(dtype, torch.float32)
+        self.M = torch.zeros(batch, n_kv, head_dim, head_dim, dtype=f32, device=device)
+        self.z = torch.zeros(batch, n_kv, head_dim, dtype=f32, device=device)
+        self.k = torch.zeros(batch, n_kv, seg_len, head_dim, dtype=dtype, device=device)  # un-rotated keys
+        self.v = torch.zeros(batch, n_kv, seg_len, head_dim, dtype=dtype, device=device)
+        self.fill = 0
+        self.prev = (self.M.clone(), self.z.clone(), self.k.clone(), self.v.clone())
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"M": self.M, "z": self.z, "k": self.k, "v": self.v, "prev_M": self.prev[0], "prev_z": self.prev[1],
+                "prev_k": self.prev[2], "prev_v": self.prev[3]}
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors().values())
 
 
 class InfiniState:

@@ -55,7 +55,7 @@ def check_padding(model, ids: Tensor, attention_mask) -> Tensor | None:
 
 
 def check_context(model, prompt_len: int, max_new_tokens: int) -> None:
-    if getattr(model.config, "attention_mechanism", "softmax") == "infini":
+    if model.config.unbounded_context:
         return  # a stream: memory does not grow with the input
     ctx = model.config.max_seq_len
     if prompt_len > ctx:

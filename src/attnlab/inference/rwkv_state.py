@@ -32,7 +32,7 @@ def layer_shapes(version: int, d_model: int, n_heads: int = 1) -> dict[str, tupl
 class RWKVState:
     def __init__(self, n_layers: int, batch: int, d_model: int, *, version: int = 4, n_heads: int = 1,
                  device: torch.device | str = "cpu") -> None:
-        from attnlab.inference.rwkv_wkv import EMPTY
+        from attnlab.models.rwkv.wkv4 import EMPTY
 
         if batch <= 0:
             raise ValueError(f"an RWKV state needs batch > 0, got {batch}")

@@ -24,10 +24,15 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from attnlab.attention.infini import InfiniAttention
 from attnlab.attention.mha import MultiHeadAttention
 from attnlab.config import ModelConfig
+from attnlab.inference.cache import SequenceCache
 from attnlab.layers.ffn import FFN
 from attnlab.layers.norm import build_norm
+
+# ModelConfig.attention_mechanism -> the self-attention module (both take (cfg, causal=...) and share the forward)
+ATTENTION: dict[str, type[nn.Module]] = {"softmax": MultiHeadAttention, "infini": InfiniAttention}
 
 
 class Block(nn.Module):
@@ -41,12 +46,7 @@ class Block(nn.Module):
             return build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
 
         self.attn_norm = norm()
-        if cfg.attention_mechanism == "infini":
-            from attnlab.attention.infini import InfiniAttention
-
-            self.attn = InfiniAttention(cfg, causal=causal)
-        else:
-            self.attn = MultiHeadAttention(cfg, causal=causal)
+        self.attn = ATTENTION[cfg.attention_mechanism](cfg, causal=causal)
         self.attn_post_norm = norm() if sandwich else None
         self.cross_norm = norm() if cross else None
         self.cross_attn = MultiHeadAttention(cfg, causal=False, cross=True) if cross else None
@@ -71,7 +71,7 @@ class Block(nn.Module):
         rope=None,
         key_mask: Tensor | None = None,
         token_mask: Tensor | None = None,
-        cache=None,
+        cache: SequenceCache | None = None,
         layer: int = 0,
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,

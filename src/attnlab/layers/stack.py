@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
+from attnlab.inference.cache import SequenceCache
 from attnlab.layers.block import Block
 from attnlab.layers.norm import build_norm
 from attnlab.layers.position import RotaryEmbedding, sinusoidal_table
@@ -44,7 +45,7 @@ class Stack(nn.Module):
         *,
         key_mask: Tensor | None = None,
         token_mask: Tensor | None = None,
-        cache=None,
+        cache: SequenceCache | None = None,
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
         extra: Tensor | None = None,

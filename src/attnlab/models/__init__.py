@@ -1,33 +1,33 @@
-"""Model families. ``build_model(cfg)`` maps ``cfg.family`` to its class."""
+"""Model families. ``build_model(cfg)`` maps ``cfg.family`` (and, for RWKV, ``cfg.rwkv_version``) to its class."""
 
 from __future__ import annotations
-
-import importlib
 
 from torch import nn
 
 from attnlab.config import ModelConfig
 from attnlab.models.base import AttnlabModel
 from attnlab.models.decoder import DecoderLM
+from attnlab.models.encoder import EncoderModel
+from attnlab.models.rwkv import RWKV7LM, RWKVLM
+from attnlab.models.seq2seq import Seq2SeqLM
 
-# family -> "module:Class" (imported on first use)
-FAMILY_CLASSES: dict[str, str] = {
-    "decoder": "attnlab.models.decoder:DecoderLM",
-    "encoder": "attnlab.models.encoder:EncoderModel",
-    "seq2seq": "attnlab.models.seq2seq:Seq2SeqLM",
-    "rwkv": "attnlab.models.rwkv:RWKVLM",
+# family -> class
+FAMILY_CLASSES: dict[str, type[AttnlabModel]] = {
+    "decoder": DecoderLM,
+    "encoder": EncoderModel,
+    "seq2seq": Seq2SeqLM,
+    "rwkv": RWKVLM,
 }
-# (family, version) -> "module:Class" for a family whose versions are different classes
-VERSION_CLASSES: dict[tuple[str, int], str] = {
-    ("rwkv", 7): "attnlab.models.rwkv7:RWKV7LM",
+# (family, version) -> class, for a family whose versions are different classes
+VERSION_CLASSES: dict[tuple[str, int], type[AttnlabModel]] = {
+    ("rwkv", 7): RWKV7LM,
 }
 
 
 def model_class(family: str, version: int | None = None) -> type[AttnlabModel]:
     if family not in FAMILY_CLASSES:
         raise ValueError(f"family={family!r} is not valid; choose one of: {sorted(FAMILY_CLASSES)}")
-    module_name, cls_name = VERSION_CLASSES.get((family, version), FAMILY_CLASSES[family]).split(":")
-    return getattr(importlib.import_module(module_name), cls_name)
+    return VERSION_CLASSES.get((family, version), FAMILY_CLASSES[family])
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -38,4 +38,5 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return model_class(cfg.family, cfg.rwkv_version if cfg.family == "rwkv" else None)(cfg)
 
 
-__all__ = ["AttnlabModel", "DecoderLM", "FAMILY_CLASSES", "VERSION_CLASSES", "build_model", "model_class"]
+__all__ = ["AttnlabModel", "DecoderLM", "EncoderModel", "FAMILY_CLASSES", "RWKV7LM", "RWKVLM", "Seq2SeqLM",
+           "VERSION_CLASSES", "build_model", "model_class"]

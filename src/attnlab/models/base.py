@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from attnlab.config import ModelConfig
+from attnlab.inference.cache import Cache
 
 
 class AttnlabModel(nn.Module):
@@ -45,7 +46,8 @@ class AttnlabModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def begin_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int):
+    def begin_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         max_new_tokens: int) -> tuple[Cache, torch.Tensor, torch.Tensor | None]:
         """Start a generation: return (cache, prompt to feed first, its attention mask).
 
         A decoder feeds the prompt itself into a cache sized for prompt + new tokens; an encoder-decoder

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
-from attnlab.inference.cache import KVCache
+from attnlab.inference.cache import KVCache, SequenceCache
+from attnlab.inference.infini_state import InfiniState
 from attnlab.layers.linear import Linear
 from attnlab.layers.stack import Stack, check_length, check_token_ids, positions_from_mask
 from attnlab.models.base import AttnlabModel
@@ -38,11 +39,10 @@ class DecoderLM(Stack, AttnlabModel):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int | None = None, *,
+                  dtype: torch.dtype | None = None) -> KVCache | InfiniState:
         cfg = self.config
-        if cfg.attention_mechanism == "infini":  # constant-size state, whatever the length
-            from attnlab.inference.infini_state import InfiniState
-
+        if cfg.unbounded_context:  # a stream: a constant-size state, whatever the length
             layers = [b.attn.new_state(batch, dtype or self.dtype, self.device) for b in self.blocks]
             return InfiniState(layers, batch, cfg.segment_len)
         max_len = cfg.max_seq_len if max_len is None else max_len
@@ -51,14 +51,14 @@ class DecoderLM(Stack, AttnlabModel):
         return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, max_len,
                        dtype=dtype or self.dtype, device=self.device)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None,
+    def forward(self, input_ids: Tensor, cache: SequenceCache | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, full_vocab: bool = True) -> Tensor:
         """``position_ids`` (B, T) or (T,) overrides the positions (e.g. a context-parallel shard's global ones)."""
         B, T = input_ids.shape
         cfg = self.config
         check_token_ids(input_ids, cfg.vocab_size)
         token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
-        unbounded = cfg.attention_mechanism == "infini"
+        unbounded = cfg.unbounded_context
         if cache is None:
             if not unbounded:
                 check_length(T, cfg.max_seq_len)

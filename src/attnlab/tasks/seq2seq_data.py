@@ -10,6 +10,7 @@ Shape legend: B batch, S source length, T target length, V vocab.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,6 +45,9 @@ def collate(examples: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
 
 
 class Seq2SeqTask:
+    """Source -> target pairs with teacher forcing: a ``training.losses.Task`` (batches, loss, metrics, and exact
+    match as the extra evaluation)."""
+
     def __init__(self, train: list, validation: list, *, label_smoothing: float = 0.1, eval_examples: int = 256) -> None:
         self.train_examples, self.validation = train, validation
         self.label_smoothing = label_smoothing
@@ -96,7 +100,8 @@ def exact_match(model, examples: list[tuple[list[int], list[int]]], *, num_beams
     return hits / max(1, len(examples))
 
 
-def build_task_run(task: str, model_fields: dict, *, seed: int = 0):
+def build_task_run(task: str, model_fields: dict, *,
+                   seed: int = 0) -> tuple[Seq2SeqTask, dict, Callable[[Path], None], str]:
     """(task, model fields, extra_files writer, description) for ``attnlab train --task``."""
     if task not in TASKS:
         raise ValueError(f"--task {task!r} is not a built-in task; choose one of: {', '.join(TASKS)}")

@@ -169,7 +169,7 @@ def main(argv: list[str]) -> int:
     tcfg = TrainConfig(**{k: v for k, v in train.items() if k in TRAIN_KEYS}).validate()  # before any work
 
     if args.task == "translation":
-        from attnlab.tasks.translate import build_translation_run
+        from attnlab.tasks.translation.task import build_translation_run
 
         if args.vocab_size is not None or args.tokenizer:
             raise ValueError("--task translation uses the tokenizer of its --data folder; choose its size with "
@@ -247,8 +247,8 @@ def _test_exact_match(task: str, out: Path) -> float:
 
 def _test_bleu(data: str, out: Path) -> dict:
     from attnlab.hub import load_model, load_tokenizer
-    from attnlab.tasks.translate import evaluate
-    from attnlab.tasks.translation import SOURCE, TARGET, load_split
+    from attnlab.tasks.translation.data import SOURCE, TARGET, load_split
+    from attnlab.tasks.translation.task import evaluate
 
     best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
     pairs = [(r[SOURCE], r[TARGET]) for r in load_split(data, "test")]

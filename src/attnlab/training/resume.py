@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnlab.checkpoint import TMP_MARK, entries_in_the_way, read_json
-from attnlab.training.checkpoint import STATE_FILE
+from attnlab.training.state import STATE_FILE
 
 RESUMABLE = frozenset({"steps", "max_time", "keep_last", "save_every", "eval_every", "log_every"})
 # command-line flags that choose the run (not its length); --preset/--config/--set are compared through what

@@ -36,14 +36,14 @@ from attnlab.checkpoint import (
     write_model_files,
 )
 from attnlab.config import check_field_types
-from attnlab.training.checkpoint import (
+from attnlab.training.distributed import DistContext
+from attnlab.training.losses import Task
+from attnlab.training.state import (
     check_optimizer_state,
     is_complete,
     load_training_state,
     save_training_state,
 )
-from attnlab.training.distributed import DistContext
-from attnlab.training.losses import Task
 
 
 @dataclass

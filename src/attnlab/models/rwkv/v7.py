@@ -12,7 +12,7 @@ The block is RWKV-4's — ``x + TimeMix(LN(x))`` then ``x + ChannelMix(LN(x))``,
   residual* ``v_t ← lerp(v_t, v^{(0)}_t, σ(v0 + x^v V1 V2))`` towards the first layer's value;
 - ``κ̂ = L2norm(k ⊙ k_k)`` per head (the "removal key"), ``k̃ = k ⊙ (1 + (a - 1) ⊙ k_a)`` (the written key);
 - the state update ``S_t = S_{t-1}(diag(w_t) - κ̂_t (a_t ⊙ κ̂_t)ᵀ) + v_t k̃_tᵀ`` and ``o_t = S_t r_t``
-  (``inference/rwkv7_wkv.py`` states the orientation: rows of S are value channels);
+  (``models/rwkv/wkv7.py`` states the orientation: rows of S are value channels);
 - out ``= W_o (g ⊙ (GroupNorm_H(o) + (Σ_head r ⊙ k̃ ⊙ r_k) v))``: a per-head norm plus a bonus for the
   current token;
 - channel mixing ``W_v relu(W_k x^k)²`` (no receptance in RWKV-7).
@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
-from attnlab.inference.rwkv7_wkv import wkv7_chunked, wkv7_step
 from attnlab.inference.rwkv_state import RWKVState
 from attnlab.layers.linear import Linear
-from attnlab.models.rwkv import RWKVLM, _shift
+from attnlab.models.rwkv.v4 import RWKVLM, _shift
+from attnlab.models.rwkv.wkv7 import wkv7_chunked, wkv7_step
 
 LOG_DECAY_SCALE = math.exp(-0.5)  # log w = -e^{-1/2} σ(·): the decay never drops below e^{-0.607} per step
 

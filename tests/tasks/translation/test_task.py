@@ -5,7 +5,7 @@ import attnlab
 from attnlab import ModelConfig, build_model
 from attnlab.inference.beam import beam_search
 from attnlab.tasks.seq2seq_data import END, START, collate
-from attnlab.tasks.translate import (
+from attnlab.tasks.translation.task import (
     build_translation_run,
     cross_attention,
     decode,

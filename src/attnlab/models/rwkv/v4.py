@@ -13,7 +13,7 @@ Each block keeps the Transformer's residual structure — ``x + TimeMix(LN(x))``
   the output is ``W_o (σ(r) ⊙ wkv)``;
 - channel mixing: ``σ(W_r x^r) ⊙ W_v relu(W_k x^k)²``.
 
-Two modes on the same weights: the *chunked parallel* form (``inference/rwkv_wkv.py``) for training over
+Two modes on the same weights: the *chunked parallel* form (``models/rwkv/wkv4.py``) for training over
 whole sequences, and the *recurrent* form that carries an ``RWKVState`` (``inference/rwkv_state.py``) — the
 family's cache — one token at a time. Both keep the sums in log space with a running maximum (the
 "max trick"), so long sequences neither overflow nor underflow. Parameter names mirror Hugging Face's
@@ -32,10 +32,10 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
 from attnlab.inference.rwkv_state import STEP_MAX, RWKVState
-from attnlab.inference.rwkv_wkv import wkv_chunked, wkv_step
 from attnlab.layers.linear import Linear
 from attnlab.layers.stack import check_token_ids
 from attnlab.models.base import AttnlabModel
+from attnlab.models.rwkv.wkv4 import wkv_chunked, wkv_step
 
 
 def _shift(x: Tensor, prev: Tensor | None) -> Tensor:
@@ -114,7 +114,7 @@ class RWKVBlock(nn.Module):
 
 class RWKVLM(AttnlabModel):
     """Embedding -> LayerNorm -> N RWKV blocks -> LayerNorm -> LM head (``rwkv_version=4``; RWKV-7 is the
-    subclass ``models/rwkv7.py: RWKV7LM``, which changes the blocks, their init and the state's contents).
+    subclass ``models/rwkv/v7.py: RWKV7LM``, which changes the blocks, their init and the state's contents).
 
     ``forward(input_ids, cache=None) -> logits (B, T, V)``; with an ``RWKVState`` the tokens continue the
     state's sequence (a prompt through the chunked form, a few tokens one by one with a snapshot after

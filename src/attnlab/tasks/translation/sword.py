@@ -5,7 +5,7 @@
 
 ``fetch`` runs ``apt-get download`` into a cache folder (no root install: the .deb files are only unpacked
 there with ``dpkg-deb -x``); ``read_module`` reads every verse's raw OSIS markup with the ``pysword``
-package. Cleaning and alignment are pure functions in ``attnlab.tasks.translation``.
+package. Cleaning and alignment are pure functions in ``attnlab.tasks.translation.data``.
 """
 
 from __future__ import annotations

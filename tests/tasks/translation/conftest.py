@@ -41,7 +41,7 @@ def raw_verses() -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def translation_data(tmp_path_factory):
     """A data folder as `attnlab data translation` writes it, from the made-up verses (vocab 300)."""
-    from attnlab.tasks.translation import prepare, write_dataset
+    from attnlab.tasks.translation.data import prepare, write_dataset
 
     out = tmp_path_factory.mktemp("en-es")
     splits, report = prepare(*make_raw_verses())

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from attnlab.tasks import sword
-from attnlab.tasks.translation import (
+from attnlab.tasks.translation import sword
+from attnlab.tasks.translation.data import (
     TEST_BOOKS,
     VALIDATION_BOOKS,
     align,
@@ -150,7 +150,7 @@ def test_real_modules_give_about_31000_pairs(tmp_path):
         root, versions = sword.fetch()
     except sword.FetchError as exc:
         pytest.skip(f"no Debian packages: {exc}")
-    from attnlab.tasks.translation import build_dataset
+    from attnlab.tasks.translation.data import build_dataset
 
     m = build_dataset(tmp_path, vocab_size=1000)
     counts = {s: m["splits"][s]["pairs"] for s in ("train", "validation", "test")}

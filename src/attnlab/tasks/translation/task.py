@@ -1,4 +1,4 @@
-"""Training and using an English -> Spanish encoder-decoder on the data of ``attnlab.tasks.translation``.
+"""Training and using an English -> Spanish encoder-decoder on the data of ``attnlab.tasks.translation.data``.
 
 - ``TranslationTask``: the ``Seq2SeqTask`` of ``--task numbers`` (teacher forcing, label-smoothed loss)
   with length-bucketed batches (less padding) and a cheap validation BLEU at each evaluation.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 from attnlab.checkpoint import write_json
 from attnlab.presets import TASK_MODELS
 from attnlab.tasks.seq2seq_data import END, PAD, START, Seq2SeqTask, collate, cross_attention  # noqa: F401
-from attnlab.tasks.translation import SOURCE, TARGET, load_split
+from attnlab.tasks.translation.data import SOURCE, TARGET, load_split
 
 # the model of `attnlab train --task translation` unless a preset or --set says otherwise
 DEFAULT_MODEL = {**TASK_MODELS["translation"], "pad_token_id": PAD, "decoder_start_token_id": START,
@@ -67,7 +68,8 @@ def load_data_tokenizer(data_dir: str | Path):
     return Tokenizer.from_dir(data_dir)
 
 
-def build_translation_run(data_dir: str | Path | None, model_fields: dict, *, seed: int = 0):
+def build_translation_run(data_dir: str | Path | None, model_fields: dict, *,
+                          seed: int = 0) -> tuple[TranslationTask, dict, Callable[[Path], None], str]:
     """(task, model fields, extra_files writer, description) for ``attnlab train --task translation``.
 
     Training and validation pairs longer than the model's context on either side (``max_seq_len`` tokens,

@@ -1,6 +1,6 @@
 """English -> Spanish translation data: the World English Bible and the Reina-Valera 1909, aligned by verse.
 
-``build_dataset`` = fetch (``attnlab.tasks.sword``) -> ``clean_verse`` -> ``align`` -> ``split_by_book`` ->
+``build_dataset`` = fetch (``attnlab.tasks.translation.sword``) -> ``clean_verse`` -> ``align`` -> ``split_by_book`` ->
 JSONL files + a byte-level BPE tokenizer + ``manifest.json``. Every step after the fetch is a pure
 function, so tests run them on a few made-up verses.
 
@@ -25,7 +25,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from attnlab.tasks.sword import PACKAGES, Verses
+from attnlab.tasks.translation.sword import PACKAGES, Verses
 from attnlab.tokenizer import Tokenizer, train_bpe
 
 SOURCE, TARGET = "en", "es"
@@ -186,7 +186,7 @@ def write_dataset(out: str | Path, splits: dict[str, list[dict]], report: dict, 
 
 def build_dataset(out: str | Path, *, cache: str | Path | None = None, vocab_size: int = 8000) -> dict:
     """``attnlab data translation``: fetch (cached), read, prepare and write the dataset."""
-    from attnlab.tasks.sword import fetch, read_module
+    from attnlab.tasks.translation.sword import fetch, read_module
 
     root, versions = fetch(cache)
     raw = {lang: read_module(root, module) for lang, (_, module) in PACKAGES.items()}
