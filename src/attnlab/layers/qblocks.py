@@ -92,6 +92,18 @@ def block_format(fmt: str | int | BlockFormat) -> BlockFormat:
     return found
 
 
+def format_for(name: str, in_features: int) -> BlockFormat | None:
+    """The format a layer with ``in_features`` gets when a model is quantised to ``name``: the format itself
+    when whole blocks fit, Q4_1 for ``"q4_k"`` when 256 does not divide the in-features but 32 does (Q4_K's
+    blocks are 256 long; llama.cpp falls back likewise), None when not even blocks of 32 fit."""
+    fmt = block_format(name)
+    if in_features % fmt.block == 0:
+        return fmt
+    if fmt is Q4_K and in_features % Q4_1.block == 0:
+        return Q4_1
+    return None
+
+
 # ---- fp16 fields and nibbles ---------------------------------------------------------------------------------
 
 def _f16_bytes(v: Tensor) -> Tensor:  # (...,) float -> (..., 2) uint8, little-endian fp16
