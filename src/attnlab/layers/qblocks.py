@@ -104,15 +104,16 @@ def format_for(name: str, in_features: int) -> BlockFormat | None:
     return None
 
 
-def quantize_linear(linear: nn.Linear, name: str) -> nn.Module:
+def quantize_linear(linear: nn.Linear, name: str, act_dtype: torch.dtype = torch.float32) -> nn.Module:
     """``linear`` as a :class:`BlockLinear` of the format :func:`format_for` gives (``prepare_for_decode``'s
-    q8_0 / q4_* precisions); a layer whose in-features hold no whole block of 32 becomes per-row int8
-    (``layers/quant.Int8Linear``, float32 activations) instead."""
+    int8 / q8_0 / q4_* precisions); a layer whose in-features hold no whole block of 32 becomes per-row int8
+    (``layers/quant.Int8Linear`` with ``act_dtype`` activations) instead. A BlockLinear answers in its input's
+    dtype."""
     fmt = format_for(name, linear.in_features)
     if fmt is None:
         from attnlab.layers.quant import Int8Linear
 
-        return Int8Linear(linear.weight, linear.bias, torch.float32)
+        return Int8Linear(linear.weight, linear.bias, act_dtype)
     return BlockLinear.from_float(linear.weight, linear.bias, fmt)
 
 
