@@ -217,7 +217,10 @@ inline void store(at::BFloat16* p, float v) { *p = at::BFloat16(v); }
 
 template <int T, typename Y>
 void matmul_impl(const QRows& a, const uint8_t* w, int64_t row_bytes, const float* bias, Y* y, int64_t N, int64_t F) {
-  const int64_t grain = std::max<int64_t>(1, kTileF * 256 / std::max<int64_t>(1, N));
+  // at least ~32K weight-bytes x row-groups of work per thread (one token of a 576-wide layer: ~50 rows),
+  // so that a decode step's small products still use every thread
+  const int64_t groups = (N + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, row_bytes * groups));
   at::parallel_for(0, F, grain, [&](int64_t begin, int64_t end) {
     float out[kRows];
     for (int64_t f0 = begin; f0 < end; f0 += kTileF) {
