@@ -118,22 +118,3 @@ def test_training_keeps_autograd():
     x = torch.randn(2, 384, requires_grad=True)
     layer(x).sum().backward()  # the kernel has no backward: with grad enabled the layer must not use it
     assert x.grad is not None and layer.weight.grad is not None
-
-
-needs_git = pytest.mark.skipif(shutil.which("git") is None or not (K.SOURCE.parents[4] / ".git").exists(),
-                               reason="--against reads the kernel from a git checkout")
-
-
-@needs_kernel
-@needs_git
-def test_a_past_revision_loads_beside_the_current_kernel():
-    """``load_revision`` builds the kernel of a git revision under its own op name; at HEAD it computes
-    exactly what the working tree's does (every kernel change so far kept the results bit for bit)."""
-    old = K.load_revision("HEAD")
-    g = torch.Generator().manual_seed(5)
-    for dtype in (torch.float32, torch.bfloat16, "int8"):
-        w, s, _ = _weights(100, 77, dtype, g)
-        x = torch.randn(5, 77, generator=g)
-        assert torch.equal(old(x, w, s, None), K.rows_matmul(x, w, s))
-    with pytest.raises(ValueError, match="cannot read the kernel at revision 'no-such-rev'"):
-        K.load_revision("no-such-rev")

@@ -9,17 +9,26 @@ repeat, for each precision and row count, through:
   the CPU has bf16 units) and ``torch._weight_int8pack_mm`` (int8 weight, bf16 activations);
 - ``fallback``: attnlab's layers with the kernel switched off (``layers/linear.py`` weight-first product
   for fp32; the PyTorch kernels for bf16/int8);
-- ``kernel``: attnlab's ``rows_matmul`` (``layers/cpu_kernels.py``);
+- ``kernel``: attnlab's ``rows_matmul`` (``layers/cpu_kernels.py``); for the GGUF block formats (``q8_0``,
+  ``q4_0``, ``q4_1``, ``q4_k``) its ``qmatmul``: the blocks as stored, integer dot products
+  (``layers/qblocks.py``), where ``pytorch`` is ``F.linear`` with the weight dequantised to float32 (what a
+  GGUF loader that widens every tensor runs) and ``fallback`` the portable path (blocks dequantised per call);
 - ``kernel@REV`` (with ``--against REV``): the kernel as it was at git revision REV, built beside the
   current one, so that a change to the kernel is timed against its predecessor in the same run.
 
-Reported: ms per pass, weight GB/s, fraction of the memory bandwidth probe taken in the same run, and
+Reported: ms per pass, bytes per weight, weight GB/s (bytes of the stored weights streamed per second), fraction of the memory bandwidth probe taken in the same run, and
 each path's speed-up over ``pytorch``. Every path is measured interleaved with the others (round robin, each
 round starting with the next path, best of the repeats).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -29,6 +38,57 @@ from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
 SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+BLOCK_FORMATS = ["q8_0", "q4_0", "q4_1", "q4_k"]
+PRECISIONS = ["fp32", "bf16", "int8", *BLOCK_FORMATS]
+
+
+def weight_bytes(precision: str, weights: list) -> int:
+    """Bytes of the stored weights one pass streams (a q4_k stack holds Q4_1 where 256 does not divide C)."""
+    if precision in BLOCK_FORMATS:
+        from attnlab.layers.qblocks import format_for
+
+        return sum(w.shape[0] * format_for(precision, w.shape[1]).row_bytes(w.shape[1]) for w in weights)
+    return sum(w.numel() for w in weights) * {"fp32": 4, "bf16": 2, "int8": 1}[precision]
+
+
+def load_revision(rev: str):
+    """The few-row kernel (``csrc/rows_matmul.cpp``) as it was at git revision ``rev`` of this checkout,
+    built under the op namespace ``attnlab_kernels_<rev>`` so that it loads beside the current one; returns
+    its ``rows_matmul``, called like ``cpu_kernels.rows_matmul`` (same Python cost). For timing a change to
+    the kernel against its predecessor in one process (``--against REV``)."""
+    from torch.utils import cpp_extension
+
+    from attnlab.layers import cpu_kernels
+
+    name = re.sub(r"\W", "_", rev)
+    source = cpu_kernels.SOURCE
+    rel = source.relative_to(source.parents[4]).as_posix()  # src/attnlab/layers/csrc/rows_matmul.cpp
+    try:
+        text = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=source.parent, capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        raise ValueError(f"cannot read the kernel at revision {rev!r} ({str(detail).strip()}); "
+                         f"--against needs a git checkout and a revision that has {rel}") from None
+    text = text.replace("attnlab_kernels", f"attnlab_kernels_{name}")
+    flags = [*cpu_kernels.FLAGS, "-std=c++20"]
+    key = hashlib.sha256(" ".join([text, torch.__version__, sys.version, *flags]).encode()).hexdigest()[:16]
+    directory = cpu_kernels.cache_dir() / f"rev-{name}-{key}"
+    directory.mkdir(parents=True, exist_ok=True)
+    src = directory / "rows_matmul.cpp"
+    if not src.exists() or src.read_text() != text:
+        fd, tmp = tempfile.mkstemp(suffix=".cpp", dir=directory)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, src)
+    cpp_extension.load(f"attnlab_rev_{name}_{key}", [str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                       build_directory=str(directory), is_python_module=False, verbose=False)
+    op = getattr(torch.ops, f"attnlab_kernels_{name}").rows_matmul
+
+    def past_rows_matmul(x, weight, scales=None, bias=None):
+        return cpu_kernels.call_rows(op, x, weight, scales, bias)
+
+    return past_rows_matmul
 
 
 def _paths(precision: str, weights: list, against: dict | None = None) -> dict:
@@ -55,6 +115,15 @@ def _paths(precision: str, weights: list, against: dict | None = None) -> dict:
             paths["kernel"] = [(cpu_kernels.rows_matmul, (w.bfloat16(),)) for w in weights]
         for rev, op in (against or {}).items():
             paths[f"kernel@{rev}"] = [(op, (w.bfloat16(),)) for w in weights]
+    elif precision in BLOCK_FORMATS:
+        from attnlab.layers.qblocks import BlockLinear, format_for
+
+        with cpu_kernels.kernels_disabled():  # q4_k: Q4_1 where 256 does not divide the in-features (576)
+            portable = [BlockLinear.from_float(w, None, format_for(precision, w.shape[1])) for w in weights]
+        paths["pytorch"] = [(F.linear, (m.dequantized(),)) for m in portable]
+        paths["fallback"] = [(m, ()) for m in portable]
+        if kernel:
+            paths["kernel"] = [(cpu_kernels.qmatmul, (m.blocks, m.fmt.ggml_type)) for m in portable]
     else:
         with cpu_kernels.kernels_disabled():
             int8 = [quant.Int8Linear(w, None) for w in weights]
@@ -72,15 +141,15 @@ def run(precisions: list[str], rows_list: list[int], layers: int, repeats: int,
     from attnlab.layers import cpu_kernels
 
     cpu_kernels.available()  # build it before timing anything
-    previous = {rev: cpu_kernels.load_revision(rev) for rev in against or []}
+    previous = {rev: load_revision(rev) for rev in against or []}
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(f, c, generator=g) * 0.02 for _ in range(layers) for f, c in SMOLLM2_SHAPES]
     bandwidth = bandwidth_probe(repeats=3)
     rows_out = []
     for precision in precisions:
         paths = _paths(precision, weights, previous)
-        nbytes = sum(w.numel() for w in weights) * {"fp32": 4, "bf16": 2, "int8": 1}[precision]
-        act = torch.float32 if precision == "fp32" else torch.bfloat16
+        nbytes = weight_bytes(precision, weights)
+        act = torch.bfloat16 if precision in ("bf16", "int8") else torch.float32
         for n in rows_list:
             xs = {c: torch.randn(n, c, generator=g).to(act) for _, c in SMOLLM2_SHAPES}
             best = {name: float("inf") for name in paths}
@@ -97,6 +166,7 @@ def run(precisions: list[str], rows_list: list[int], layers: int, repeats: int,
                             best[name] = min(best[name], time.perf_counter() - t0)
             for name, seconds in best.items():
                 rows_out.append({"precision": precision, "rows": n, "path": name, "ms": seconds * 1e3,
+                                 "bytes_per_weight": nbytes / sum(w.numel() for w in weights),
                                  "GBps": nbytes / seconds / 1e9, "roofline": nbytes / seconds / bandwidth,
                                  "vs_pytorch": best["pytorch"] / seconds, "bandwidth_GBps": bandwidth / 1e9})
     return rows_out
@@ -104,7 +174,7 @@ def run(precisions: list[str], rows_list: list[int], layers: int, repeats: int,
 
 def main(argv: list[str]) -> int:
     p = parser("attnlab bench linear", "Few-row matrix products of a SmolLM2-shaped stack: kernel vs PyTorch.")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
+    p.add_argument("--precisions", nargs="+", default=PRECISIONS, choices=PRECISIONS)
     p.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 5, 8, 16])
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)
@@ -118,6 +188,7 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args.precisions, args.rows, args.layers, args.repeats, args.against)
-    print(markdown_table(rows, ["precision", "rows", "path", "ms", "GBps", "roofline", "vs_pytorch"]))
+    print(markdown_table(rows, ["precision", "rows", "path", "ms", "bytes_per_weight", "GBps", "roofline",
+                                      "vs_pytorch"]))
     write_json(args.json, {"machine": machine(), "rows": rows})
     return 0

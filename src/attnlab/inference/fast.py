@@ -10,8 +10,10 @@ speculative decoding, the benchmarks — stay the same:
   in 2 calls instead of 5.
 - **precision**: ``"fp32"`` keeps float32 weights and the weight-first few-row product of
   ``layers/linear.py``; ``"bf16"`` converts the model to bfloat16 and packs every linear weight for oneDNN;
-  ``"int8"`` stores linear weights as int8 with per-output-channel scales (weight-only quantisation;
-  activations, norms, embeddings and the KV cache stay bfloat16).
+  ``"int8"`` stores linear weights as Q8_0 blocks (int8, one scale per 32 weights; per output row where
+  the in-features hold no whole block) with bfloat16 activations, norms, embeddings and KV cache;
+  ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q4_k"`` keep linear weights in that GGUF block format, multiplied
+  with integer dot products (``layers/qblocks.py``; the rest of the model stays float32).
 - **compile**: ``"static"`` (what ``True`` means for a decoder-only model) compiles each decode call of n
   tokens into a graph with static shapes — the whole preallocated cache attended under a mask, positions
   and slots passed as tensors — once per (batch, n, cache slots), reused every step
@@ -34,12 +36,13 @@ from torch import nn
 
 from attnlab.layers import cpu_kernels
 from attnlab.layers.linear import Linear
-from attnlab.layers.quant import Int8Linear, PackedLinear
+from attnlab.layers.qblocks import FORMATS, quantize_linear
+from attnlab.layers.quant import PackedLinear
 from attnlab.memstats import release_freed_memory
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", *FORMATS)
 COMPILE_MODES = (False, True, "static", "dynamic")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, **dict.fromkeys(FORMATS, torch.float32)}
 
 
 def _concat_linear(parts: list[nn.Linear]) -> Linear:
@@ -115,8 +118,10 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
         model.to(DTYPES[precision])
         if precision == "bf16":
             _replace_linears(model, lambda lin: PackedLinear(lin.weight, lin.bias))
+        elif precision in FORMATS:
+            _replace_linears(model, lambda lin: quantize_linear(lin, precision))
         else:
-            _replace_linears(model, lambda lin: Int8Linear(lin.weight, lin.bias, torch.bfloat16))
+            _replace_linears(model, lambda lin: quantize_linear(lin, "q8_0", torch.bfloat16))
     release_freed_memory()  # the conversion's freed temporaries (130-350 MiB for SmolLM2), see memstats.py
     model.prepared_for_decode = f"precision={precision}, fuse={fuse}, compile={compile}"
     if compile:
