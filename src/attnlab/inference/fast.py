@@ -1,28 +1,29 @@
-"""The fast decode path: one transform that prepares a trained model for generation on a CPU.
+"""The fast decode path: ``prepare_for_decode``, the one place that swaps a model's modules for generation.
+
+Model definitions are plain (``nn.Linear``, attention through the kernel registry); every decode-time
+transform is applied here, from outside, and nowhere else.
 
 ``prepare_for_decode(model, precision=..., fuse=True, compile=False)`` rewrites a model *in place* for
 inference; the forward contract (``model(tokens, cache=...) -> logits``) and every caller — ``generate``,
 speculative decoding, the benchmarks — stay the same:
 
-- **fusion**: each self-attention's Q, K and V projections become one (H + 2K)·D x C matrix, and a SwiGLU
-  FFN's gate and up projections one 2F x C matrix. The rows are the same numbers, concatenated, so the
-  outputs are unchanged (up to float rounding of the wider product); a decode step reads each weight once
-  in 2 calls instead of 5.
-- **precision**: ``"fp32"`` keeps float32 weights and the weight-first few-row product of
-  ``layers/linear.py``; ``"bf16"`` converts the model to bfloat16 and packs every linear weight for oneDNN;
-  ``"int8"`` stores linear weights as int8 with per-output-channel scales (weight-only quantisation;
-  activations, norms, embeddings and the KV cache stay bfloat16).
+- **fusion** (``inference/fused.py``): each self-attention layer becomes a ``FusedSelfAttention`` whose Q, K
+  and V projections are one (H + 2K)·D x C matrix, and a SwiGLU FFN a ``FusedSwiGLU`` with one 2F x C
+  gate-up matrix. The rows are the same numbers, concatenated; a decode step reads each weight once in 2
+  calls instead of 5.
+- **precision**: ``"fp32"`` keeps float32 weights and swaps every ``nn.Linear`` for a ``KernelLinear``
+  (``layers/kernel_linear.py``: attnlab's CPU kernel, or the weight-first few-row product where the kernel
+  cannot be built); ``"bf16"`` converts the model to bfloat16 and packs every linear weight
+  (``layers/quant.PackedLinear``); ``"int8"`` stores linear weights as int8 with per-output-channel scales
+  (``layers/quant.Int8Linear``, weight-only; activations, norms, embeddings and the KV cache stay bfloat16).
 - **compile**: ``"static"`` (what ``True`` means for a decoder-only model) compiles each decode call of n
   tokens into a graph with static shapes — the whole preallocated cache attended under a mask, positions
-  and slots passed as tensors — once per (batch, n, cache slots), reused every step
-  (``inference/static.py``); prefill stays eager. ``"dynamic"`` (what ``True`` means for other families)
-  is ``torch.compile(dynamic=True)`` over the whole forward: the cache length changes every step, so it
-  compiles for minutes and decoded slower than eager here. Both fall back to eager, with a warning, when
-  no compiler works.
+  and slots passed as tensors — once per (batch, n, cache
+  slots), reused every step (``inference/static.py``); prefill stays eager. ``"dynamic"`` (what ``True``
+  means for other families) is ``torch.compile(dynamic=True)`` over the whole forward. Both fall back to
+  eager, with a warning, when no compiler works.
 
-The KV cache is already preallocated and written in place (``inference/cache.py``) and ``generate`` runs
-under ``torch.inference_mode``. A prepared model cannot be trained or saved (its weights are packed or
-quantised): prepare a copy, keep the original for that.
+A model prepared this way cannot be trained or saved (fused, packed or quantised weights): prepare a copy.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ import warnings
 import torch
 from torch import nn
 
+from attnlab.attention.mha import MultiHeadAttention
+from attnlab.inference.fused import FusedSelfAttention, FusedSwiGLU
 from attnlab.layers import cpu_kernels
-from attnlab.layers.linear import Linear
+from attnlab.layers.ffn import FFN
+from attnlab.layers.kernel_linear import KernelLinear
 from attnlab.layers.quant import Int8Linear, PackedLinear
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -41,46 +45,36 @@ COMPILE_MODES = (False, True, "static", "dynamic")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
 
 
-def _concat_linear(parts: list[nn.Linear]) -> Linear:
-    """One Linear whose output rows are the rows of ``parts`` in order (biases likewise)."""
-    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
-    has_bias = any(p.bias is not None for p in parts)
-    fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if has_bias:
-            fused.bias.copy_(torch.cat([p.bias.detach() if p.bias is not None else
-                                        torch.zeros(p.out_features, dtype=weight.dtype, device=weight.device)
-                                        for p in parts]))
-    return fused
-
-
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse self-attention Q/K/V and SwiGLU gate/up projections; returns how many modules were fused."""
-    from attnlab.attention.mha import MultiHeadAttention
-    from attnlab.layers.ffn import FFN
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention) and not module.cross and module.qkv_proj is None:
-            module.qkv_proj = _concat_linear([module.q_proj, module.k_proj, module.v_proj])
-            del module.q_proj, module.k_proj, module.v_proj
-            n += 1
-        elif isinstance(module, FFN) and module.gate is not None and module.gate_up is None:
-            module.gate_up = _concat_linear([module.gate, module.up])
-            del module.gate, module.up
-            n += 1
-    return n
-
-
-def _replace_linears(model: nn.Module, make) -> int:
+    """Replace each self-attention layer by a ``FusedSelfAttention`` and each SwiGLU FFN by a
+    ``FusedSwiGLU``; returns how many modules were replaced."""
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, MultiHeadAttention) and not child.cross:
+                setattr(parent, name, FusedSelfAttention(child))
+            elif isinstance(child, FFN) and child.kind == "swiglu":
+                setattr(parent, name, FusedSwiGLU(child))
+            else:
+                continue
+            n += 1
+    return n
+
+
+def _replace_linears(model: nn.Module, make, *, only_plain: bool = False) -> int:
+    """Replace every ``nn.Linear`` child (exactly ``nn.Linear`` with ``only_plain``) by ``make(child)``."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and (type(child) is nn.Linear or not only_plain):
                 setattr(parent, name, make(child))
                 n += 1
     return n
+
+
+def kernel_linears(model: nn.Module) -> int:
+    """Swap every plain ``nn.Linear`` for a ``KernelLinear`` sharing its Parameters; returns how many."""
+    return _replace_linears(model, KernelLinear.sharing, only_plain=True)
 
 
 def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool = True,
@@ -110,7 +104,9 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
         p.requires_grad_(False)
     if fuse:
         fuse_projections(model)
-    if precision != "fp32":
+    if precision == "fp32":
+        kernel_linears(model)
+    else:
         model.to(DTYPES[precision])
         if precision == "bf16":
             _replace_linears(model, lambda lin: PackedLinear(lin.weight, lin.bias))
