@@ -68,16 +68,20 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
                key_mask: Tensor | None = None, cache=None, layer: int = 0) -> Tensor:
-        """Positions, cache and kernel for projected q (B, H, T, D), k/v (B, K, T, D) -> (B, T, C)."""
+        """Positions, cache and kernel for projected q (B, H, T, D), k/v (B, K, T, D) -> (B, T, C).
+
+        With a cache, the new K/V join everything cached so far; a cache whose layout needs its own kernel
+        names it (``cache.attention_kernel``, a key of the kernel registry: the static-shape decode step's
+        ``"static_slots"``, inference/static.py), else the layer's configured kernel runs."""
         B, _, T, _ = q.shape
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None and getattr(cache, "attends", False):
-            out = cache.attend(layer, q, k, v)  # (B, H, T, D): a static-shape decode step (inference/static.py)
-        else:
-            if cache is not None:
-                k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
-            out, _ = self.kernel(q, k, v, causal=self.causal, mask=key_mask, scale=None)  # (B, H, T, D)
+        kernel = self.kernel
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
+            if cache.attention_kernel is not None:
+                kernel = get_kernel(cache.attention_kernel)
+        out, _ = kernel(q, k, v, causal=self.causal, mask=key_mask, scale=None)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.dropout(self.o_proj(out))

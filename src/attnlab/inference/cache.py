@@ -15,6 +15,8 @@ from torch import Tensor
 
 
 class KVCache:
+    attention_kernel: str | None = None  # None: attention runs the layer's own kernel over ``update``'s K/V
+
     def __init__(
         self,
         n_layers: int,
