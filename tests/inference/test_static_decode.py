@@ -469,3 +469,27 @@ def test_the_static_step_attends_through_the_kernel_registry(monkeypatch):
     assert fast.static_decoder.stats.static_calls == 3
     assert calls == [(3, 1, 256)] * (3 * 2)  # 3 static steps x 2 layers, each with its (B, n, S) mask
 
+
+def test_dynamo_settings_change_only_within_the_calls_that_compile(monkeypatch):
+    """A model needing more graphs than dynamo's recompile limit compiles them (no fallback to eager), and the
+    limit outside those calls is what it was: nothing process-wide is raised."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    ref = make(0, **SHAPES["gqa-rope-untied"])
+    fast = prepared(ref, compiler=aot_eager)
+    eager = prepare_for_decode(copy.deepcopy(ref))
+    ids, _ = batch(1, 6)
+    more = torch.randint(0, 300, (1, 3), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        outs = []
+        for model in (fast, eager):
+            cache = model.new_cache(1, 20)
+            model(ids, cache=cache)
+            outs.append(torch.cat([model(more[:, :1], cache=cache), model(more[:, 1:], cache=cache)], dim=1))
+    assert fast.static_decoder.failed is None, fast.static_decoder.failed
+    assert sorted(key[1] for key in fast.static_decoder.stats.graphs) == [1, 2]  # two graphs > the limit of 1
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.config.recompile_limit == 1
+    with static.recompile_room(5):
+        assert torch._dynamo.config.recompile_limit >= 5
+    assert torch._dynamo.config.recompile_limit == 1

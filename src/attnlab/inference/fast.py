@@ -17,11 +17,14 @@ speculative decoding, the benchmarks — stay the same:
   (``layers/quant.PackedLinear``); ``"int8"`` stores linear weights as int8 with per-output-channel scales
   (``layers/quant.Int8Linear``, weight-only; activations, norms, embeddings and the KV cache stay bfloat16).
 - **compile**: ``"static"`` (what ``True`` means for a decoder-only model) compiles each decode call of n
-  tokens into a graph with static shapes — the whole preallocated cache attended under a mask, positions
-  and slots passed as tensors — once per (batch, n, cache
+  tokens into a graph with static shapes — the whole preallocated cache attended under a mask by the
+  registry's ``"static_slots"`` kernel, positions and slots passed as tensors — once per (batch, n, cache
   slots), reused every step (``inference/static.py``); prefill stays eager. ``"dynamic"`` (what ``True``
-  means for other families) is ``torch.compile(dynamic=True)`` over the whole forward. Both fall back to
-  eager, with a warning, when no compiler works.
+  means for other families) is ``torch.compile(dynamic=True)`` over the whole forward. Either one is
+  reached through ``model.forward``, which ``install`` routes to the decoder object it records on the model
+  (``model.static_decoder`` / ``model.compiled_forward``: their ``failed`` and ``stats`` say what ran).
+  Dynamo settings are changed only within the calls that need them. Both fall back to eager, with a
+  warning, when no compiler works.
 
 A model prepared this way cannot be trained or saved (fused, packed or quantised weights): prepare a copy.
 """
@@ -121,31 +124,42 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
     if compile == "static":
         static.install(model)
     elif compile == "dynamic":
-        _compile_forward(model)
+        CompiledForward.install(model)
     return model
 
 
-def _compile_forward(model: nn.Module) -> None:
-    """Replace ``model.forward`` by its ``torch.compile`` version, falling back to eager on any failure."""
-    eager = model.forward
-    try:
-        compiled = torch.compile(eager, dynamic=True)
-    except Exception as exc:  # no compiler backend on this platform
-        warnings.warn(f"torch.compile is not available here ({exc}); decoding stays eager", stacklevel=3)
-        return
+class CompiledForward:
+    """``torch.compile(dynamic=True)`` over a model's whole forward, falling back to eager (once, with a
+    warning) on any failure. Installed as ``model.compiled_forward``, with ``model.forward`` routed to it;
+    ``failed`` says why it runs eagerly (None while compiled)."""
 
-    def forward(*args, **kwargs):
-        if model.__dict__.get("_compile_failed"):
-            return eager(*args, **kwargs)
+    def __init__(self, model: nn.Module) -> None:
+        self.eager_forward = model.forward
+        self.failed: str | None = None
         try:
-            return compiled(*args, **kwargs)
-        except Exception as exc:  # e.g. no C++ compiler for inductor: report once, run eagerly
-            model.__dict__["_compile_failed"] = True
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); decoding stays eager",
-                          stacklevel=2)
-            return eager(*args, **kwargs)
+            self.compiled = torch.compile(self.eager_forward, dynamic=True)
+        except Exception as exc:  # no compiler backend on this platform
+            self._fail(f"torch.compile is not available here ({exc})")
 
-    model.forward = forward
+    @classmethod
+    def install(cls, model: nn.Module) -> CompiledForward:
+        compiled = cls(model)
+        model.compiled_forward = compiled
+        model.forward = compiled.forward
+        return compiled
+
+    def _fail(self, why: str) -> None:
+        self.failed = why
+        warnings.warn(f"{why}; decoding stays eager", stacklevel=4)
+
+    def forward(self, *args, **kwargs):
+        if self.failed:
+            return self.eager_forward(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:  # e.g. no C++ compiler for inductor: report once, run eagerly
+            self._fail(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]})")
+            return self.eager_forward(*args, **kwargs)
 
 
 def weight_bytes(model: nn.Module) -> int:

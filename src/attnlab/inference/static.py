@@ -35,6 +35,7 @@ V vocab.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import types
 import warnings
@@ -235,9 +236,9 @@ class StaticDecoder:
                 except RuntimeError as exc:  # dynamo wants a graph our key does not tell apart (e.g. grad
                     if "skip_guard_eval_unsafe" not in str(exc):  # mode): raised before running; recompile
                         raise
-            if logits is None:
-                _allow_recompiles(len(self.stats.graphs) + 1)
-                logits = self.compiled(*args)
+            if logits is None:  # may compile: with room for this model's graphs, within this call only
+                with recompile_room(len(self.stats.graphs) + 1):
+                    logits = self.compiled(*args)
         except Exception as exc:  # e.g. no C++ compiler for inductor: report once, run eagerly
             self._fail(f"static-shape compilation failed ({type(exc).__name__}: {str(exc)[:300]})")
             self.stats.eager_calls += 1
@@ -283,11 +284,15 @@ def _canonical(t: Tensor) -> Tensor:
     return t
 
 
-def _allow_recompiles(graphs: int) -> None:
-    """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object; a model can need more (a few
-    widths times a few cache sizes, times batch sizes): raise the (process-wide) cap when needed."""
-    if graphs >= torch._dynamo.config.recompile_limit:
-        torch._dynamo.config.recompile_limit = 2 * graphs
+def recompile_room(graphs: int) -> contextlib.AbstractContextManager:
+    """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object, and a model can need more (a few
+    widths times a few cache sizes, times batch sizes). Within this block the limit leaves room for
+    ``graphs``; dynamo's setting is restored after it (``torch._dynamo.config.patch``), so no other code in
+    the process sees a changed limit. Only calls that may compile need it: a compiled graph's later calls
+    check no limit."""
+    if graphs < torch._dynamo.config.recompile_limit:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=2 * graphs)
 
 
 def install(model: nn.Module, *, mode: str | None = None, skip_guards: bool = True,
