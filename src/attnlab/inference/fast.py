@@ -27,6 +27,31 @@ speculative decoding, the benchmarks — stay the same:
   warning, when no compiler works.
 
 A model prepared this way cannot be trained or saved (fused, packed or quantised weights): prepare a copy.
+
+**Width invariance — the one policy.** A token's logits must not depend on how many tokens share its call:
+speculative verification scores γ + 1 tokens in one call where plain decoding scores one, and greedy
+speculative decoding must give plain decoding's tokens exactly, not part from them at a near-tie. Every
+module ``prepare_for_decode`` puts in place obeys it, each one tested bit for bit (width 1 against every
+width up to 16, at every position):
+
+- fp32 linears: ``KernelLinear`` — attnlab's kernel computes each output element by one fixed sequence of
+  FMAs whatever the rows or threads; the fallback feeds the BLAS 8 rows at a time padded to blocks of 4
+  (tests/layers/test_kernel_linear.py, test_cpu_kernels.py);
+- bf16 / int8 linears: the same kernel; oneDNN's fallback gets a single row twice, its one-row kernel
+  rounding otherwise (``layers/quant.py``; tests/inference/test_fast.py);
+- fused projections: a weight row's dot product does not depend on the matrix it sits in (kernel path);
+- static-shape attention: query rows padded to blocks of 4 and slots in fixed blocks of 256
+  (``attention/slots.py``);
+- compiled graphs: bf16 roundings kept as in eager code (``static.inductor_options``), the fallback's
+  product and oneDNN's as opaque ops, RoPE tables computed outside the graph.
+
+Where it does not hold, by design: an unprepared model is plain PyTorch, whose BLAS
+picks its kernel by the number of rows; linear layers smaller than ``kernel_linear.SKINNY_MIN_WEIGHT``
+elements (test-sized models) keep ``F.linear``; and the eager attention kernels (sdpa, naive, flash) over
+``cache[:length]`` sum over as many keys as the call's last token sees. So the exact promise — greedy
+speculative decoding equal to plain decoding bit for bit — is the static path's
+(``compile="static"``); the eager prepared path is width-invariant in its linear layers, which carry nearly
+all of a step's arithmetic. tests/inference/test_static_decode.py checks it end to end.
 """
 
 from __future__ import annotations
