@@ -28,6 +28,15 @@ speculative decoding, the benchmarks — stay the same:
 
 A model prepared this way cannot be trained or saved (fused, packed or quantised weights): prepare a copy.
 
+**Lazy preparation** (``prepare_lazily``): what ``attnlab.generate`` / ``speculative_generate`` do to an
+unprepared model on its first call (opt out: ``generate(..., prepare=False)`` or ``ATTNLAB_PREPARE=0``;
+``--no-prepare`` on the command line). It is the non-destructive part of the fp32 path only: every
+float32 ``nn.Linear`` becomes a ``KernelLinear`` that *shares its Parameters*, so the state dict, tied
+weights, an optimiser's references, ``train()``/``eval()`` and ``requires_grad`` are untouched, the model
+can still be trained (with gradients the layers compute ``F.linear``) and saved, and with no gradient a
+few-row product takes the kernel. No fusion (it would drop the original projections), no precision change,
+no compilation: the command-line tools, which own their models, call ``prepare_for_decode`` for those.
+
 **Width invariance — the one policy.** A token's logits must not depend on how many tokens share its call:
 speculative verification scores γ + 1 tokens in one call where plain decoding scores one, and greedy
 speculative decoding must give plain decoding's tokens exactly, not part from them at a near-tie. Every
@@ -45,7 +54,7 @@ width up to 16, at every position):
 - compiled graphs: bf16 roundings kept as in eager code (``static.inductor_options``), the fallback's
   product and oneDNN's as opaque ops, RoPE tables computed outside the graph.
 
-Where it does not hold, by design: an unprepared model is plain PyTorch, whose BLAS
+Where it does not hold, by design: an *unprepared* model (``prepare=False``) is plain PyTorch, whose BLAS
 picks its kernel by the number of rows; linear layers smaller than ``kernel_linear.SKINNY_MIN_WEIGHT``
 elements (test-sized models) keep ``F.linear``; and the eager attention kernels (sdpa, naive, flash) over
 ``cache[:length]`` sum over as many keys as the call's last token sees. So the exact promise — greedy
@@ -56,6 +65,8 @@ all of a step's arithmetic. tests/inference/test_static_decode.py checks it end 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 
 import torch
@@ -103,6 +114,30 @@ def _replace_linears(model: nn.Module, make, *, only_plain: bool = False) -> int
 def kernel_linears(model: nn.Module) -> int:
     """Swap every plain ``nn.Linear`` for a ``KernelLinear`` sharing its Parameters; returns how many."""
     return _replace_linears(model, KernelLinear.sharing, only_plain=True)
+
+
+_lazy = {"enabled": True}
+
+
+def no_lazy_preparation() -> contextlib.AbstractContextManager[None]:
+    """Within this block ``prepare_lazily`` does nothing (a command's ``--no-prepare`` around calls that
+    reach ``generate`` through other code)."""
+    return cpu_kernels.switched_off(_lazy)
+
+
+def prepare_lazily(model: nn.Module) -> bool:
+    """The non-destructive fp32 preparation (see "Lazy preparation" above), once per model; returns whether
+    it ran now. Skipped for a model already prepared, when ``ATTNLAB_PREPARE=0``, and within
+    ``no_lazy_preparation()``."""
+    if not _lazy["enabled"] or os.environ.get("ATTNLAB_PREPARE", "1") == "0":
+        return False
+    if getattr(model, "prepared_for_decode", None):
+        return False
+    if getattr(model, "lazily_prepared", False):
+        return False
+    kernel_linears(model)
+    model.lazily_prepared = True
+    return True
 
 
 def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool = True,

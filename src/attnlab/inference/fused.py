@@ -10,7 +10,7 @@
 The rows are the original rows, concatenated. With attnlab's CPU kernel each output element is the same
 dot product whether its weight row sits in a narrow or a wide matrix, so fp32 outputs are bit-identical;
 through PyTorch's GEMM they agree to float rounding. The originals are dropped (their Parameters become
-the fused matrix's rows), which is why a fused model cannot be saved.
+the fused matrix's rows), which is why a fused model cannot be saved: ``prepare_lazily`` never fuses.
 
 Shape legend: B batch, T new tokens, C d_model, H query heads, K kv heads, D head dim, F d_ff.
 """
