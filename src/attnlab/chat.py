@@ -168,6 +168,7 @@ class ChatSession:
     top_p: float | None = None
     seed: int | None = None
     context: int | None = None  # tokens (prompt + reply) a turn may use; default: the model's max_seq_len
+    prepare: bool = True  # generate()'s lazy preparation of an unprepared model (False: run it as it is)
     messages: list[Message] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
 
@@ -235,7 +236,8 @@ class ChatSession:
         start = time.perf_counter()
         try:
             generate(self.model, torch.tensor([ids]), budget, temperature=self.temperature, top_k=self.top_k,
-                     top_p=self.top_p, seed=seed, eos_token_id=self.stop_ids[0], stream=on_token)
+                     top_p=self.top_p, seed=seed, eos_token_id=self.stop_ids[0], stream=on_token,
+                     prepare=self.prepare)
         except _EndOfTurn:
             pass
         except KeyboardInterrupt:  # Ctrl-C stops this reply; the conversation goes on
@@ -256,10 +258,11 @@ class ChatSession:
 def chat_once(model: Any, tokenizer: Any, text: str, *, system: str | None = None, max_new_tokens: int = 256,
               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
               seed: int | None = None, context: int | None = None,
-              stream: Callable[[str], None] | None = None) -> str:
+              stream: Callable[[str], None] | None = None, prepare: bool = True) -> str:
     """One user message in, the model's reply out (greedy by default), rendered with its chat template."""
     session = ChatSession(model, tokenizer, chat_template(tokenizer), system=system, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context=context)
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, context=context,
+                          prepare=prepare)
     return session.reply(text, stream)
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import attnlab
+from attnlab.attention.kernels import get_kernel
 from attnlab.inference import static
 from attnlab.inference.fast import prepare_for_decode
 
@@ -273,6 +274,15 @@ def test_low_precision_static_logits(precision):
     assert torch.equal(got.argmax(-1)[decisive], base.argmax(-1)[decisive])
 
 
+def slot_attend(ck: list, cv: list, slots, allowed, q, k, v) -> torch.Tensor:
+    """What attention does inside a static decode step: the step's cache writes the new K/V at their slots
+    (``StaticSlots.update``) and names the registry kernel that reads every slot under ``allowed``."""
+    cache = static.StaticSlots(ck, cv, slots)
+    keys, values = cache.update(0, k, v)
+    out, _ = get_kernel(cache.attention_kernel)(q, keys, values, causal=True, mask=allowed, scale=None)
+    return out
+
+
 @torch.inference_mode()
 def width_logits(model, ids, tokens, widths):
     """Logits of ``tokens`` (B, n) fed after ``ids`` in calls of the given widths -> (B, n, V)."""
@@ -300,8 +310,8 @@ def test_static_attention_gives_a_query_the_same_bits_whatever_the_queries_besid
         for w in widths:
             slots = torch.arange(length + at, length + at + w)
             allowed = (torch.arange(S)[None, None, :] <= slots[None, :, None]).expand(B, w, S)
-            cache = static.StaticSlots([cache_k], [cache_v], slots, allowed)
-            out.append(cache.attend(0, q[:, :, at:at + w], k[:, :, at:at + w], v[:, :, at:at + w]))
+            out.append(slot_attend([cache_k], [cache_v], slots, allowed,
+                                   q[:, :, at:at + w], k[:, :, at:at + w], v[:, :, at:at + w]))
             at += w
         return torch.cat(out, dim=2)
 
@@ -326,7 +336,7 @@ def test_static_attention_gives_the_same_bits_whatever_the_number_of_slots(dtype
     asks for γ + 1 more positions, which can cross a power of two). The slots beyond the visible ones are
     masked, but MKL's product of one fp32 query over 256 slots and over 512 differed in the last bits, and
     SmolLM2's bf16 speculation parted from plain decoding at a near-tie. Attention works on fixed blocks of
-    slots (static.SLOT_BLOCK) added in order, so the extra, all-masked blocks add exact zeros."""
+    slots (attention/slots.SLOT_BLOCK) added in order, so the extra, all-masked blocks add exact zeros."""
     g = torch.Generator().manual_seed(1)
     B, H, K, D, length = 1, 9, 3, 64, 189
     q = torch.randn(B, H, n, D, generator=g).to(dtype)
@@ -334,7 +344,7 @@ def test_static_attention_gives_the_same_bits_whatever_the_number_of_slots(dtype
     big_k, big_v = (torch.randn(B, K, 1024, D, generator=g).to(dtype) for _ in range(2))
 
     def attend(ck, cv, slots, allowed, q, k, v):
-        return static.StaticSlots([ck], [cv], slots, allowed).attend(0, q, k, v)
+        return slot_attend([ck], [cv], slots, allowed, q, k, v)
 
     def run(S: int) -> torch.Tensor:
         ck, cv = big_k[:, :, :S].clone(), big_v[:, :, :S].clone()  # the same visible keys, other junk after
@@ -436,3 +446,50 @@ def test_inductor_low_precision_compiles(precision):
     assert fast.static_decoder.failed is None and fast.static_decoder.stats.static_calls == 12
     err = float((got - want).norm() / want.norm())
     assert err < max(1.5 * float((forced_logits(eager, ids, None, tokens) - want).norm() / want.norm()), 0.01)
+
+
+def test_the_static_step_attends_through_the_kernel_registry(monkeypatch):
+    """Every softmax of a static decode step is the registry's ``static_slots`` kernel, named by the step's
+    cache (no attention outside the registry)."""
+    from attnlab.attention import kernels
+
+    calls = []
+    registry = dict(kernels.KERNELS)
+
+    def counted(q, k, v, **kw):
+        calls.append(tuple(kw["mask"].shape))
+        return registry["static_slots"](q, k, v, **kw)
+
+    monkeypatch.setattr(kernels, "KERNELS", {**registry, "static_slots": counted})
+    ref = make(0, **SHAPES["gqa-rope-untied"])
+    fast = prepared(ref)
+    ids, mask = batch(3, 7)
+    torch.testing.assert_close(step_logits(fast, ids, mask, 4), step_logits(prepare_for_decode(copy.deepcopy(ref)),
+                                                                             ids, mask, 4), rtol=1e-5, atol=1e-5)
+    assert fast.static_decoder.stats.static_calls == 3
+    assert calls == [(3, 1, 256)] * (3 * 2)  # 3 static steps x 2 layers, each with its (B, n, S) mask
+
+
+def test_dynamo_settings_change_only_within_the_calls_that_compile(monkeypatch):
+    """A model needing more graphs than dynamo's recompile limit compiles them (no fallback to eager), and the
+    limit outside those calls is what it was: nothing process-wide is raised."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    ref = make(0, **SHAPES["gqa-rope-untied"])
+    fast = prepared(ref, compiler=aot_eager)
+    eager = prepare_for_decode(copy.deepcopy(ref))
+    ids, _ = batch(1, 6)
+    more = torch.randint(0, 300, (1, 3), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        outs = []
+        for model in (fast, eager):
+            cache = model.new_cache(1, 20)
+            model(ids, cache=cache)
+            outs.append(torch.cat([model(more[:, :1], cache=cache), model(more[:, 1:], cache=cache)], dim=1))
+    assert fast.static_decoder.failed is None, fast.static_decoder.failed
+    assert sorted(key[1] for key in fast.static_decoder.stats.graphs) == [1, 2]  # two graphs > the limit of 1
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.config.recompile_limit == 1
+    with static.recompile_room(5):
+        assert torch._dynamo.config.recompile_limit >= 5
+    assert torch._dynamo.config.recompile_limit == 1

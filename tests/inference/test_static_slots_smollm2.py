@@ -1,6 +1,6 @@
 """On SmolLM2 in bf16, a static decode graph's logits must not depend on the number of cache slots. Plain
 ``generate`` of this 108-token prompt for 128 tokens gets a 256-slot cache; speculative decoding asks for γ + 1
-more positions and gets 512. Before attention worked on fixed blocks of slots (static.SLOT_BLOCK), 81 tokens in
+more positions and gets 512. Before attention worked on fixed blocks of slots (attention/slots.SLOT_BLOCK), 81 tokens in
 the two differed by 0.25 in the logits at a near-tie, and greedy speculation parted from plain decoding
 (``attnlab bench speculative`` refused those rows). The small shapes of test_static_decode.py did not show it
 through the whole model; this is the case that did."""

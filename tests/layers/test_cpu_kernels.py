@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.layers import cpu_kernels as K
-from attnlab.layers import linear as L
+from attnlab.layers import kernel_linear as L
 from attnlab.layers.quant import Int8Linear, PackedLinear, quantize_int8
 
 EXPECTED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("c++") is not None
@@ -95,8 +95,8 @@ def test_layers_use_it_for_few_rows_and_agree_with_pytorch():
     b = torch.randn(640, generator=g)
     x = torch.randn(1, 3, 384, generator=g)
     with torch.no_grad():
-        assert torch.equal(L.linear(x, w, b), K.rows_matmul(x, w, None, b))
-        torch.testing.assert_close(L.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+        assert torch.equal(L.rows_linear(x, w, b), K.rows_matmul(x, w, None, b))
+        torch.testing.assert_close(L.rows_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
         packed, int8 = PackedLinear(w, b), Int8Linear(w, b)
         assert packed.kernel and int8.kernel
         assert torch.equal(packed(x), K.rows_matmul(x.bfloat16(), w.bfloat16(), None, b.bfloat16()))
@@ -108,13 +108,13 @@ def test_layers_use_it_for_few_rows_and_agree_with_pytorch():
                                    atol=3e-2)
         with K.kernels_disabled():
             assert not K.available() and K.unavailable_reason() == "switched off by kernels_disabled()"
-            torch.testing.assert_close(L.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(L.rows_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
     assert K.available()
 
 
 @needs_kernel
 def test_training_keeps_autograd():
-    layer = L.Linear(384, 640)
+    layer = L.KernelLinear.sharing(torch.nn.Linear(384, 640))
     x = torch.randn(2, 384, requires_grad=True)
     layer(x).sum().backward()  # the kernel has no backward: with grad enabled the layer must not use it
     assert x.grad is not None and layer.weight.grad is not None

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from attnlab.attention.kernels import get_kernel
 from attnlab.config import ModelConfig
 from attnlab.inference.infini_state import InfiniLayerState, InfiniState
-from attnlab.layers.linear import Linear
 from attnlab.layers.position import RotaryEmbedding, apply_rope
 
 EPS = 1e-6
@@ -65,10 +64,10 @@ class InfiniAttention(nn.Module):
             raise ValueError("Infini-attention is a causal (decoder) mechanism")
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.seg_len, self.rule, self.bptt = cfg.segment_len, cfg.memory_update, cfg.infini_bptt_segments
-        self.q_proj = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
-        self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
-        self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
-        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.gate = nn.Parameter(torch.zeros(cfg.n_heads))  # β: sigmoid(0) = an even mix at initialisation
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.segment_len, cfg.rope_theta) if cfg.position == "rope" else None
         self.dropout = nn.Dropout(cfg.dropout)

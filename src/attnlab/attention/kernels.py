@@ -13,6 +13,11 @@ Causal masking with Tq < Tk is bottom-right aligned: query i sits at absolute po
 which is what a decode step over a KV cache needs. A row with no key to attend to gives zeros, not NaN.
 (masks.py holds the shape checks and masks the kernels share.)
 
+One kernel extends the signature: ``"static_slots"`` (slots.py), the static-shape decode step's kernel,
+takes k/v as every slot of a preallocated cache and a (B, Tq, Tk) *per-query* mask that already holds
+causality; it is chosen by the cache that needs it (``cache.attention_kernel``, attention/mha.py), never by
+``ModelConfig.attention_kernel``.
+
 The registry is the plain dict ``KERNELS`` below, name -> kernel function, filled from the modules that
 define the kernels; ``ModelConfig.attention_kernel`` names one of its keys. The imports point one way:
 this module imports the kernels, no kernel module imports this one. To add a kernel from outside the
@@ -29,6 +34,7 @@ from attnlab.attention.flash import flash_kernel
 from attnlab.attention.naive import naive_attention
 from attnlab.attention.ring import ring_kernel
 from attnlab.attention.sdpa import sdpa_attention
+from attnlab.attention.slots import static_slots_attention
 
 __all__ = ["KERNELS", "Kernel", "get_kernel", "naive_attention", "register_kernel", "sdpa_attention"]
 
@@ -39,6 +45,7 @@ KERNELS: dict[str, Kernel] = {
     "sdpa": sdpa_attention,  # sdpa.py: PyTorch's fused scaled_dot_product_attention (no lse)
     "flash": flash_kernel,  # flash.py: tiled online softmax (tiles.py), O(T) memory, exact backward
     "ring": ring_kernel,  # ring.py: the sequence sharded over torch.distributed ranks
+    "static_slots": static_slots_attention,  # slots.py: decode queries over every slot of a static cache
 }
 
 

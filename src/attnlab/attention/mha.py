@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from attnlab.attention.kernels import get_kernel
 from attnlab.config import ModelConfig
-from attnlab.layers.linear import Linear
 from attnlab.layers.position import apply_rope
 
 
@@ -30,12 +29,10 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.causal, self.cross = causal and not cross, cross
-        self.q_proj = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
-        self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
-        self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
-        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
-        # one (H + 2K)·D projection replacing q/k/v at inference time (attnlab.inference.fast), else None
-        self.qkv_proj: nn.Module | None = None
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.dropout = nn.Dropout(cfg.dropout)
         self.kernel_name = cfg.attention_kernel
         self.kernel = get_kernel(cfg.attention_kernel)
@@ -59,34 +56,32 @@ class MultiHeadAttention(nn.Module):
         memory: Tensor | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        if self.qkv_proj is not None:  # fused for decoding: one weight read instead of three
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
-                                              self.n_kv_heads * self.head_dim], dim=-1)
-            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-            k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            return self._attend(q, k, v, rope, key_mask, cache, layer)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if self.cross:
             if cache is not None:  # computed on the first decode step, reused by every later one
                 k, v = cache.cross_kv(layer, lambda: self.project_kv(memory))
             else:
                 k, v = self.project_kv(memory)  # (B, K, S, D) from the encoder output
-            return self._attend(q, k, v, None, key_mask, None, layer)
+            return self.attend(q, k, v, key_mask=key_mask)
         k, v = self.project_kv(x)  # (B, K, T, D)
-        return self._attend(q, k, v, rope, key_mask, cache, layer)
+        return self.attend(q, k, v, rope=rope, key_mask=key_mask, cache=cache, layer=layer)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, rope, key_mask: Tensor | None, cache, layer: int) -> Tensor:
-        """Positions, cache and kernel for projected q (B, H, T, D), k/v (B, K, T, D) -> (B, T, C)."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
+               key_mask: Tensor | None = None, cache=None, layer: int = 0) -> Tensor:
+        """Positions, cache and kernel for projected q (B, H, T, D), k/v (B, K, T, D) -> (B, T, C).
+
+        With a cache, the new K/V join everything cached so far; a cache whose layout needs its own kernel
+        names it (``cache.attention_kernel``, a key of the kernel registry: the static-shape decode step's
+        ``"static_slots"``, inference/static.py), else the layer's configured kernel runs."""
         B, _, T, _ = q.shape
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None and getattr(cache, "attends", False):
-            out = cache.attend(layer, q, k, v)  # (B, H, T, D): a static-shape decode step (inference/static.py)
-        else:
-            if cache is not None:
-                k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
-            out, _ = self.kernel(q, k, v, causal=self.causal, mask=key_mask, scale=None)  # (B, H, T, D)
+        kernel = self.kernel
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D): everything cached so far plus the new tokens
+            if cache.attention_kernel is not None:
+                kernel = get_kernel(cache.attention_kernel)
+        out, _ = kernel(q, k, v, causal=self.causal, mask=key_mask, scale=None)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.dropout(self.o_proj(out))

@@ -7,7 +7,7 @@ repeat, for each precision and row count, through:
 
 - ``pytorch``: what a PyTorch model calls — ``F.linear`` (fp32, bf16; oneDNN's packed bf16 product where
   the CPU has bf16 units) and ``torch._weight_int8pack_mm`` (int8 weight, bf16 activations);
-- ``fallback``: attnlab's layers with the kernel switched off (``layers/linear.py`` weight-first product
+- ``fallback``: attnlab's layers with the kernel switched off (``layers/kernel_linear.py`` weight-first product
   for fp32; the PyTorch kernels for bf16/int8);
 - ``kernel``: attnlab's ``rows_matmul`` (``layers/cpu_kernels.py``); for the GGUF block formats (``q8_0``,
   ``q4_0``, ``q4_1``, ``q4_k``) its ``qmatmul``: the blocks as stored, integer dot products
@@ -94,7 +94,7 @@ def load_revision(rev: str):
 def _paths(precision: str, weights: list, against: dict | None = None) -> dict:
     """name -> one ``(function, extra args)`` per weight; each is called as ``function(x, *extra)``."""
     from attnlab.layers import cpu_kernels, quant
-    from attnlab.layers import linear as L
+    from attnlab.layers import kernel_linear as L
 
     kernel = cpu_kernels.available()
     paths = {}

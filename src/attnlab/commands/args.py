@@ -57,3 +57,25 @@ def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return getattr(torch, TORCH_NAMES[ALIASES.get(name, name)])
+
+
+# Why --compile is not on by default: the compiled decode graphs are traced by dynamo in every new process,
+# even when inductor's on-disk cache holds their kernels (0.5-17 s per graph with a warm cache, ~75 s cold for
+# the 30-layer SmolLM2, docs/fast_decode.md), against issue 28's target of a first token within 3 s of a
+# warm start. Commands prepare without compiling unless asked.
+COMPILE_HELP = ("torch.compile the decode steps (eager if no compiler): static-shape graphs for a decoder (the "
+                "default mode), or 'dynamic' (the whole forward with dynamic shapes; slow to compile). Off by "
+                "default: each new process spends seconds tracing the graphs before its first token")
+
+
+def add_compile(p: argparse.ArgumentParser) -> None:
+    """``--compile [static|dynamic]``, opt-in (see ``COMPILE_HELP``)."""
+    p.add_argument("--compile", nargs="?", const=True, default=False, choices=["static", "dynamic"],
+                   help=COMPILE_HELP)
+
+
+def add_no_prepare(p: argparse.ArgumentParser) -> None:
+    """``--no-prepare``: run the model as loaded, without ``prepare_for_decode``'s fused projections and
+    attnlab's kernels (commands prepare their model by default)."""
+    p.add_argument("--no-prepare", action="store_true",
+                   help="run the model as loaded: no fused projections, no attnlab kernels (for comparisons)")

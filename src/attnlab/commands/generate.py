@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from attnlab.commands.args import add_precision, parser
+from attnlab.commands.args import add_compile, add_no_prepare, add_precision, parser
 
 if TYPE_CHECKING:
     import torch
@@ -28,8 +28,8 @@ def check_flags(args) -> None:
     from attnlab.inference.sampling_args import check_sampling_args
     from attnlab.textio import check_text
 
-    if args.reference and (args.dtype != "fp32" or args.compile):
-        raise ValueError("--reference runs the plain fp32 model; drop --dtype/--compile or --reference")
+    if args.no_prepare and (args.dtype != "fp32" or args.compile):
+        raise ValueError("--no-prepare runs the plain fp32 model; drop --dtype/--compile or --no-prepare")
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty, flags=True)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: give a number of tokens >= 0")
@@ -54,7 +54,7 @@ def _chat_turn(model, args) -> int:
     start = time.perf_counter()
     text = chat_once(model, load_tokenizer(args.model), args.chat, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                     stream=print_stream)
+                     stream=print_stream, prepare=not args.no_prepare)
     seconds = time.perf_counter() - start
     sys.stdout.write("\n")
     if args.stats:
@@ -85,11 +85,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stats", action="store_true", help="print speed (and speculative statistics) at the end")
     add_precision(p, ("fp32", "bf16", "int8"), default="fp32",
                   help="weights for decoding: fp32 (exact), bf16, or int8 weight-only (default fp32)")
-    p.add_argument("--compile", nargs="?", const=True, default=False, choices=["static", "dynamic"],
-                   help="torch.compile the decode steps (eager if no compiler): static-shape graphs for a decoder "
-                        "(the default), or 'dynamic' (the whole forward with dynamic shapes; slow to compile)")
-    p.add_argument("--reference", action="store_true",
-                   help="run the unprepared model (no fused projections; for comparisons)")
+    add_compile(p)
+    add_no_prepare(p)
+    p.add_argument("--reference", dest="no_prepare", action="store_true", help="the same as --no-prepare")
     args = p.parse_args(argv)
     check_flags(args)  # before torch and the model load
 
@@ -104,7 +102,7 @@ def main(argv: list[str]) -> int:
 
     def load(name: str):
         m = from_pretrained(name)
-        return m if args.reference else prepare_for_decode(m, precision=args.dtype, compile=args.compile)
+        return m if args.no_prepare else prepare_for_decode(m, precision=args.dtype, compile=args.compile)
 
     model = load(args.model)
     if args.chat is not None:
@@ -153,14 +151,14 @@ def main(argv: list[str]) -> int:
         stats = None
         generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, seed=args.seed, eos_token_id=eos, stream=on_token,
-                 repetition_penalty=args.repetition_penalty)
+                 repetition_penalty=args.repetition_penalty, prepare=not args.no_prepare)
     else:
         if args.repetition_penalty not in (None, 1.0):
             raise ValueError("--repetition-penalty cannot be combined with --draft/--prompt-lookup")
         _, stats = speculative_generate(model, draft, torch.tensor([ids]), args.max_new_tokens, gamma=args.gamma,
                                         adaptive=args.adaptive, temperature=args.temperature, top_k=args.top_k,
                                         top_p=args.top_p, seed=args.seed, eos_token_id=eos, stream=on_token,
-                                        return_stats=True)
+                                        return_stats=True, prepare=not args.no_prepare, fallback=True)
     seconds = time.perf_counter() - start
     sys.stdout.write((text_stream.flush() if text_stream is not None else "") + "\n")
     if args.stats:
@@ -173,6 +171,9 @@ def main(argv: list[str]) -> int:
                       f"{sum(sd.stats.graphs.values()):.1f} s; {sd.failed or 'compiled'}]", file=sys.stderr)
         if stats is not None:
             s = stats.as_dict()
+            if stats.fell_back_after is not None:
+                print(f"[speculative: fell back to plain steps after {stats.fell_back_after} rounds (the draft did "
+                      f"not pay); {stats.plain_steps} plain steps]", file=sys.stderr)
             print(f"[speculative: acceptance {s['acceptance_rate']:.2f} (α {s['alpha']:.2f} per position), {s['tokens_per_call']:.2f} tokens per "
                   f"target call, mean gamma {s['mean_gamma']:.1f}, target {s['target_time']:.2f} s, "
                   f"draft {s['draft_time']:.2f} s]", file=sys.stderr)

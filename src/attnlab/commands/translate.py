@@ -9,10 +9,11 @@ is translated from its first ``max_seq_len`` tokens, with a warning on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 
-from attnlab.commands.args import parser
+from attnlab.commands.args import add_no_prepare, parser
 
 
 def main(argv: list[str]) -> int:
@@ -24,6 +25,7 @@ def main(argv: list[str]) -> int:
                    help="beam score = log p / length ** this (0 = raw log-probability)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: twice the source length + 10, within the model's context")
+    add_no_prepare(p)
     args = p.parse_args(argv)
     if args.beam < 1:
         raise ValueError(f"--beam {args.beam}: give a beam width >= 1")
@@ -44,8 +46,13 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"{args.model} is a {model.config.family} model; translation needs an encoder-decoder")
     if args.max_new_tokens is not None and not 1 <= args.max_new_tokens < model.config.max_seq_len:
         raise ValueError(f"--max-new-tokens must be in [1, {model.config.max_seq_len - 1}] for this model")
+    from attnlab.inference.fast import no_lazy_preparation, prepare_for_decode
+
+    if not args.no_prepare:  # this process owns the model: fused projections and attnlab's kernels
+        prepare_for_decode(model)
     tokenizer = load_tokenizer(args.model)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, \
+            no_lazy_preparation() if args.no_prepare else contextlib.nullcontext():
         warnings.simplefilter("always")
         out = translate(model, tokenizer, texts, num_beams=args.beam, length_penalty=args.length_penalty,
                         max_new_tokens=args.max_new_tokens)

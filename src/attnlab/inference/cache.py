@@ -71,6 +71,8 @@ class ReorderCache(Cache, Protocol):
 
 
 class KVCache:
+    attention_kernel: str | None = None  # None: attention runs the layer's own kernel over ``update``'s K/V
+
     def __init__(
         self,
         n_layers: int,

@@ -1,41 +1,84 @@
-"""The fast decode path: one transform that prepares a trained model for generation on a CPU.
+"""The fast decode path: ``prepare_for_decode``, the one place that swaps a model's modules for generation.
+
+Model definitions are plain (``nn.Linear``, attention through the kernel registry); every decode-time
+transform is applied here, from outside, and nowhere else.
 
 ``prepare_for_decode(model, precision=..., fuse=True, compile=False)`` rewrites a model *in place* for
 inference; the forward contract (``model(tokens, cache=...) -> logits``) and every caller — ``generate``,
 speculative decoding, the benchmarks — stay the same:
 
-- **fusion**: each self-attention's Q, K and V projections become one (H + 2K)·D x C matrix, and a SwiGLU
-  FFN's gate and up projections one 2F x C matrix. The rows are the same numbers, concatenated, so the
-  outputs are unchanged (up to float rounding of the wider product); a decode step reads each weight once
-  in 2 calls instead of 5.
-- **precision**: ``"fp32"`` keeps float32 weights and the weight-first few-row product of
-  ``layers/linear.py``; ``"bf16"`` converts the model to bfloat16 and packs every linear weight for oneDNN;
-  ``"int8"`` stores linear weights as Q8_0 blocks (int8, one scale per 32 weights; per output row where
-  the in-features hold no whole block) with bfloat16 activations, norms, embeddings and KV cache;
+- **fusion** (``inference/fused.py``): each self-attention layer becomes a ``FusedSelfAttention`` whose Q, K
+  and V projections are one (H + 2K)·D x C matrix, and a SwiGLU FFN a ``FusedSwiGLU`` with one 2F x C
+  gate-up matrix. The rows are the same numbers, concatenated; a decode step reads each weight once in 2
+  calls instead of 5.
+- **precision**: ``"fp32"`` keeps float32 weights and swaps every ``nn.Linear`` for a ``KernelLinear``
+  (``layers/kernel_linear.py``: attnlab's CPU kernel, or the weight-first few-row product where the kernel
+  cannot be built); ``"bf16"`` converts the model to bfloat16 and packs every linear weight
+  (``layers/quant.PackedLinear``); ``"int8"`` stores linear weights as Q8_0 blocks (int8, one scale per 32 weights; per output
+  row where the in-features hold no whole block) with bfloat16 activations, norms, embeddings and KV cache;
   ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q4_k"`` keep linear weights in that GGUF block format, multiplied
   with integer dot products (``layers/qblocks.py``; the rest of the model stays float32).
 - **compile**: ``"static"`` (what ``True`` means for a decoder-only model) compiles each decode call of n
-  tokens into a graph with static shapes — the whole preallocated cache attended under a mask, positions
-  and slots passed as tensors — once per (batch, n, cache slots), reused every step
-  (``inference/static.py``); prefill stays eager. ``"dynamic"`` (what ``True`` means for other families)
-  is ``torch.compile(dynamic=True)`` over the whole forward: the cache length changes every step, so it
-  compiles for minutes and decoded slower than eager here. Both fall back to eager, with a warning, when
-  no compiler works.
+  tokens into a graph with static shapes — the whole preallocated cache attended under a mask by the
+  registry's ``"static_slots"`` kernel, positions and slots passed as tensors — once per (batch, n, cache
+  slots), reused every step (``inference/static.py``); prefill stays eager. ``"dynamic"`` (what ``True``
+  means for other families) is ``torch.compile(dynamic=True)`` over the whole forward. Either one is
+  reached through ``model.forward``, which ``install`` routes to the decoder object it records on the model
+  (``model.static_decoder`` / ``model.compiled_forward``: their ``failed`` and ``stats`` say what ran).
+  Dynamo settings are changed only within the calls that need them. Both fall back to eager, with a
+  warning, when no compiler works.
 
-The KV cache is already preallocated and written in place (``inference/cache.py``) and ``generate`` runs
-under ``torch.inference_mode``. A prepared model cannot be trained or saved (its weights are packed or
-quantised): prepare a copy, keep the original for that.
+A model prepared this way cannot be trained or saved (fused, packed or quantised weights): prepare a copy.
+
+**Lazy preparation** (``prepare_lazily``): what ``attnlab.generate`` / ``speculative_generate`` do to an
+unprepared model on its first call (opt out: ``generate(..., prepare=False)`` or ``ATTNLAB_PREPARE=0``;
+``--no-prepare`` on the command line). It is the non-destructive part of the fp32 path only: every
+float32 ``nn.Linear`` becomes a ``KernelLinear`` that *shares its Parameters*, so the state dict, tied
+weights, an optimiser's references, ``train()``/``eval()`` and ``requires_grad`` are untouched, the model
+can still be trained (with gradients the layers compute ``F.linear``) and saved, and with no gradient a
+few-row product takes the kernel. No fusion (it would drop the original projections), no precision change,
+no compilation: the command-line tools, which own their models, call ``prepare_for_decode`` for those.
+
+**Width invariance — the one policy.** A token's logits must not depend on how many tokens share its call:
+speculative verification scores γ + 1 tokens in one call where plain decoding scores one, and greedy
+speculative decoding must give plain decoding's tokens exactly, not part from them at a near-tie. Every
+module ``prepare_for_decode`` puts in place obeys it, each one tested bit for bit (width 1 against every
+width up to 16, at every position):
+
+- fp32 linears: ``KernelLinear`` — attnlab's kernel computes each output element by one fixed sequence of
+  FMAs whatever the rows or threads; the fallback feeds the BLAS 8 rows at a time padded to blocks of 4
+  (tests/layers/test_kernel_linear.py, test_cpu_kernels.py);
+- bf16 / int8 linears: the same kernel; oneDNN's fallback gets a single row twice, its one-row kernel
+  rounding otherwise (``layers/quant.py``; tests/inference/test_fast.py);
+- fused projections: a weight row's dot product does not depend on the matrix it sits in (kernel path);
+- static-shape attention: query rows padded to blocks of 4 and slots in fixed blocks of 256
+  (``attention/slots.py``);
+- compiled graphs: bf16 roundings kept as in eager code (``static.inductor_options``), the fallback's
+  product and oneDNN's as opaque ops, RoPE tables computed outside the graph.
+
+Where it does not hold, by design: an *unprepared* model (``prepare=False``) is plain PyTorch, whose BLAS
+picks its kernel by the number of rows; linear layers smaller than ``kernel_linear.SKINNY_MIN_WEIGHT``
+elements (test-sized models) keep ``F.linear``; and the eager attention kernels (sdpa, naive, flash) over
+``cache[:length]`` sum over as many keys as the call's last token sees. So the exact promise — greedy
+speculative decoding equal to plain decoding bit for bit — is the static path's
+(``compile="static"``); the eager prepared path is width-invariant in its linear layers, which carry nearly
+all of a step's arithmetic. tests/inference/test_static_decode.py checks it end to end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 
 import torch
 from torch import nn
 
+from attnlab.attention.mha import MultiHeadAttention
+from attnlab.inference.fused import FusedSelfAttention, FusedSwiGLU
 from attnlab.layers import cpu_kernels
-from attnlab.layers.linear import Linear
+from attnlab.layers.ffn import FFN
+from attnlab.layers.kernel_linear import KernelLinear
 from attnlab.layers.qblocks import FORMATS, quantize_linear
 from attnlab.layers.quant import PackedLinear
 from attnlab.memstats import release_freed_memory
@@ -45,46 +88,60 @@ COMPILE_MODES = (False, True, "static", "dynamic")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, **dict.fromkeys(FORMATS, torch.float32)}
 
 
-def _concat_linear(parts: list[nn.Linear]) -> Linear:
-    """One Linear whose output rows are the rows of ``parts`` in order (biases likewise)."""
-    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
-    has_bias = any(p.bias is not None for p in parts)
-    # built on the meta device and given the concatenation itself: no initialisation, no second copy
-    fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype)
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if has_bias:
-        fused.bias = nn.Parameter(torch.cat([p.bias.detach() if p.bias is not None else
-                                             torch.zeros(p.out_features, dtype=weight.dtype, device=weight.device)
-                                             for p in parts]), requires_grad=False)
-    return fused
-
-
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse self-attention Q/K/V and SwiGLU gate/up projections; returns how many modules were fused."""
-    from attnlab.attention.mha import MultiHeadAttention
-    from attnlab.layers.ffn import FFN
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention) and not module.cross and module.qkv_proj is None:
-            module.qkv_proj = _concat_linear([module.q_proj, module.k_proj, module.v_proj])
-            del module.q_proj, module.k_proj, module.v_proj
-            n += 1
-        elif isinstance(module, FFN) and module.gate is not None and module.gate_up is None:
-            module.gate_up = _concat_linear([module.gate, module.up])
-            del module.gate, module.up
-            n += 1
-    return n
-
-
-def _replace_linears(model: nn.Module, make) -> int:
+    """Replace each self-attention layer by a ``FusedSelfAttention`` and each SwiGLU FFN by a
+    ``FusedSwiGLU``; returns how many modules were replaced."""
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, MultiHeadAttention) and not child.cross:
+                setattr(parent, name, FusedSelfAttention(child))
+            elif isinstance(child, FFN) and child.kind == "swiglu":
+                setattr(parent, name, FusedSwiGLU(child))
+            else:
+                continue
+            n += 1
+    return n
+
+
+def _replace_linears(model: nn.Module, make, *, only_plain: bool = False) -> int:
+    """Replace every ``nn.Linear`` child (exactly ``nn.Linear`` with ``only_plain``) by ``make(child)``."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and (type(child) is nn.Linear or not only_plain):
                 setattr(parent, name, make(child))
                 n += 1
     return n
+
+
+def kernel_linears(model: nn.Module) -> int:
+    """Swap every plain ``nn.Linear`` for a ``KernelLinear`` sharing its Parameters; returns how many."""
+    return _replace_linears(model, KernelLinear.sharing, only_plain=True)
+
+
+_lazy = {"enabled": True}
+
+
+def no_lazy_preparation() -> contextlib.AbstractContextManager[None]:
+    """Within this block ``prepare_lazily`` does nothing (a command's ``--no-prepare`` around calls that
+    reach ``generate`` through other code)."""
+    return cpu_kernels.switched_off(_lazy)
+
+
+def prepare_lazily(model: nn.Module) -> bool:
+    """The non-destructive fp32 preparation (see "Lazy preparation" above), once per model; returns whether
+    it ran now. Skipped for a model already prepared, when ``ATTNLAB_PREPARE=0``, and within
+    ``no_lazy_preparation()``."""
+    if not _lazy["enabled"] or os.environ.get("ATTNLAB_PREPARE", "1") == "0":
+        return False
+    if getattr(model, "prepared_for_decode", None):
+        return False
+    if getattr(model, "lazily_prepared", False):
+        return False
+    kernel_linears(model)
+    model.lazily_prepared = True
+    return True
 
 
 def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool = True,
@@ -114,7 +171,9 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
         p.requires_grad_(False)
     if fuse:
         fuse_projections(model)
-    if precision != "fp32":
+    if precision == "fp32":
+        kernel_linears(model)
+    else:
         model.to(DTYPES[precision])
         if precision == "bf16":
             _replace_linears(model, lambda lin: PackedLinear(lin.weight, lin.bias))
@@ -132,31 +191,42 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
     if compile == "static":
         static.install(model)
     elif compile == "dynamic":
-        _compile_forward(model)
+        CompiledForward.install(model)
     return model
 
 
-def _compile_forward(model: nn.Module) -> None:
-    """Replace ``model.forward`` by its ``torch.compile`` version, falling back to eager on any failure."""
-    eager = model.forward
-    try:
-        compiled = torch.compile(eager, dynamic=True)
-    except Exception as exc:  # no compiler backend on this platform
-        warnings.warn(f"torch.compile is not available here ({exc}); decoding stays eager", stacklevel=3)
-        return
+class CompiledForward:
+    """``torch.compile(dynamic=True)`` over a model's whole forward, falling back to eager (once, with a
+    warning) on any failure. Installed as ``model.compiled_forward``, with ``model.forward`` routed to it;
+    ``failed`` says why it runs eagerly (None while compiled)."""
 
-    def forward(*args, **kwargs):
-        if model.__dict__.get("_compile_failed"):
-            return eager(*args, **kwargs)
+    def __init__(self, model: nn.Module) -> None:
+        self.eager_forward = model.forward
+        self.failed: str | None = None
         try:
-            return compiled(*args, **kwargs)
-        except Exception as exc:  # e.g. no C++ compiler for inductor: report once, run eagerly
-            model.__dict__["_compile_failed"] = True
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); decoding stays eager",
-                          stacklevel=2)
-            return eager(*args, **kwargs)
+            self.compiled = torch.compile(self.eager_forward, dynamic=True)
+        except Exception as exc:  # no compiler backend on this platform
+            self._fail(f"torch.compile is not available here ({exc})")
 
-    model.forward = forward
+    @classmethod
+    def install(cls, model: nn.Module) -> CompiledForward:
+        compiled = cls(model)
+        model.compiled_forward = compiled
+        model.forward = compiled.forward
+        return compiled
+
+    def _fail(self, why: str) -> None:
+        self.failed = why
+        warnings.warn(f"{why}; decoding stays eager", stacklevel=4)
+
+    def forward(self, *args, **kwargs):
+        if self.failed:
+            return self.eager_forward(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:  # e.g. no C++ compiler for inductor: report once, run eagerly
+            self._fail(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]})")
+            return self.eager_forward(*args, **kwargs)
 
 
 def weight_bytes(model: nn.Module) -> int:

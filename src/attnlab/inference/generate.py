@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from attnlab.inference.fast import prepare_lazily
 from attnlab.inference.inputs import as_batch, check_padding
 from attnlab.inference.sampling import (
     apply_repetition_penalty,
@@ -39,6 +40,7 @@ def generate(
     repetition_penalty: float | None = None,
     gamma: int = 4,
     adaptive: bool = False,
+    prepare: bool = True,
 ) -> Tensor:
     """Generate up to ``max_new_tokens`` after ``input_ids``; returns (B, T + new) token ids.
 
@@ -49,6 +51,13 @@ def generate(
     ``draft`` (a model sharing the tokenizer, a Drafter, or ``"prompt_lookup"``) switches to speculative
     decoding with ``gamma`` drafted tokens per step (``adaptive=True`` tunes it on the fly).
     Rows that produced ``eos_token_id`` keep emitting it; generation stops once every row has.
+
+    ``prepare`` (default True): an unprepared model is prepared lazily on its first call, without changing
+    what it computes in training or what it saves (``inference/fast.prepare_lazily``: its fp32 linear
+    layers take attnlab's few-row kernel, sharing their Parameters); ``prepare=False`` or
+    ``ATTNLAB_PREPARE=0`` runs the model as it is. With a ``draft``, speculative decoding falls back to
+    plain steps when the measured acceptance does not pay for the draft (``speculative_generate``'s
+    ``fallback``, on here).
     """
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -64,7 +73,10 @@ def generate(
 
         return speculative_generate(model, draft, ids, max_new_tokens, gamma=gamma, adaptive=adaptive,
                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                    eos_token_id=eos_token_id, attention_mask=attention_mask, stream=stream)
+                                    eos_token_id=eos_token_id, attention_mask=attention_mask, stream=stream,
+                                    prepare=prepare, fallback=True)
+    if prepare:
+        prepare_lazily(model)
     B, T = ids.shape
     generator = make_generator(seed, device)
     was_training = model.training

@@ -14,6 +14,8 @@ from attnlab.inference.cache import KVCache
 
 
 class Seq2SeqCache:
+    attention_kernel: str | None = None  # the layers' own kernels (see KVCache)
+
     def __init__(self, self_cache: KVCache, n_layers: int, memory: Tensor, memory_mask: Tensor | None) -> None:
         self.self_cache = self_cache
         self.memory = memory  # (B, S, C) encoder output

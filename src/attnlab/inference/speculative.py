@@ -12,6 +12,19 @@ tokens than the longest get cache holes, so each row stays exact). A row that en
 of its proposals in the caches: its accepted tokens may run past ``max_new_tokens`` (the output cuts them),
 and kept slots would let the cache outgrow the capacity of T + N + γ + 1 slots while other rows go on.
 
+Fallback to plain steps (``fallback=True``, what ``attnlab.generate(..., draft=...)`` uses): speculation
+pays only while a round's expected tokens outweigh its cost. A round of γ proposals costs one target call
+(the verification, priced as a plain step: optimistic for speculation) plus γ draft steps, c target calls'
+worth each, and commits (1 - α^(γ+1)) / (1 - α) tokens on average; plain decoding commits one token per
+target call. After ``PROBE_ROUNDS`` rounds, and after every round from then on, with α measured over every
+examined position so far and c the median over the rounds of (draft seconds per drafted token) / (target
+seconds of the verification) — a median, so that a round that compiled a graph or loaded a kernel does not
+decide — speculation stops for the rest of the call when the best γ the call may use (``gamma``, or any of
+1..gamma when adaptive) gives (1 - α^(γ+1)) / ((1 - α)(1 + c·γ)) < 1; the remaining tokens are plain
+target steps (a round of γ = 0 through the same verification, so greedy tokens and the sampling law are
+unchanged). A draft that never agrees (α = 0) always falls back: one token per round at a cost above a
+target call's. The draft is not probed again in that call.
+
 Adaptive γ: after each call, with α the running (exponential average) per-position acceptance rate
 and c the measured cost of one draft step relative to one target call, the next γ maximises the expected
 tokens per unit of time, (1 - α^(γ+1)) / ((1 - α)(1 + c·γ)), over 1..gamma_max.
@@ -29,6 +42,7 @@ import torch
 from torch import Tensor
 
 from attnlab.inference.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter, Sampling
+from attnlab.inference.fast import prepare_lazily
 from attnlab.inference.inputs import as_batch, check_context
 from attnlab.inference.sampling import check_sampling_args, logits_to_probs, make_generator, sample_next
 
@@ -43,6 +57,8 @@ class SpecStats:
     target_time: float = 0.0
     draft_time: float = 0.0
     gammas: list[int] = field(default_factory=list)
+    plain_steps: int = 0  # target calls after falling back to plain decoding (``fallback``)
+    fell_back_after: int | None = None  # the speculative rounds before the fallback (None: never fell back)
 
     @property
     def acceptance_rate(self) -> float:
@@ -71,7 +87,8 @@ class SpecStats:
                 "generated": self.generated, "acceptance_rate": self.acceptance_rate,
                 "rejected": self.rejected, "alpha": self.alpha,
                 "tokens_per_call": self.tokens_per_call, "target_time": self.target_time,
-                "draft_time": self.draft_time, "mean_gamma": sum(self.gammas) / max(1, len(self.gammas))}
+                "draft_time": self.draft_time, "mean_gamma": sum(self.gammas) / max(1, len(self.gammas)),
+                "plain_steps": self.plain_steps, "fell_back_after": self.fell_back_after}
 
 
 def expected_tokens_per_call(alpha: float, gamma: int) -> float:
@@ -86,6 +103,15 @@ def choose_gamma(alpha: float, cost_ratio: float, gamma_max: int) -> int:
     alpha = min(max(alpha, 0.01), 0.99)
     return max(range(1, gamma_max + 1),
                key=lambda g: expected_tokens_per_call(alpha, g) / (1 + cost_ratio * g))
+
+
+PROBE_ROUNDS = 4  # speculative rounds measured before the fallback rule may stop speculation
+
+
+def speculation_pays(alpha: float, cost_ratio: float, gammas: range) -> bool:
+    """Whether some γ in ``gammas`` gives more tokens per unit of time than plain decoding:
+    max over γ of (1 - α^(γ+1)) / ((1 - α)(1 + c·γ)) >= 1 (see the module docstring)."""
+    return max(expected_tokens_per_call(alpha, g) / (1 + cost_ratio * g) for g in gammas) >= 1.0
 
 
 def as_drafter(draft, target):
@@ -136,7 +162,7 @@ def _verify(logits: Tensor, drafts: Tensor, q: Tensor | None, sampling: Sampling
     accepted = ok.long().cumprod(dim=1).sum(dim=1)  # (B,)
     rows = torch.arange(B, device=logits.device)
     p_next = p[rows, accepted]  # (B, V): p at the first rejection, or p_{G+1} for the bonus token
-    q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # q_{G+1} = 0: the bonus samples from p itself
+    q_pad = torch.cat([q, q.new_zeros(B, 1, q.shape[-1])], dim=1)  # q_{G+1} = 0: the bonus samples from p itself
     residual = torch.clamp(p_next - q_pad[rows, accepted], min=0.0)
     mass = residual.sum(dim=-1, keepdim=True)
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
@@ -171,11 +197,15 @@ def speculative_generate(
     attention_mask: Tensor | None = None,
     stream: Callable[[Tensor], None] | None = None,
     return_stats: bool = False,
+    prepare: bool = True,
+    fallback: bool = False,
 ):
     """Generate like ``attnlab.generate`` (same output for greedy, same distribution for sampling), faster.
 
     ``draft``: a model sharing the target's tokenizer, a Drafter, or ``"prompt_lookup"``. ``gamma`` is the
     draft length (the maximum when ``adaptive``). Returns (B, T + new) ids, and ``SpecStats`` if asked.
+    ``prepare``: prepare the target and a draft model lazily, as ``generate`` does. ``fallback``: switch to
+    plain steps when the measured acceptance does not pay for the draft (the rule in the module docstring).
     """
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"gamma={gamma!r} must be an integer >= 1 (the number of drafted tokens per step)")
@@ -183,6 +213,10 @@ def speculative_generate(
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     drafter = as_drafter(draft, target)
+    if prepare:
+        prepare_lazily(target)
+        if getattr(drafter, "model", None) is not None:
+            prepare_lazily(drafter.model)
     device = target.device
     ids = as_batch(input_ids, device)
     B, T = ids.shape
@@ -226,6 +260,8 @@ def speculative_generate(
         streamed = _stream(stream, tokens, length, done, 0, max_new_tokens)
         seen_acc, seen_all = 0.7, 1.0  # running sums behind alpha (prior: 0.7)
         rows = torch.arange(B, device=device)
+        plain = False  # fallen back to plain steps
+        cost_samples: list[float] = []  # per round: draft seconds per drafted token / verification seconds
         while True:
             active = ~done & (length < max_new_tokens)  # (B,)
             n_active = int(active.sum())
@@ -233,10 +269,13 @@ def speculative_generate(
                 break
             longest, shortest = int(length[active].max()), int(length[active].min())
             room = ctx - T - longest  # the drafts' positions must stay inside the context
-            g_round = max(1, min(g, room, max_new_tokens - shortest))
+            g_round = 0 if plain else max(1, min(g, room, max_new_tokens - shortest))
             row_mask = None if n_active == B else active.long()  # finished rows are fed as holes
             t0 = time.perf_counter()
-            drafts, q = drafter.propose(g_round, sampling, generator, row_mask)  # (B, G), (B, G, V) | None
+            if plain:  # one target step: a round without proposals
+                drafts, q = torch.empty(B, 0, dtype=torch.long, device=device), None
+            else:
+                drafts, q = drafter.propose(g_round, sampling, generator, row_mask)  # (B, G), (B, G, V) | None
             t1 = time.perf_counter()
             if cache.max_len - cache.length < g_round + 1:
                 cache.compact()
@@ -273,13 +312,25 @@ def speculative_generate(
             if keep_n:
                 cache.drop_slots(torch.arange(keep_n, device=device)[None, :] < kept[:, None])
             t2 = time.perf_counter()
-            drafter.commit(kept, new)
-            stats.draft_time += (t1 - t0) + (time.perf_counter() - t2)
+            if not plain:
+                drafter.commit(kept, new)
+            t3 = time.perf_counter()
+            stats.draft_time += (t1 - t0) + (t3 - t2)
             stats.target_time += t2 - t1 - t_rows
             stats.target_calls += 1
-            stats.gammas.append(g_round)
             last = torch.where(active, new, last)
             streamed = _stream(stream, tokens, length, done, streamed, max_new_tokens)
+            if plain:
+                stats.plain_steps += 1
+                continue
+            stats.gammas.append(g_round)
+            if fallback:
+                cost_samples.append(((t1 - t0) + (t3 - t2)) / g_round / max(t2 - t1 - t_rows, 1e-9))
+                if len(cost_samples) >= PROBE_ROUNDS:
+                    cost_ratio = sorted(cost_samples)[len(cost_samples) // 2]  # the median (upper, for even n)
+                    if not speculation_pays(stats.alpha, cost_ratio, range(1, gamma + 1) if adaptive
+                                            else range(gamma, gamma + 1)):
+                        plain, stats.fell_back_after = True, len(stats.gammas)
             if adaptive:
                 n_acc = float(accepted[active].sum())
                 n_rej = float((accepted[active] < g_round).sum())

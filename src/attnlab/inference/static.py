@@ -26,8 +26,8 @@ the static path does not cover.
 
 The model's contract is unchanged: ``model(tokens, cache=cache, attention_mask=...) -> logits``, so
 ``generate``, speculative decoding, ``crop`` and holes work as before. The decoder's own modules run inside
-the graph (norm placement, fused projections, bf16/int8 linears); only attention is replaced, through the
-cache protocol (``cache.attends`` / ``cache.attend`` in ``attention/mha.py``).
+the graph (norm placement, fused projections, bf16/int8 linears); attention runs the registry's
+``"static_slots"`` kernel (attention/slots.py), which the step's cache (``StaticSlots``) names.
 
 Shape legend: L layers, B batch, n new tokens, S cache slots, H heads, K kv heads, G = H / K, D head dim,
 V vocab.
@@ -35,6 +35,7 @@ V vocab.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import types
 import warnings
@@ -50,69 +51,25 @@ MAX_TOKENS = 16  # calls with more new tokens than this (prompts) run eagerly
 
 
 class StaticSlots:
-    """What attention sees inside a static decode call: the whole (L, B, K, S, D) cache, the slots the
-    ``n`` new tokens are written to, and which of the S slots each new token may attend to."""
+    """The cache a static decode call's attention layers see: the whole (L, B, K, S, D) cache, the slots
+    the ``n`` new tokens are written to, and (in the step's key mask) which slots each new token may see.
 
-    attends = True  # attention/mha.py hands q, k, v to ``attend`` instead of calling its kernel
+    It follows the cache protocol of attention/mha.py: ``update`` writes the new K/V at their slots and
+    returns every slot, and ``attention_kernel`` names the registry's kernel for that layout
+    (``"static_slots"``, attention/slots.py), which reads the per-query (B, n, S) mask."""
 
-    def __init__(self, k: list[Tensor], v: list[Tensor], slots: Tensor, allowed: Tensor) -> None:
+    attention_kernel = "static_slots"
+
+    def __init__(self, k: list[Tensor], v: list[Tensor], slots: Tensor) -> None:
         self.k, self.v = k, v  # L x (B, K, S, D): per-layer views of the cache buffers
         self.slots = slots  # (n,) long
-        self.allowed = allowed  # (B, n, S) bool
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q (B, H, n, D) and the new k/v (B, K, n, D), positions applied -> (B, H, n, D)."""
-        ck, cv = self.k[layer], self.v[layer]  # (B, K, S, D)
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """New k/v (B, K, n, D), positions applied, written in place at ``slots`` -> all (B, K, S, D)."""
+        ck, cv = self.k[layer], self.v[layer]
         ck.index_copy_(2, self.slots, k.to(ck.dtype))
         cv.index_copy_(2, self.slots, v.to(cv.dtype))
-        B, H, n, D = q.shape
-        K, S = ck.shape[1], ck.shape[2]
-        G = H // K
-        acc = torch.promote_types(q.dtype, torch.float32)
-        R = G * n
-        nb = S // SLOT_BLOCK if S % SLOT_BLOCK == 0 else 1  # blocks of slots: see SLOT_BLOCK
-        blk = S // nb
-        qg = q.reshape(B, K, R, D).to(acc)  # query heads grouped by the KV head they share
-        kb = ck.to(acc).view(B, K, nb, blk, D)
-        scores = torch.matmul(_pad_rows(qg).unsqueeze(2), kb.transpose(-1, -2))[:, :, :, :R]  # (B, K, nb, R, blk)
-        scores = scores.permute(0, 1, 3, 2, 4).reshape(B, K, G, n, S) * (D ** -0.5)
-        scores = scores.masked_fill(~self.allowed[:, None, None], float("-inf"))
-        top = scores.amax(dim=-1, keepdim=True)
-        top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # a row with no key gives zeros
-        p = torch.exp(scores - top).view(B, K, R, S)
-        pb = _pad_rows(p).view(B, K, -1, nb, blk).permute(0, 1, 3, 2, 4)  # (B, K, nb, R', blk)
-        parts = torch.matmul(pb, cv.to(acc).view(B, K, nb, blk, D))  # (B, K, nb, R', D)
-        sums = p.view(B, K, R, nb, blk).sum(dim=-1)  # (B, K, R, nb)
-        out, den = parts[:, :, 0], sums[..., 0]
-        for i in range(1, nb):  # block after block, in order: blocks past the visible slots add exact zeros
-            out, den = out + parts[:, :, i], den + sums[..., i]
-        out = out[:, :, :R] / den[..., None].clamp_min(1e-30)
-        return out.view(B, H, n, D).to(q.dtype)  # (B, H, n, D)
-
-
-# Slot-count invariance: plain decoding and speculative decoding of one prompt can get caches of different
-# sizes (speculation asks for γ + 1 more positions, which can cross a power of two: 256 -> 512 slots). A
-# product or a sum over all S slots is computed in another order for another S (MKL's fp32 product of one
-# query over 256 vs 512 slots differed in the last bits; on SmolLM2 in bf16 that grew to 0.25 in the logits
-# after 30 layers and flipped a near-tie). So attention works on fixed blocks of SLOT_BLOCK slots — each
-# block's products have the same shape whatever S — and adds the blocks' results one after the other:
-# the blocks past the visible slots add exact zeros.
-SLOT_BLOCK = 256
-
-
-ROW_BLOCK = 4
-
-
-def _pad_rows(x: Tensor) -> Tensor:
-    """(..., R, C) -> (..., R', C) with zero rows up to a multiple of ``ROW_BLOCK``.
-
-    Width invariance (speculative verification scores γ + 1 tokens at once, plain decoding one, and both
-    must give a token the same bits): the BLAS works through the rows of a product in blocks of 4 and sums
-    leftover rows in another order, so a query's scores for 3 query rows (G = 3, one token) differed from
-    its scores among 15 (five tokens) in the last bits. With every product a whole number of blocks, each
-    row is computed the same way wherever it sits (measured on this machine's MKL for up to 48 rows)."""
-    pad = -x.shape[-2] % ROW_BLOCK
-    return x if pad == 0 else torch.cat([x, x.new_zeros(*x.shape[:-2], pad, x.shape[-1])], dim=-2)
+        return ck, cv
 
 
 def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, slots: Tensor, key_mask: Tensor,
@@ -128,8 +85,8 @@ def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, slots: Tens
     others (they differ in the last bit), one more way for graphs of different widths to differ."""
     S = key_mask.shape[1]
     visible = torch.arange(S, device=key_mask.device)[None, None, :] <= slots[None, :, None]  # (1, n, S)
-    allowed = visible & key_mask[:, None, :]  # (B, n, S)
-    x = model.run_stack(model.embed(tokens), positions, cache=StaticSlots(k, v, slots, allowed), rope=rope)
+    allowed = visible & key_mask[:, None, :]  # (B, n, S): each new token's visible slots
+    x = model.run_stack(model.embed(tokens), positions, key_mask=allowed, cache=StaticSlots(k, v, slots), rope=rope)
     return model.head(x)  # (B, n, V)
 
 
@@ -279,9 +236,9 @@ class StaticDecoder:
                 except RuntimeError as exc:  # dynamo wants a graph our key does not tell apart (e.g. grad
                     if "skip_guard_eval_unsafe" not in str(exc):  # mode): raised before running; recompile
                         raise
-            if logits is None:
-                _allow_recompiles(len(self.stats.graphs) + 1)
-                logits = self.compiled(*args)
+            if logits is None:  # may compile: with room for this model's graphs, within this call only
+                with recompile_room(len(self.stats.graphs) + 1):
+                    logits = self.compiled(*args)
         except Exception as exc:  # e.g. no C++ compiler for inductor: report once, run eagerly
             self._fail(f"static-shape compilation failed ({type(exc).__name__}: {str(exc)[:300]})")
             self.stats.eager_calls += 1
@@ -327,11 +284,15 @@ def _canonical(t: Tensor) -> Tensor:
     return t
 
 
-def _allow_recompiles(graphs: int) -> None:
-    """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object; a model can need more (a few
-    widths times a few cache sizes, times batch sizes): raise the (process-wide) cap when needed."""
-    if graphs >= torch._dynamo.config.recompile_limit:
-        torch._dynamo.config.recompile_limit = 2 * graphs
+def recompile_room(graphs: int) -> contextlib.AbstractContextManager:
+    """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object, and a model can need more (a few
+    widths times a few cache sizes, times batch sizes). Within this block the limit leaves room for
+    ``graphs``; dynamo's setting is restored after it (``torch._dynamo.config.patch``), so no other code in
+    the process sees a changed limit. Only calls that may compile need it: a compiled graph's later calls
+    check no limit."""
+    if graphs < torch._dynamo.config.recompile_limit:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=2 * graphs)
 
 
 def install(model: nn.Module, *, mode: str | None = None, skip_guards: bool = True,

@@ -11,25 +11,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
-from attnlab.layers.linear import Linear
 
 
 class FFN(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.ffn
-        self.up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.ffn_bias)
-        self.gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.ffn_bias) if cfg.ffn == "swiglu" else None
-        self.down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.ffn_bias)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.ffn_bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.ffn_bias) if cfg.ffn == "swiglu" else None
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.ffn_bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        # swiglu: one (2F, C) projection replacing gate and up at inference time (attnlab.inference.fast)
-        self.gate_up: nn.Module | None = None
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)
-        if self.gate_up is not None:
-            g, u = self.gate_up(x).chunk(2, dim=-1)  # (B, T, F) each
-            h = F.silu(g) * u
-        elif self.kind == "swiglu":
+        if self.kind == "swiglu":
             h = F.silu(self.gate(x)) * self.up(x)  # (B, T, F)
         elif self.kind == "relu":
             h = F.relu(self.up(x))

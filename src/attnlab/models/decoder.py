@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from attnlab.config import ModelConfig
 from attnlab.inference.cache import KVCache, SequenceCache
 from attnlab.inference.infini_state import InfiniState
-from attnlab.layers.linear import Linear
 from attnlab.layers.stack import Stack, check_length, check_token_ids, positions_from_mask
 from attnlab.models.base import AttnlabModel
 
@@ -26,13 +25,17 @@ class DecoderLM(Stack, AttnlabModel):
     (a draft that proposes only frequent tokens: a cheaper head per step, and exactness is untouched since
     a speculative draft may propose from any support); the logits of the others are -inf, so callers
     still see (B, T, V). ``forward(..., full_vocab=False)`` returns the (B, T, N) head logits (training).
+
+    Nothing here is decode-only: ``prepare_for_decode`` (inference/fast.py) swaps in fused and kernel
+    modules from outside, and with ``compile`` routes ``forward`` through the object it records on the model
+    (``model.static_decoder``, inference/static.py).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         Stack.__init__(self, cfg, cfg.n_layers, causal=True)
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.lm_head = Linear(cfg.d_model, cfg.head_vocab_size or cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.head_vocab_size or cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.head_vocab_size:
             self.register_buffer("head_token_ids", torch.arange(cfg.head_vocab_size))
         self.init_weights()

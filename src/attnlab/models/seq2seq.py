@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from attnlab.config import ModelConfig
 from attnlab.inference.cache import KVCache
 from attnlab.inference.seq2seq_cache import Seq2SeqCache
-from attnlab.layers.linear import Linear
 from attnlab.layers.stack import Stack, check_length, check_token_ids, positions_from_mask
 from attnlab.models.base import AttnlabModel
 
@@ -32,7 +31,7 @@ class Seq2SeqLM(AttnlabModel):
         self.decoder_embed = None if cfg.share_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = Stack(cfg, cfg.encoder_layers, causal=False)
         self.decoder = Stack(cfg, cfg.n_layers, causal=True, cross=True)
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.target_embed.weight

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
 from attnlab.inference.rwkv_state import STEP_MAX, RWKVState
-from attnlab.layers.linear import Linear
 from attnlab.layers.stack import check_token_ids
 from attnlab.models.base import AttnlabModel
 from attnlab.models.rwkv.wkv4 import wkv_chunked, wkv_step
@@ -53,10 +52,10 @@ class TimeMix(nn.Module):
         self.time_mix_key = nn.Parameter(torch.zeros(1, 1, C))
         self.time_mix_value = nn.Parameter(torch.zeros(1, 1, C))
         self.time_mix_receptance = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = Linear(C, C, bias=False)
-        self.value = Linear(C, C, bias=False)
-        self.receptance = Linear(C, C, bias=False)
-        self.output = Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
 
     def forward(self, x: Tensor, layer_state: dict[str, Tensor] | None) -> Tensor:  # (B, T, C) -> (B, T, C)
         prev = None if layer_state is None else layer_state["att_x"]
@@ -86,9 +85,9 @@ class ChannelMix(nn.Module):
         C, Fd = cfg.d_model, cfg.d_ff
         self.time_mix_key = nn.Parameter(torch.zeros(1, 1, C))
         self.time_mix_receptance = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = Linear(C, Fd, bias=False)
-        self.receptance = Linear(C, C, bias=False)
-        self.value = Linear(Fd, C, bias=False)
+        self.key = nn.Linear(C, Fd, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(Fd, C, bias=False)
 
     def forward(self, x: Tensor, layer_state: dict[str, Tensor] | None) -> Tensor:  # (B, T, C) -> (B, T, C)
         xx = _shift(x, None if layer_state is None else layer_state["ffn_x"])
@@ -133,7 +132,7 @@ class RWKVLM(AttnlabModel):
         self.pre_ln = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(self.make_block(cfg, i) for i in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
 from attnlab.inference.rwkv_state import RWKVState
-from attnlab.layers.linear import Linear
 from attnlab.models.rwkv.v4 import RWKVLM, _shift
 from attnlab.models.rwkv.wkv7 import wkv7_chunked, wkv7_step
 
@@ -67,10 +66,10 @@ class TimeMix7(nn.Module):
         self.k_k = nn.Parameter(torch.zeros(1, 1, C))
         self.k_a = nn.Parameter(torch.zeros(1, 1, C))
         self.r_k = nn.Parameter(torch.zeros(H, N))
-        self.receptance = Linear(C, C, bias=False)
-        self.key = Linear(C, C, bias=False)
-        self.value = Linear(C, C, bias=False)
-        self.output = Linear(C, C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
         # eps grows with the head size (the reference's 64e-5 at N = 64): the per-head sums are large
         self.ln_x = nn.GroupNorm(H, C, eps=cfg.norm_eps * N)
 
@@ -120,8 +119,8 @@ class ChannelMix7(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.x_k = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
-        self.key = Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.value = Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.key = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.value = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, layer_state: dict[str, Tensor] | None) -> Tensor:  # (B, T, C) -> (B, T, C)
         xx = _shift(x, None if layer_state is None else layer_state["ffn_x"]) - x
