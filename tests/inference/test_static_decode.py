@@ -470,11 +470,16 @@ def test_the_static_step_attends_through_the_kernel_registry(monkeypatch):
     assert calls == [(3, 1, 256)] * (3 * 2)  # 3 static steps x 2 layers, each with its (B, n, S) mask
 
 
-def test_dynamo_settings_change_only_within_the_calls_that_compile(monkeypatch):
+def test_dynamo_settings_change_only_within_the_calls_that_compile():
     """A model needing more graphs than dynamo's recompile limit compiles them (no fallback to eager), and the
-    limit outside those calls is what it was: nothing process-wide is raised."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    torch._dynamo.reset()
+    limit outside those calls is what it was: nothing process-wide is raised. (The limit is lowered with
+    dynamo's own ``config.patch``: pytest's monkeypatch deletes a config entry on undo.)"""
+    with torch._dynamo.config.patch(recompile_limit=1):
+        torch._dynamo.reset()
+        _two_graphs_over_a_limit_of_one()
+
+
+def _two_graphs_over_a_limit_of_one() -> None:
     ref = make(0, **SHAPES["gqa-rope-untied"])
     fast = prepared(ref, compiler=aot_eager)
     eager = prepare_for_decode(copy.deepcopy(ref))
