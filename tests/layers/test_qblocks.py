@@ -190,11 +190,11 @@ def default_target():
     return attnlab.from_pretrained("default").eval()
 
 
-@pytest.mark.parametrize("precision,tolerance", [("int8", 0.01), ("q8_0", 0.01), ("q4_0", 0.06), ("q4_1", 0.06),
+@pytest.mark.parametrize("precision,tolerance", [("q8_0", 0.01), ("q4_0", 0.06), ("q4_1", 0.06),
                                                  ("q4_k", 0.06)])
 def test_prepare_for_decode_in_block_formats_keeps_the_trained_models_predictions(default_target, precision,
                                                                                    tolerance):
-    """On trained weights: logits within ``tolerance`` of fp32's norm (measured: int8 0.004, q8_0 0.0035, q4_*
+    """On trained weights: logits within ``tolerance`` of fp32's norm (measured: q8_0 0.0035, q4_*
     0.03), the same next token almost everywhere, perplexity within 1% (8-bit) / 5% (4-bit) of fp32's, and
     the weights at their format's size."""
     import copy
@@ -205,7 +205,7 @@ def test_prepare_for_decode_in_block_formats_keeps_the_trained_models_prediction
     fast = prepare_for_decode(copy.deepcopy(default_target), precision=precision)
     linears = [m for m in fast.modules() if isinstance(m, Q.BlockLinear)]
     names = {m.fmt.name for m in linears}  # q4_k: Q4_1 where 256 does not divide the in-features (384 here)
-    assert names == ({"q8_0"} if precision == "int8" else {"q4_k", "q4_1"} if precision == "q4_k" else {precision})
+    assert names == ({"q4_k", "q4_1"} if precision == "q4_k" else {precision})  # (int8 is per-row: test_fast.py)
     assert weight_bytes(fast) < weight_bytes(default_target) * (0.28 if "8" in precision else 0.17)
     text = open(copy.__file__).read()[2000:6000]  # real Python source the model was not trained on verbatim
     ids = torch.tensor([attnlab.load_tokenizer("default").encode(text)[:256]])
