@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from attnlab.layers import qblocks
+
 QK_K = 256  # values per K-quant super-block
 
 
@@ -50,18 +52,6 @@ def _high_bits(qh: Tensor, count: int) -> Tensor:
     return ((word >> shifts) & 1).to(torch.uint8)
 
 
-def _q4_0(b: Tensor) -> Tensor:
-    d = _f16(b, 0)
-    q = _nibbles(b[:, 2:], 16).reshape(b.shape[0], 32).to(torch.int8) - 8
-    return d * q.float()
-
-
-def _q4_1(b: Tensor) -> Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 4:], 16).reshape(b.shape[0], 32).float()
-    return d * q + m
-
-
 def _q5_0(b: Tensor) -> Tensor:
     d = _f16(b, 0)
     high = _high_bits(b[:, 2:6], 32)
@@ -77,11 +67,6 @@ def _q5_1(b: Tensor) -> Tensor:
     return d * (low | (high << 4)).float() + m
 
 
-def _q8_0(b: Tensor) -> Tensor:
-    d = _f16(b, 0)
-    return _as(b[:, 2:], torch.int8).float() * d
-
-
 def _k_scales(scales: Tensor) -> tuple[Tensor, Tensor]:
     """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit minimums per super-block, (N, 8) each."""
     n = scales.shape[0]
@@ -90,16 +75,6 @@ def _k_scales(scales: Tensor) -> tuple[Tensor, Tensor]:
     sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
     mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
     return sc, mn
-
-
-def _q4_k(b: Tensor) -> Tensor:
-    n = b.shape[0]
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _k_scales(b[:, 4:16])
-    scale = (d * sc.float()).reshape(n, 8, 1)
-    low = (dmin * mn.float()).reshape(n, 8, 1)
-    q = _nibbles(b[:, 16:], 32).reshape(n, 8, 32).float()
-    return (scale * q - low).reshape(n, QK_K)
 
 
 def _q5_k(b: Tensor) -> Tensor:
@@ -138,10 +113,15 @@ def _f32(b: Tensor) -> Tensor:
     return _as(b, torch.float32).clone()  # a copy: never a view of the file
 
 
+def _stored_format(fmt: qblocks.BlockFormat) -> Callable[[Tensor], Tensor]:
+    """The formats attnlab also multiplies as stored are decoded by their one owner, ``layers/qblocks.py``."""
+    return lambda b: qblocks.dequantize(b, fmt)  # (N, B): N rows of one block each -> (N, block)
+
+
 # ggml type id -> (N, B) uint8 blocks -> (N, values per block) float32
 DEQUANTIZERS: dict[int, Callable[[Tensor], Tensor]] = {
-    0: _f32, 1: _f16_values, 30: _bf16, 2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0,
-    12: _q4_k, 13: _q5_k, 14: _q6_k,
+    0: _f32, 1: _f16_values, 30: _bf16, 6: _q5_0, 7: _q5_1, 13: _q5_k, 14: _q6_k,
+    **{f.ggml_type: _stored_format(f) for f in qblocks.FORMATS.values()},
 }
 
 
