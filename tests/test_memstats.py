@@ -3,8 +3,10 @@
 A ~22M-parameter decoder with a tied embedding is saved as a model directory and measured by the CLI in a
 fresh process (``--json``). The weight figures must equal the bytes of the tensors the file holds (read back
 with safetensors, an independent reader; the tied table once), the KV cache the size its shape gives, and the
-RSS growths must agree with them within the stated tolerance: 5% + 24 MiB for the weights (module objects,
-allocator slack, the warm-up's buffers), 5% + 4 MiB for the cache.
+RSS growths must agree with them within the stated tolerance: 2% + 6 MiB for the weights (module objects,
+allocator slack; a second copy of the 16 MiB embedding would fail it), 5% + 4 MiB for the cache. The baseline is
+taken after a rehearsal load, so what a process pays once (kernel code pages, thread pool) is not counted as
+weights: without it the excess was 17 MiB here and 37 MiB on a CI machine.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def test_memory_report_matches_the_allocations(model_dir, precision, size):
     assert set(report["weights_by_dtype"]) == {"float32" if size == 4 else "bfloat16"}
     kv = 2 * 6 * 2 * 1000 * 64 * size  # K and V x layers x kv heads x context x head dim
     assert report["cache"] == kv
-    assert abs(report["load_growth"] - report["weights"]) <= 0.05 * report["weights"] + 24 * MIB, report
+    assert abs(report["load_growth"] - report["weights"]) <= 0.02 * report["weights"] + 6 * MIB, report
     assert abs(report["cache_growth"] - report["cache"]) <= 0.05 * report["cache"] + 4 * MIB, report
     assert 0 <= report["workspace"] < 64 * MIB
     assert report["rss_end"] >= report["total"] - 8 * MIB
