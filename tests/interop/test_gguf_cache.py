@@ -3,7 +3,7 @@
 them, and a cache that is rebuilt whenever its source, attnlab's version or its own bytes change, survives two
 writers at once, and gives back exactly the weights a fresh conversion makes.
 
-Every test writes a tiny GGUF (the writer of test_gguf.py) and runs in seconds."""
+Every test writes a tiny GGUF (tests/interop/tiny_gguf.py) and runs in seconds."""
 
 from __future__ import annotations
 
@@ -27,18 +27,7 @@ from attnlab.interop.gguf_file import ggml_type_info
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-def _writer():
-    """The tiny-GGUF writer of test_gguf.py (loaded by path: the tests folder is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gguf_writer", Path(__file__).with_name("test_gguf.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_w = _writer()
-Q, make_hf, train_tokenizer, write_gguf = _w.Q, _w.make_hf, _w.train_tokenizer, _w.write_gguf
+from tiny_gguf import Q, make_hf, train_tokenizer, write_gguf  # noqa: E402  (tests/interop/conftest.py)
 
 
 @pytest.fixture(scope="module")
