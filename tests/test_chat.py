@@ -213,7 +213,7 @@ def test_smollm2_chat_main_piped(monkeypatch, capsys):
 
 
 @needs_smollm2
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "native"])
 def test_smollm2_one_turn_from_generate(capsys, dtype):
     from attnlab import cli
 

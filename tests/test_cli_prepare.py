@@ -53,4 +53,4 @@ def test_compile_is_opt_in_and_no_prepare_refuses_it(model_dir, capsys):
     assert "Off by default" in COMPILE_HELP
     assert main(["chat", "--model", str(model_dir), "--no-prepare", "--compile"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "drop --compile or --no-prepare" in err and "Traceback" not in err
+    assert err.startswith("error: ") and "drop --dtype/--compile or --no-prepare" in err and "Traceback" not in err

@@ -108,14 +108,35 @@ def load_model(directory: str | Path, *, dtype: torch.dtype | None = None) -> to
     return model.eval()
 
 
-def from_pretrained(path_or_name: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load a model: shipped name, attnlab directory, Hugging Face directory or GGUF file."""
-    path = resolve_path(path_or_name)
-    if path.is_file():
-        if path.suffix == ".gguf":
-            from attnlab.interop import gguf
+def from_pretrained(path_or_name: str | Path, *, dtype: torch.dtype | None = None,
+                    precision: str | None = None) -> torch.nn.Module:
+    """Load a model: shipped name, attnlab directory, Hugging Face directory or GGUF file.
 
-            return gguf.load_gguf(path, dtype=dtype)
+    ``precision="native"`` (GGUF only) keeps each weight in the format the file stores it — Q8_0/Q4_0/Q4_1/
+    Q4_K blocks multiplied as they are (``interop/gguf_native.py``); otherwise weights are decoded to
+    ``dtype`` (default float32)."""
+    if precision not in (None, "native"):
+        raise ValueError(f"precision={precision!r}: from_pretrained takes precision='native' (a GGUF's weights as "
+                         f"stored); for fp32/bf16/int8/q8_0/q4_* use prepare_for_decode(model, precision=...)")
+    path = resolve_path(path_or_name)
+    gguf_path = path if path.is_file() and path.suffix == ".gguf" else None
+    if gguf_path is None and path.is_dir() and not (path / CONFIG_NAME).is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        gguf_path = ggufs[0] if len(ggufs) == 1 else None
+    if precision == "native":
+        if gguf_path is None:
+            raise ValueError(f"precision='native' keeps a GGUF file's own weight formats; {path} is not a .gguf file "
+                             f"(load it without precision, then prepare_for_decode(model, precision=...))")
+        if dtype is not None:
+            raise ValueError("precision='native' keeps the file's formats; give no dtype with it")
+        from attnlab.interop.gguf_native import load_gguf_native
+
+        return load_gguf_native(gguf_path)
+    if gguf_path is not None:
+        from attnlab.interop import gguf
+
+        return gguf.load_gguf(gguf_path, dtype=dtype)
+    if path.is_file():
         raise ValueError(f"{path} is a file; from_pretrained expects a model directory or a .gguf file")
     if is_attnlab_dir(path):
         return load_model(path, dtype=dtype)
@@ -123,15 +144,28 @@ def from_pretrained(path_or_name: str | Path, *, dtype: torch.dtype | None = Non
         from attnlab.interop import hf
 
         return hf.load_hf(path, dtype=dtype)
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        from attnlab.interop import gguf
-
-        return gguf.load_gguf(ggufs[0], dtype=dtype)
     raise FileNotFoundError(
         f"{path} holds no {CONFIG_NAME} (attnlab or Hugging Face) and no single .gguf file; "
         f"it is not a model directory"
     )
+
+
+def load_for_decode(path_or_name: str | Path, precision: str = "fp32", *, compile: bool | str = False,
+                    prepare: bool = True) -> torch.nn.Module:
+    """A model loaded and prepared for generation, as the commands do it: ``precision`` is one of
+    ``inference.fast.PRECISIONS`` or ``"native"`` (a GGUF's formats as stored); bf16 and int8 load the
+    weights as bfloat16 directly. ``prepare=False``: the plain fp32 model, as loaded."""
+    from attnlab.inference.fast import NATIVE, prepare_for_decode
+
+    if not prepare:
+        if precision != "fp32" or compile:
+            raise ValueError("an unprepared model is the plain fp32 one; give no precision or compile with it")
+        return from_pretrained(path_or_name)
+    if precision == NATIVE:
+        model = from_pretrained(path_or_name, precision=NATIVE)
+    else:
+        model = from_pretrained(path_or_name, dtype=torch.bfloat16 if precision in ("bf16", "int8") else None)
+    return prepare_for_decode(model, precision=precision, compile=compile)
 
 
 def load_tokenizer(path_or_name: str | Path) -> Tokenizer:

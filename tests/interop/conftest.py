@@ -32,7 +32,10 @@ def tiny(tmp_path_factory, tok):
             path = tmp_path_factory.mktemp(f"{arch}-{qtype.name}") / "tiny.gguf"
             stored = write_gguf(path, hf, arch, tok, qtype)
             ref = make_hf(arch, tok.get_vocab_size())
-            ref.load_state_dict({**hf.state_dict(), **stored})
+            state = {**hf.state_dict(), **stored}
+            if hf.config.tie_word_embeddings:  # the head is the table as stored, not the float original
+                state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            ref.load_state_dict(state)
             made[arch, qtype] = (hf, ref.eval(), path)
         return made[arch, qtype]
 

@@ -60,15 +60,17 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
 
 
-def encode(values: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray]:
-    """(stored array for the writer, what a reader dequantises it to)."""
+def encode(values: np.ndarray, qtype, quantize=None) -> tuple[np.ndarray, np.ndarray]:
+    """(stored array for the writer, what a reader (the gguf package) dequantises it to). ``quantize``
+    replaces the gguf package's quantiser (which has no Q4_K)."""
     if qtype == Q.F32 or values.ndim == 1:  # llama.cpp keeps norms (1-D) in F32
         return values, values
-    stored = gguf.quants.quantize(values, qtype)
+    stored = (quantize or gguf.quants.quantize)(values, qtype)
     return stored, gguf.quants.dequantize(stored, qtype).reshape(values.shape)
 
 
-def write_gguf(path: Path, hf, arch: str, tok: Tokenizer, qtype=Q.F32, *, skip: tuple[str, ...] = ()) -> dict:
+def write_gguf(path: Path, hf, arch: str, tok: Tokenizer, qtype=Q.F32, *, skip: tuple[str, ...] = (),
+               quantize=None) -> dict:
     """Write ``hf`` as llama.cpp would; return the HF state dict as the file stores it (after quantisation)."""
     cfg = hf.config
     tokens, merges = vocab_and_merges(tok)
@@ -97,7 +99,7 @@ def write_gguf(path: Path, hf, arch: str, tok: Tokenizer, qtype=Q.F32, *, skip: 
         values = tensor.detach().numpy().astype(np.float32)
         permute = arch == "llama" and (".q_proj." in name or ".k_proj." in name)
         heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
-        stored, seen = encode(llamacpp_permute(values, heads) if permute else values, qtype)
+        stored, seen = encode(llamacpp_permute(values, heads) if permute else values, qtype, quantize)
         if permute:  # the inverse permutation brings the dequantised rows back in HF order
             seen = seen.reshape(heads, -1, 2, *seen.shape[1:]).swapaxes(1, 2).reshape(seen.shape)
         stored_state[name] = torch.from_numpy(np.ascontiguousarray(seen, dtype=np.float32))
@@ -117,8 +119,8 @@ def randomise(model):
     return model.eval()
 
 
-def make_hf(arch: str, vocab: int):
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+def make_hf(arch: str, vocab: int, hidden: int = 64, ffn: int = 96):
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
                   rope_theta=5000.0)
     if arch == "llama":

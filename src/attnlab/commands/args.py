@@ -1,10 +1,11 @@
 """What every command's flags share: a parser whose mistakes are one ``error:`` line, and one precision
 vocabulary.
 
-Precisions are named the same way in every command: ``fp32``, ``bf16``, ``fp16`` and ``int8`` (int8 weights
-with float activations, for decoding); ``float32``, ``bfloat16`` and ``float16`` are accepted as the same
-names. Each command takes the subset it can honour (``attnlab generate``: fp32, bf16, int8; ``chat``: fp32,
-bf16; ``convert``/``info``/``train --save-dtype``: fp32, bf16, fp16). Nothing here imports torch, so a flag
+Precisions are named the same way in every command: ``fp32``, ``bf16``, ``fp16``, ``int8`` (int8 weights
+with float activations, for decoding), the GGUF block formats ``q8_0``, ``q4_0``, ``q4_1``, ``q4_k`` and
+``native`` (a GGUF's weights as stored); ``float32``, ``bfloat16`` and ``float16`` are accepted as the same
+names. Each command takes the subset it can honour (``attnlab generate`` and ``chat``: ``DECODE``;
+``info --precision``: the same; ``convert``/``info --dtype``/``train --save-dtype``: fp32, bf16, fp16). Nothing here imports torch, so a flag
 mistake costs no torch import.
 """
 
@@ -17,7 +18,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "native")
+DECODE = ("fp32", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "native")  # what generate and chat run
+DECODE_HELP = ("weights for decoding: fp32 (exact), bf16, int8 weight-only, the GGUF block formats q8_0/q4_0/q4_1/"
+               "q4_k (integer dot products), or native: a GGUF's weights as the file stores them (default fp32)")
 ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TextIO
 
 from attnlab.chat import ChatSession, chat_template
-from attnlab.commands.args import add_compile, add_no_prepare, add_precision, parser, torch_dtype
+from attnlab.commands.args import DECODE, DECODE_HELP, add_compile, add_no_prepare, add_precision, parser
 
 COMMANDS = "/reset (forget the conversation), /stats (speed and context), /exit (or Ctrl-D)"
 
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--context", type=int, default=None,
                    help="tokens a turn may use (prompt + reply); default: the model's context")
-    add_precision(p, ("fp32", "bf16"), default="fp32", help="weights' precision")
+    add_precision(p, DECODE, default="fp32", help=DECODE_HELP)
     add_no_prepare(p)
     add_compile(p)
     p.add_argument("--threads", type=int, default=None,
@@ -119,8 +119,8 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: give a reply length >= 1 token")
     if args.context is not None and args.context < 1:
         raise ValueError(f"--context {args.context}: give a number of tokens >= 1")
-    if args.no_prepare and args.compile:
-        raise ValueError("--no-prepare runs the model as loaded; drop --compile or --no-prepare")
+    if args.no_prepare and (args.compile or args.dtype != "fp32"):
+        raise ValueError("--no-prepare runs the plain fp32 model as loaded; drop --dtype/--compile or --no-prepare")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: give a number of threads >= 1")
     if args.system is not None:
@@ -130,14 +130,11 @@ def main(argv: list[str]) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    from attnlab.hub import from_pretrained, load_tokenizer
+    from attnlab.hub import load_for_decode, load_tokenizer
 
     source = resolve_model(args.model)
-    model = from_pretrained(source, dtype=torch_dtype(args.dtype))
-    if not args.no_prepare:  # this process owns the model: fused projections and attnlab's kernels
-        from attnlab.inference.fast import prepare_for_decode
-
-        prepare_for_decode(model, precision=args.dtype, compile=args.compile)
+    # this process owns the model: fused projections and attnlab's kernels unless --no-prepare
+    model = load_for_decode(source, args.dtype, compile=args.compile, prepare=not args.no_prepare)
     tokenizer = load_tokenizer(source)
     session = ChatSession(model, tokenizer, chat_template(tokenizer, source), system=args.system,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from attnlab.commands.args import add_compile, add_no_prepare, add_precision, parser
+from attnlab.commands.args import DECODE, DECODE_HELP, add_compile, add_no_prepare, add_precision, parser
 
 if TYPE_CHECKING:
     import torch
@@ -83,8 +83,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gamma", type=int, default=4, help="drafted tokens per step (max, with --adaptive)")
     p.add_argument("--adaptive", action="store_true", help="tune gamma from the running acceptance rate")
     p.add_argument("--stats", action="store_true", help="print speed (and speculative statistics) at the end")
-    add_precision(p, ("fp32", "bf16", "int8"), default="fp32",
-                  help="weights for decoding: fp32 (exact), bf16, or int8 weight-only (default fp32)")
+    add_precision(p, DECODE, default="fp32", help=DECODE_HELP)
     add_compile(p)
     add_no_prepare(p)
     p.add_argument("--reference", dest="no_prepare", action="store_true", help="the same as --no-prepare")
@@ -93,16 +92,14 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from attnlab.hub import from_pretrained, load_tokenizer
-    from attnlab.inference.fast import prepare_for_decode
+    from attnlab.hub import load_for_decode, load_tokenizer
     from attnlab.inference.generate import generate
     from attnlab.inference.inputs import check_context
     from attnlab.inference.speculative import speculative_generate
     from attnlab.inference.streaming import TextStream
 
     def load(name: str):
-        m = from_pretrained(name)
-        return m if args.no_prepare else prepare_for_decode(m, precision=args.dtype, compile=args.compile)
+        return load_for_decode(name, args.dtype, compile=args.compile, prepare=not args.no_prepare)
 
     model = load(args.model)
     if args.chat is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from attnlab.commands.args import add_precision, parser, torch_dtype
+from attnlab.commands.args import DECODE, add_precision, parser, torch_dtype
 from attnlab.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -78,11 +78,15 @@ def measure_memory(name: str, precision: str | None, context: int | None, *, pro
     from attnlab.hub import from_pretrained
     from attnlab.inference.fast import prepare_for_decode
     from attnlab.inference.generate import generate
+    from attnlab.interop.gguf_native import parameter_count
     from attnlab.memstats import peak_rss_bytes, release_freed_memory, reset_peak, rss_bytes, tensor_bytes
 
     def load_and_warm_up():
-        model = from_pretrained(name, dtype=None if precision in (None, "fp32") else torch.bfloat16)
-        params = model.num_parameters()  # before preparing: packed weights are buffers, not parameters
+        if precision == "native":
+            model = from_pretrained(name, precision="native")
+        else:
+            model = from_pretrained(name, dtype=torch.bfloat16 if precision in ("bf16", "int8") else None)
+        params = parameter_count(model)  # before preparing: packed weights are buffers, not parameters
         if precision is not None:
             prepare_for_decode(model, precision=precision)
         ids = (torch.arange(prompt) * 7919 % model.config.vocab_size)[None]  # (1, prompt): any valid ids
@@ -148,7 +152,7 @@ def main(argv: list[str]) -> int:
                         "KV cache, workspace, baseline); with a size (e.g. 8GiB): the longest context whose "
                         "KV cache fits in it")
     add_precision(p, ("fp32", "bf16", "fp16"), default=None, help="cache precision")
-    add_precision(p, ("fp32", "bf16", "int8"), default=None, flag="--precision",
+    add_precision(p, DECODE, default=None, flag="--precision",
                   help="with --memory: the precision the model runs in (prepare_for_decode; default: as loaded)")
     p.add_argument("--context", type=int, default=None,
                    help="with --memory: tokens of KV cache to allocate (default: min(2048, the model's context))")

@@ -19,7 +19,10 @@ speculative decoding, the benchmarks — stay the same:
   were tried as int8: on SmolLM2 they answered tests/test_chat.py's question wrongly, although their logits
   were nearer fp32 on another prompt (6.3% vs 8.0% of the norm): undecided until perplexity is measured);
   ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q4_k"`` keep linear weights in that GGUF block format, multiplied
-  with integer dot products (``layers/qblocks.py``; the rest of the model stays float32).
+  with integer dot products (``layers/qblocks.py``; the rest of the model stays float32). ``"native"`` is
+  for a GGUF loaded with ``from_pretrained(path, precision="native")`` (``interop/gguf_native.py``): its
+  block weights stay exactly as the file stores them (fused by concatenating rows of blocks), float linears
+  take the fp32 path; a natively loaded model accepts no other precision.
 - **compile**: ``"static"`` (what ``True`` means for a decoder-only model) compiles each decode call of n
   tokens into a graph with static shapes — the whole preallocated cache attended under a mask by the
   registry's ``"static_slots"`` kernel, positions and slots passed as tensors — once per (batch, n, cache
@@ -77,7 +80,7 @@ import torch
 from torch import nn
 
 from attnlab.attention.mha import MultiHeadAttention
-from attnlab.inference.fused import FusedSelfAttention, FusedSwiGLU
+from attnlab.inference.fused import FusedSelfAttention, FusedSwiGLU, fusable
 from attnlab.layers import cpu_kernels
 from attnlab.layers.ffn import FFN
 from attnlab.layers.kernel_linear import KernelLinear
@@ -85,7 +88,8 @@ from attnlab.layers.qblocks import FORMATS, quantize_linear
 from attnlab.layers.quant import Int8Linear, PackedLinear
 from attnlab.memstats import release_freed_memory
 
-PRECISIONS = ("fp32", "bf16", "int8", *FORMATS)
+PRECISIONS = ("fp32", "bf16", "int8", *FORMATS)  # what prepare_for_decode converts a float model to
+NATIVE = "native"  # a GGUF loaded with from_pretrained(..., precision="native"): its formats kept as stored
 COMPILE_MODES = (False, True, "static", "dynamic")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, **dict.fromkeys(FORMATS, torch.float32)}
 
@@ -96,9 +100,10 @@ def fuse_projections(model: nn.Module) -> int:
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, MultiHeadAttention) and not child.cross:
+            if isinstance(child, MultiHeadAttention) and not child.cross and fusable(
+                    [child.q_proj, child.k_proj, child.v_proj]):
                 setattr(parent, name, FusedSelfAttention(child))
-            elif isinstance(child, FFN) and child.kind == "swiglu":
+            elif isinstance(child, FFN) and child.kind == "swiglu" and fusable([child.gate, child.up]):
                 setattr(parent, name, FusedSwiGLU(child))
             else:
                 continue
@@ -154,8 +159,15 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
     ``"dynamic"`` (``torch.compile(dynamic=True)`` over the forward), or True: static where it applies,
     dynamic otherwise.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not valid; choose one of: {', '.join(PRECISIONS)}")
+    if precision not in (*PRECISIONS, NATIVE):
+        raise ValueError(f"precision={precision!r} is not valid; choose one of: {', '.join((*PRECISIONS, NATIVE))}")
+    as_stored = getattr(model, "stored_weights", None)
+    if as_stored and precision != NATIVE:
+        raise ValueError(f"this model keeps its weights {as_stored} (from_pretrained(..., precision='native')): "
+                         f"prepare it with precision='native', or load it without precision to convert it")
+    if precision == NATIVE and not as_stored:
+        raise ValueError("precision='native' keeps a GGUF's own weight formats: load the model with "
+                         "from_pretrained(path_to_gguf, precision='native') first")
     if compile not in COMPILE_MODES or isinstance(compile, int) and not isinstance(compile, bool):
         raise ValueError(f"compile={compile!r} is not valid; choose False, True, 'static' or 'dynamic'")
     from attnlab.inference import static
@@ -173,7 +185,7 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
         p.requires_grad_(False)
     if fuse:
         fuse_projections(model)
-    if precision == "fp32":
+    if precision in ("fp32", NATIVE):  # native: block weights stay as loaded, float linears as fp32
         kernel_linears(model)
     else:
         model.to(DTYPES[precision])

@@ -24,20 +24,34 @@ from torch import Tensor, nn
 from attnlab.attention.mha import MultiHeadAttention
 from attnlab.layers.ffn import FFN
 from attnlab.layers.kernel_linear import KernelLinear
+from attnlab.layers.qblocks import BlockLinear
 
 
-def concat_linear(parts: list[nn.Linear]) -> KernelLinear:
-    """One linear layer whose output rows are the rows of ``parts`` in order (biases likewise)."""
-    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
+def concat_linear(parts: list[nn.Module]) -> nn.Module:
+    """One linear layer whose output rows are the rows of ``parts`` in order (biases likewise): float
+    ``nn.Linear`` parts give a ``KernelLinear``, ``BlockLinear`` parts of one GGUF format a ``BlockLinear``
+    (whole rows of blocks concatenated, as stored). See :func:`fusable`."""
     has_bias = any(p.bias is not None for p in parts)
     bias = None
     if has_bias:
+        ref = next(p.bias for p in parts if p.bias is not None)
         bias = torch.cat([p.bias.detach() if p.bias is not None else
-                          torch.zeros(p.out_features, dtype=weight.dtype, device=weight.device) for p in parts])
+                          torch.zeros(p.out_features, dtype=ref.dtype, device=ref.device) for p in parts])
+    if isinstance(parts[0], BlockLinear):
+        return BlockLinear(torch.cat([p.blocks for p in parts]), parts[0].fmt, parts[0].in_features, bias)
+    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
-    fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    fused.bias = None if bias is None else nn.Parameter(bias.to(weight.dtype), requires_grad=False)
     return KernelLinear.sharing(fused)
+
+
+def fusable(parts: list[nn.Module]) -> bool:
+    """Whether :func:`concat_linear` can join ``parts``: all float ``nn.Linear`` of one dtype, or all
+    ``BlockLinear`` of one format (a GGUF that mixes formats, e.g. Q4_K with Q6_K, keeps them apart)."""
+    if all(isinstance(p, nn.Linear) for p in parts):
+        return len({p.weight.dtype for p in parts}) == 1
+    return all(isinstance(p, BlockLinear) for p in parts) and len({p.fmt for p in parts}) == 1
 
 
 class FusedSelfAttention(nn.Module):

@@ -242,16 +242,21 @@ def our_name(gguf_name: str) -> str | None:
     return None
 
 
+def check_known_names(file: GGUFFile) -> None:
+    """ValueError naming the tensors of ``file`` that our decoder has no place for."""
+    unknown = sorted(n for n in file.tensors if our_name(n) is None)
+    if unknown:
+        raise ValueError(f"{file.path}: tensor(s) attnlab does not know how to load: {unknown[:8]} "
+                         f"(the file's architecture has parts our decoder lacks)")
+
+
 def gguf_state(file: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Tensor]:
     """Every tensor decoded, renamed to ours, q/k rows put back in HF order, cast to ``dtype``.
 
     The file is mapped once for the whole pass and unmapped when it ends (the state holds fresh tensors);
     at any moment one tensor's float32 values exist beside the state being built."""
     arch = ARCHITECTURES[file.meta("general.architecture")]
-    unknown = sorted(n for n in file.tensors if our_name(n) is None)
-    if unknown:
-        raise ValueError(f"{file.path}: tensor(s) attnlab does not know how to load: {unknown[:8]} "
-                         f"(the file's architecture has parts our decoder lacks)")
+    check_known_names(file)
     raws = file.raw()
     for raw in raws.values():  # check every type before the slow part
         if not _can_dequantize(raw.ggml_type):

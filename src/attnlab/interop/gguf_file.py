@@ -143,20 +143,30 @@ class GGUFFile:
             return default
         return self.metadata[key]
 
-    def raw(self, names: list[str] | None = None) -> dict[str, RawTensor]:
-        """The stored bytes of ``names`` (default: every tensor) as uint8 views of one fresh memory map of
-        the file, which is unmapped when the last of the returned views is freed."""
+    def raw(self, names: list[str] | None = None, *, read: bool = False) -> dict[str, RawTensor]:
+        """The stored bytes of ``names`` (default: every tensor) as uint8 tensors: views of one fresh memory
+        map of the file, which is unmapped when the last of the returned views is freed; or, with ``read``,
+        tensors of their own filled by reading the file (what a caller that keeps the bytes but copies some
+        of them wants: a mapped page once read stays resident while the map lives, even when nothing uses
+        it any more)."""
         names = list(self.tensors) if names is None else names
-        with open(self.path, "rb") as fh:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
-        whole = torch.frombuffer(mapped, dtype=torch.uint8)  # holds `mapped` alive while any view lives
         out = {}
-        for name in names:
-            info = self.tensors[name]
-            _, block, size = ggml_type_info(info.ggml_type)
-            row_bytes = info.shape[-1] // block * size if info.shape else size
-            data = whole[info.offset:info.offset + info.nbytes].view(-1, row_bytes)
-            out[name] = RawTensor(name, data, info.ggml_type, info.shape)
+        with open(self.path, "rb") as fh:
+            if not read:
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
+                whole = torch.frombuffer(mapped, dtype=torch.uint8)  # holds `mapped` alive while any view lives
+            for name in names:
+                info = self.tensors[name]
+                _, block, size = ggml_type_info(info.ggml_type)
+                row_bytes = info.shape[-1] // block * size if info.shape else size
+                if read:
+                    data = torch.empty(info.nbytes, dtype=torch.uint8)
+                    fh.seek(info.offset)
+                    if fh.readinto(memoryview(data.numpy())) != info.nbytes:
+                        raise ValueError(f"{self.path}: tensor {name!r} runs past the end of the file")
+                else:
+                    data = whole[info.offset:info.offset + info.nbytes]
+                out[name] = RawTensor(name, data.view(-1, row_bytes), info.ggml_type, info.shape)
         return out
 
 

@@ -299,3 +299,25 @@ class BlockLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
                 f"bias={self.bias is not None}, kernel={self.kernel}")
+
+
+class BlockEmbedding(nn.Module):
+    """A token embedding whose table stays in a GGUF block format: a lookup dequantises only the rows it
+    gathers (B, T) -> (B, T, C) float32. Its ``blocks`` can be shared with a tied :class:`BlockLinear` head,
+    so the table is held once, as the file stores it."""
+
+    def __init__(self, blocks: Tensor, fmt: str | int | BlockFormat, embedding_dim: int) -> None:
+        super().__init__()
+        self.fmt = block_format(fmt)
+        self.num_embeddings, self.embedding_dim = blocks.shape[0], embedding_dim
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != self.fmt.row_bytes(embedding_dim):
+            raise ValueError(f"{self.fmt.name} blocks for a {embedding_dim}-wide embedding must be uint8 "
+                             f"(vocab, {self.fmt.row_bytes(embedding_dim)}); got {blocks.dtype} {tuple(blocks.shape)}")
+        self.register_buffer("blocks", blocks, persistent=False)  # (V, row_bytes) uint8
+
+    def forward(self, ids: Tensor) -> Tensor:  # (...) int -> (..., C) float32
+        rows = dequantize(self.blocks.index_select(0, ids.reshape(-1)), self.fmt)  # (n, C)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}"
