@@ -168,6 +168,9 @@ def test_rows_follow_the_precisions_attnlab_has():
     # narrowing --precisions hides formats attnlab could run, without claiming it cannot
     rows = peer.plan_rows(["F32", "BF16"], ("fp32",), ("fp32", "bf16", "int8"), hf=False, default=False)
     assert not [r for r in rows if "skipped" in r]
+    # the GGUFs read as stored: the shipped Q4_1 and the Q8_0 sibling, each against llama.cpp on that file
+    assert {"native", "native-q8_0"} <= set(peer.attnlab_precisions())
+    assert (peer.format_of("native"), peer.format_of("native-q8_0")) == ("Q4_1", "Q8_0")
 
 
 @pytest.mark.slow  # loading the GGUF tokenizer and the corpus: ~25 s on a busy 2-core machine

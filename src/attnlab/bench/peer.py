@@ -63,6 +63,8 @@ NOT_YET = {  # why attnlab has no row at a format (until inference.fast.PRECISIO
 def format_of(precision: str) -> str | None:
     """The llama.cpp format an attnlab precision is compared with (same bits per weight), or None."""
     p = precision.lower()
+    if p.startswith("native-"):  # a sibling file loaded as stored, e.g. native-q8_0
+        return p.removeprefix("native-").upper()
     known = {"fp32": "F32", "bf16": "BF16", "fp16": "F16", "int8": "Q8_0", "q8_0": "Q8_0", "q8": "Q8_0",
              "native": SHIPPED_FORMAT}
     if p in known:
@@ -79,9 +81,11 @@ def require_llama_cpp() -> None:
 
 
 def attnlab_precisions() -> tuple[str, ...]:
-    from attnlab.inference.fast import PRECISIONS
+    """Every conversion precision, then the GGUFs loaded as stored: the shipped Q4_1 (``native``) and the Q8_0
+    sibling (``native-q8_0``), the same bytes llama.cpp multiplies."""
+    from attnlab.inference.fast import NATIVE, PRECISIONS
 
-    return tuple(PRECISIONS)
+    return (*PRECISIONS, NATIVE, f"{NATIVE}-q8_0")
 
 
 def plan_rows(formats: list[str], precisions: tuple[str, ...], available: tuple[str, ...], *, hf: bool,
@@ -242,7 +246,9 @@ def main(argv: list[str]) -> int:
 
     source = find_shipped_gguf("smollm2")
     quantize, version = llama_quantizer(args.threads)
-    files = write_siblings(source, [f for f in formats if f != SHIPPED_FORMAT], quantize=quantize,
+    native_files = [format_of(p) for p in precisions if p.startswith("native")]  # attnlab reads these as stored
+    wanted = [f for f in dict.fromkeys([*formats, *native_files]) if f != SHIPPED_FORMAT]
+    files = write_siblings(source, wanted, quantize=quantize,
                            quantizer_version=version, progress=lambda m: print(m, file=sys.stderr))
     files[SHIPPED_FORMAT] = source
     short, long, texts = prompts(load_tokenizer(source), args.long_prompt, args.quality_tokens)
@@ -253,7 +259,8 @@ def main(argv: list[str]) -> int:
                 texts=texts)
 
     def spec(row: dict, mode: str) -> dict:
-        model = files[row["format"]] if row["engine"] == "llama.cpp" else source
+        native = row["precision"].startswith("native")
+        model = files[row["format"]] if row["engine"] == "llama.cpp" or native else source
         return {**base, **{k: row[k] for k in ("engine", "variant", "precision")}, "model": str(model), "mode": mode}
 
     runs: dict[str, list[dict]] = {r["key"]: [] for r in runnable}

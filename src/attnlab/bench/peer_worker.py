@@ -125,9 +125,11 @@ class TorchEngine(Engine):
             return
         from attnlab.inference.fast import prepare_for_decode, weight_bytes
 
-        self.model = self.attnlab.from_pretrained(path)
+        native = spec["precision"].startswith("native")  # the file's formats as stored
+        self.model = self.attnlab.from_pretrained(path, precision="native" if native else None)
         if spec["variant"] == "compiled":
-            prepare_for_decode(self.model, precision=spec["precision"], compile=not logits_all)
+            prepare_for_decode(self.model, precision="native" if native else spec["precision"],
+                               compile=not logits_all)
         self.weight_bytes = weight_bytes(self.model)
 
     def generate(self, ids: list[int], n: int) -> tuple[list[int], float]:

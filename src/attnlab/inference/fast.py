@@ -84,7 +84,7 @@ from attnlab.inference.fused import FusedSelfAttention, FusedSwiGLU, fusable
 from attnlab.layers import cpu_kernels
 from attnlab.layers.ffn import FFN
 from attnlab.layers.kernel_linear import KernelLinear
-from attnlab.layers.qblocks import FORMATS, quantize_linear
+from attnlab.layers.qblocks import FORMATS, BlockEmbedding, quantize_linear
 from attnlab.layers.quant import Int8Linear, PackedLinear
 from attnlab.memstats import release_freed_memory
 
@@ -250,6 +250,8 @@ def weight_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     embed = getattr(model, "embed", None)
     skip = {id(embed.weight)} if isinstance(embed, nn.Embedding) else set()
+    if isinstance(embed, BlockEmbedding) and getattr(getattr(model, "lm_head", None), "blocks", None) is not embed.blocks:
+        skip.add(id(embed.blocks))  # an untied table in blocks: one row read (a tied one is the head's read)
     for t in list(model.parameters()) + list(model.buffers()):
         if t is None or id(t) in seen or id(t) in skip:
             continue
