@@ -225,7 +225,7 @@ class StaticDecoder:
         known = key in self.stats.graphs
         start = time.perf_counter()
         rotary = getattr(self.model, "rope", None)
-        rope = None if rotary is None else rotary(positions, self.model.embed.weight.dtype)
+        rope = None if rotary is None else rotary(positions, self.model.dtype)
         args = (self.model, tokens, positions, slots, key_mask, rope, *self._layers(cache))
         try:
             logits = None
