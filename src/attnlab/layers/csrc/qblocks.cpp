@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 #ifndef ATTNLAB_NS
 #define ATTNLAB_NS attnlab_kernels
@@ -275,8 +276,25 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype,
   TORCH_CHECK(!has_bias || bias->numel() == F, "qmatmul: bias must have one entry per output row");
   const at::Tensor bc = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor wc = blocks.contiguous();
-  auto [q, d, s] = quantize_q8(x);
-  const QRows a{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<int32_t>(), C, C / 32};
+  // the quantised activations live in this thread's scratch buffers (grown, never shrunk): a decode step
+  // makes ~120 of these calls, and three tensor allocations each were a measurable part of a small call
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> d;
+  thread_local std::vector<int32_t> s;
+  q.resize(static_cast<size_t>(N * C));
+  d.resize(static_cast<size_t>(N * (C / 32)));
+  s.resize(static_cast<size_t>(N * (C / 32)));
+  {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    const float* xp = xf.data_ptr<float>();
+    int8_t* qp = q.data();
+    float* dp = d.data();
+    int32_t* sp = s.data();
+    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / C), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) quantize_row(xp + n * C, C, qp + n * C, dp + n * (C / 32), sp + n * (C / 32));
+    });
+  }
+  const QRows a{q.data(), d.data(), s.data(), C, C / 32};
   at::Tensor y = at::empty({N, F}, x.options());
   const uint8_t* w = wc.data_ptr<uint8_t>();
   const float* bp = has_bias ? bc.data_ptr<float>() : nullptr;
