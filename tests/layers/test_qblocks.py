@@ -204,9 +204,15 @@ def test_prepare_for_decode_in_block_formats_keeps_the_trained_models_prediction
 
     fast = prepare_for_decode(copy.deepcopy(default_target), precision=precision)
     linears = [m for m in fast.modules() if isinstance(m, Q.BlockLinear)]
-    names = {m.fmt.name for m in linears}  # q4_k: Q4_1 where 256 does not divide the in-features (384 here)
+    names = {m.fmt.name for m in linears if m is not fast.lm_head}  # q4_k: Q4_1 where 256 does not divide 384
     assert names == ({"q4_k", "q4_1"} if precision == "q4_k" else {precision})  # (int8 is per-row: test_fast.py)
-    assert weight_bytes(fast) < weight_bytes(default_target) * (0.28 if "8" in precision else 0.17)
+    # the head at 8 bits whatever the format, and a tied table as the head's blocks (llama.cpp's rule)
+    assert isinstance(fast.lm_head, Q.BlockLinear) and fast.lm_head.fmt is Q.Q8_0
+    assert default_target.config.tie_embeddings and isinstance(fast.embed, Q.BlockEmbedding)
+    assert fast.embed.blocks is fast.lm_head.blocks
+    rows = torch.tensor([[0, 7, 7, default_target.config.vocab_size - 1]])
+    assert torch.equal(fast.embed(rows)[0], Q.dequantize(fast.lm_head.blocks, Q.Q8_0)[rows[0]])
+    assert weight_bytes(fast) < weight_bytes(default_target) * (0.28 if "8" in precision else 0.19)  # head 8-bit
     text = open(copy.__file__).read()[2000:6000]  # real Python source the model was not trained on verbatim
     ids = torch.tensor([attnlab.load_tokenizer("default").encode(text)[:256]])
     with torch.no_grad():
