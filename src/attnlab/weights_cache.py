@@ -4,7 +4,8 @@ re-ordered into attnlab's state dict, in one dtype), kept on disk and memory-map
 Where and what. ``$ATTNLAB_CACHE/weights/<source>.<variant>.attnlab-<version>.safetensors`` (``cachedir.py``),
 one safetensors file per (source file content, variant such as ``float32``, attnlab version). Nothing in it
 is executed or unpickled; its ``__metadata__`` repeats the key (source SHA-256, variant, version), carries
-the JSON the caller stores beside the weights (the model config) and a CRC-32 of every tensor's bytes.
+the JSON the caller stores beside the weights (the model config), a CRC-32 of every tensor's bytes, and a
+CRC-32 of the header itself (each tensor's dtype and shape, the JSON, the tensors' CRCs).
 
 The key is the source file's **content** (SHA-256), not its name or date: a copied or renamed file finds
 its entry, a changed file never does. Hashing ~100 MB takes a fraction of a second, so the digest is
@@ -14,8 +15,9 @@ file changes its ctime, which no tool can set back (``touch``/``os.utime`` set m
 so an edited file is hashed again. A digest is not remembered for a file changed less than two seconds
 before it was hashed (a same-tick rewrite could then go unseen, git's "racy" case).
 
-Trust. An entry is used only when its header parses, its key and the file's length match, and every
-tensor's CRC-32 matches (checked in two threads; the pages are read once, and would be by the first
+Trust. An entry is used only when its header parses and matches its own CRC-32 (a flipped byte in the stored
+config once read back as another, valid-looking config: ``tie_embeddings`` became ``t3e_embeddings``), its key
+and the file's length match, and every tensor's CRC-32 matches (checked in two threads; the pages are read once, and would be by the first
 forward pass anyway). Anything else — truncated, bytes flipped, another version — is reported in one warning
 and rebuilt. Writes go to a temporary name and are renamed into place (``checkpoint.atomic_write_file``):
 two processes filling the same entry each write their own temporary file and the second rename wins, so a
@@ -50,11 +52,12 @@ from torch import Tensor
 from attnlab.cachedir import cache_dir
 from attnlab.checkpoint import TMP_MARK, atomic_write_file, atomic_write_text
 
-FORMAT = "1"
+FORMAT = "2"  # 2: the header carries a CRC-32 of its own contents
 RACY_SECONDS = 2.0  # a file changed this recently is hashed again on every load
 _DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                                    "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                                    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}  # safetensors' names, as its header spells them
 
 
 def enabled() -> bool:
@@ -133,8 +136,16 @@ def write_entry(path: Path, state: dict[str, Tensor], key: dict[str, str], info:
     crcs = {name: zlib.crc32(_tensor_bytes(t)) for name, t in state.items()}
     metadata = {**key, "attnlab.cache": FORMAT, "info": json.dumps(info, sort_keys=True),
                 "crc32": json.dumps(crcs, sort_keys=True)}
+    layout = {name: [_DTYPE_NAMES[t.dtype], list(t.shape)] for name, t in state.items()}
+    metadata["header.crc32"] = str(_header_crc(layout, metadata))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_file(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def _header_crc(layout: dict[str, list], meta: dict[str, str]) -> int:
+    """CRC-32 of what an entry's header says: each tensor's dtype and shape, and every metadata value."""
+    text = json.dumps([layout, {k: v for k, v in meta.items() if k != "header.crc32"}], sort_keys=True)
+    return zlib.crc32(text.encode())
 
 
 def _header(fh: Any, size: int) -> tuple[dict, int]:
@@ -158,6 +169,9 @@ def read_entry(path: Path, key: dict[str, str]) -> tuple[dict, dict[str, Tensor]
         meta = header.pop("__metadata__", None) or {}
         if meta.get("attnlab.cache") != FORMAT or any(meta.get(k) != v for k, v in key.items()):
             raise ValueError("made for another file, variant or attnlab version")
+        layout = {name: [h["dtype"], list(h["shape"])] for name, h in header.items()}
+        if meta.get("header.crc32") != str(_header_crc(layout, meta)):
+            raise ValueError("the header does not match its checksum")
         crcs = json.loads(meta["crc32"])
         info = json.loads(meta["info"])
         spans = sorted((int(h["data_offsets"][0]), int(h["data_offsets"][1]), name) for name, h in header.items())

@@ -168,7 +168,7 @@ def _flip(path: Path, where: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip-data", "flip-last", "flip-header", "empty"])
+@pytest.mark.parametrize("damage", ["truncate", "flip-data", "flip-last", "flip-header", "flip-config", "empty"])
 def test_a_damaged_entry_is_rebuilt_not_trusted(tiny, cache, capfd, damage):
     fresh, _ = load(tiny, capfd, cache=False)
     load(tiny, capfd)
@@ -183,6 +183,8 @@ def test_a_damaged_entry_is_rebuilt_not_trusted(tiny, cache, capfd, damage):
         _flip(entry, size - 1)
     elif damage == "flip-header":
         _flip(entry, header // 2)
+    elif damage == "flip-config":  # a byte of the stored config: still JSON, a config no longer the file's
+        _flip(entry, entry.read_bytes()[:header].index(b"tie_embeddings") + 1)
     else:
         os.truncate(entry, 0)
     with pytest.warns(UserWarning, match="damaged or stale.*rebuilding"):
