@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from attnlab.inference import aot as aot_module
 from attnlab.inference.cache import KVCache
 
 MIN_SLOTS = 256  # cache slots are rounded up to a power of two at least this large (see slots_for)
@@ -141,11 +142,20 @@ class StaticDecoder:
     mode) is raised before anything runs and is then compiled normally.
 
     ``compiler`` replaces ``torch.compile`` (tests run the step uncompiled or with another backend).
+
+    ``aot`` (default: on for a CPU model, unless ``ATTNLAB_AOT=0`` or a ``compiler`` is given): each graph is
+    an AOTInductor package cached on disk and shared by later processes (``inference/aot.py``; its load and
+    build counts in ``aot.stats``), instead of a ``torch.compile`` graph traced again in every process. A
+    graph that cannot be exported or built that way is compiled with ``torch.compile`` (one warning).
     """
 
     def __init__(self, model: nn.Module, *, mode: str | None = None, max_tokens: int = MAX_TOKENS,
-                 min_slots: int = MIN_SLOTS, skip_guards: bool = True, compiler=None) -> None:
+                 min_slots: int = MIN_SLOTS, skip_guards: bool = True, compiler=None, aot: bool | None = None,
+                 aot_dir=None) -> None:
         self.model = model
+        if aot is None:
+            aot = compiler is None and aot_module.enabled() and model.device.type == "cpu"
+        self.aot = aot_module.AotGraphs(model, inductor_options(mode), aot_dir) if aot else None
         self.eager_forward = model.forward
         self.eager_new_cache = model.new_cache
         self.max_tokens, self.min_slots, self.skip_guards = max_tokens, min_slots, skip_guards
@@ -229,7 +239,9 @@ class StaticDecoder:
         args = (self.model, tokens, positions, slots, key_mask, rope, *self._layers(cache))
         try:
             logits = None
-            if known and self.skip_guards:
+            if self.aot is not None:
+                logits = self._run_aot(key, args)
+            if logits is None and known and self.skip_guards:
                 try:
                     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                         logits = self.compiled(*args)
@@ -249,6 +261,20 @@ class StaticDecoder:
         self.stats.static_calls += 1
         cache.commit(T, attention_mask)
         return logits if n == T else logits[:, :T]  # (B, T, V)
+
+    def _run_aot(self, key: tuple, args: tuple) -> Tensor | None:
+        """The call through the AOT package of ``key`` (loaded or built on first use); None, after one
+        warning that turns AOT off for this model, when it cannot be exported or built."""
+        _, tokens, positions, slots, key_mask, rope, k, v = args
+        inputs = [tokens, positions, slots, key_mask, *(rope or ()), *k, *v]
+        try:
+            graph = self.aot.get(key, inputs, rope is not None, len(k))
+        except Exception as exc:  # e.g. an operation export does not cover: torch.compile per process
+            warnings.warn(f"ahead-of-time compilation of the decode graph failed ({type(exc).__name__}: "
+                          f"{str(exc)[:300]}); compiling it in this process with torch.compile", stacklevel=4)
+            self.aot = None
+            return None
+        return graph(inputs)
 
     # ------------------------------------------------------------------ helpers
     def _all_real(self, B: int, cache: KVCache) -> Tensor:
@@ -295,15 +321,15 @@ def recompile_room(graphs: int) -> contextlib.AbstractContextManager:
     return torch._dynamo.config.patch(recompile_limit=2 * graphs)
 
 
-def install(model: nn.Module, *, mode: str | None = None, skip_guards: bool = True,
-            compiler=None) -> StaticDecoder | None:
+def install(model: nn.Module, *, mode: str | None = None, skip_guards: bool = True, compiler=None,
+            aot: bool | None = None, aot_dir=None) -> StaticDecoder | None:
     """Put a ``StaticDecoder`` in front of ``model.forward`` and ``model.new_cache`` (None, with a warning,
-    when the model is not covered)."""
+    when the model is not covered); ``aot`` and ``aot_dir`` (default ``$ATTNLAB_CACHE/graphs``) as there."""
     why = unsupported_reason(model)
     if why is not None:
         warnings.warn(f"{why}; decoding stays eager", stacklevel=3)
         return None
-    static = StaticDecoder(model, mode=mode, skip_guards=skip_guards, compiler=compiler)
+    static = StaticDecoder(model, mode=mode, skip_guards=skip_guards, compiler=compiler, aot=aot, aot_dir=aot_dir)
     model.static_decoder = static
     model.forward = static.forward
     model.new_cache = static.new_cache
