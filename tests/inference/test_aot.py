@@ -181,3 +181,14 @@ def test_keys_tell_apart_what_the_compiled_code_depends_on():
     if cpu_kernels.available():
         with cpu_kernels.kernels_disabled():  # the layers take PyTorch's products instead of attnlab's kernel
             assert key(fp32) != before
+
+
+def test_the_compile_modes_choose_the_packages_or_torch_compile(monkeypatch):
+    """``compile="static"``: packages unless ``ATTNLAB_AOT=0``; ``"static-jit"``: torch.compile in the process.
+    (Nothing compiles here: graphs are built on the first decode call.)"""
+    monkeypatch.setenv("ATTNLAB_AOT", "1")
+    assert prepare_for_decode(make(0), compile="static").static_decoder.aot is not None
+    assert prepare_for_decode(make(0), compile=True).static_decoder.aot is not None
+    assert prepare_for_decode(make(0), compile="static-jit").static_decoder.aot is None
+    monkeypatch.setenv("ATTNLAB_AOT", "0")
+    assert prepare_for_decode(make(0), compile="static").static_decoder.aot is None

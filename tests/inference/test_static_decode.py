@@ -16,7 +16,7 @@ import torch
 
 import attnlab
 from attnlab.attention.kernels import get_kernel
-from attnlab.inference import static
+from attnlab.inference import aot, static
 from attnlab.inference.fast import prepare_for_decode
 
 SHAPES = {
@@ -218,6 +218,7 @@ def _missing_compile(fn, **kw):
 def test_no_compiler_falls_back_to_eager_with_a_warning(monkeypatch, failure):
     ref = make(1, **SHAPES["gqa-rope-untied"])
     monkeypatch.setattr(torch, "compile", _broken_compile if failure == "at the first call" else _missing_compile)
+    monkeypatch.setattr(aot, "build", _broken_compile(None))  # no C++ compiler for AOTInductor either
     ids, mask = batch(3, 6)
     with pytest.warns(UserWarning, match="decoding stays eager"):
         fast = prepare_for_decode(copy.deepcopy(ref), compile="static")
