@@ -192,3 +192,45 @@ def test_the_compile_modes_choose_the_packages_or_torch_compile(monkeypatch):
     assert prepare_for_decode(make(0), compile="static-jit").static_decoder.aot is None
     monkeypatch.setenv("ATTNLAB_AOT", "0")
     assert prepare_for_decode(make(0), compile="static").static_decoder.aot is None
+
+
+@pytest.mark.slow
+def test_two_processes_filling_the_cache_at_once_leave_one_whole_package(tmp_path):
+    """Both compile (neither finds a package), each writes its own temporary file and renames it: the cache
+    ends with one intact package that a third process loads, and every process decodes the same tokens."""
+    env = {**os.environ, "ATTNLAB_CACHE": str(tmp_path), "ATTNLAB_AOT": "1"}
+    if cpu_kernels.cache_dir().is_dir():
+        (tmp_path / "kernels").symlink_to(cpu_kernels.cache_dir())
+    command = [sys.executable, "-W", "ignore", "-c", SECOND.format(tests=os.path.dirname(__file__))]
+    both = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    runs = []
+    for proc in both:
+        out, err = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, err[-2000:]
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    third = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    runs.append(json.loads(third.stdout.strip().splitlines()[-1]))
+    assert [r["built"] + r["loaded"] for r in runs] == [1, 1, 1] and runs[2]["loaded"] == 1, runs
+    assert runs[0]["tokens"] == runs[1]["tokens"] == runs[2]["tokens"]
+    files = list((tmp_path / "graphs").iterdir())
+    assert [p.suffix for p in files] == [".pt2"]
+    with zipfile.ZipFile(files[0]) as archive:
+        assert archive.testzip() is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_the_package_computes_what_torch_compile_computes(precision, tmp_path):
+    """The same inductor options, the same graph: the package's logits equal the ``torch.compile`` static
+    graph's bit for bit along the same tokens, at every precision (bf16/int8 weights are non-persistent
+    buffers, handed over like parameters)."""
+    ref = make(2)
+    packaged = prepare_for_decode(copy.deepcopy(ref), precision=precision)
+    cpu_kernels.available()
+    static.install(packaged, aot=True, aot_dir=tmp_path)
+    jit = prepare_for_decode(copy.deepcopy(ref), precision=precision, compile="static-jit")
+    tokens = attnlab.generate(ref, IDS, NEW)[:, IDS.shape[1]:]
+    got = logits_along(packaged, tokens)
+    assert packaged.static_decoder.aot is not None and packaged.static_decoder.aot.stats.built == 1
+    assert torch.equal(got, logits_along(jit, tokens))

@@ -200,7 +200,8 @@ def build(path: Path, model: nn.Module, inputs: list[Tensor], rope: bool, layers
     finally:
         for m, mode in modes.items():
             m.training = mode
-    lifted = [name for name in exported.constants]
+    named = _constants(model)  # non-persistent buffers (bf16/int8 weights) are listed as constants too
+    lifted = [name for name in exported.constants if name not in named]
     if lifted:  # a tensor the graph would bake in without it being part of the key
         raise ValueError(f"the decode step lifts tensors that are not parameters or buffers: {lifted[:3]}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.pt2")
