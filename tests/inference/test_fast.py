@@ -120,7 +120,7 @@ def test_prepared_models_refuse_what_they_cannot_do(tmp_path):
 
 
 @pytest.mark.parametrize("compile", [True, "dynamic"])  # True = static-shape graphs for a decoder
-def test_compile_falls_back_to_eager_when_the_compiler_fails(monkeypatch, compile):
+def test_compile_falls_back_to_eager_when_the_compiler_fails(monkeypatch, tmp_path, compile):
     ref = _model(1, **SHAPES[1])
     fast = copy.deepcopy(ref)
 
@@ -131,6 +131,7 @@ def test_compile_falls_back_to_eager_when_the_compiler_fails(monkeypatch, compil
 
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setattr(aot, "build", broken(None))  # no C++ compiler for AOTInductor either
+    monkeypatch.setattr(aot, "cache_dir", lambda: tmp_path)  # and no package built before
     prepare_for_decode(fast, precision="fp32", compile=compile)
     ids = torch.randint(0, 300, (1, 5))
     with pytest.warns(UserWarning, match="decoding stays eager"):

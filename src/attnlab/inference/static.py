@@ -164,13 +164,20 @@ class StaticDecoder:
         self._ones: dict[tuple, Tensor] = {}
         self._arange: dict[tuple, Tensor] = {}
         self._widths: dict[tuple, int] = {}
+        self.compiled = None
+        self._compiler, self._mode = compiler, mode
+        self._jit_keys: set[tuple] = set()  # the keys torch.compile has a graph for
+        if self.aot is None:  # with packages, torch.compile (and importing dynamo: ~3 s) only if they fail
+            self._compile_step()
+
+    def _compile_step(self) -> None:
         # a copy of decode_step's code object per model: dynamo keeps compiled graphs (and guards) per code
         # object, so each model's graphs are told apart by their shapes alone (see ``skip_guards``) and no
         # model's graphs count against another's recompile limit
         step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, "decode_step")
         try:
-            compile_fn = torch.compile if compiler is None else compiler
-            self.compiled = compile_fn(step, dynamic=False, fullgraph=True, options=inductor_options(mode))
+            compile_fn = torch.compile if self._compiler is None else self._compiler
+            self.compiled = compile_fn(step, dynamic=False, fullgraph=True, options=inductor_options(self._mode))
         except Exception as exc:  # no compiler backend on this platform
             self._fail(f"torch.compile is not available here ({type(exc).__name__}: {str(exc)[:200]})")
 
@@ -241,7 +248,13 @@ class StaticDecoder:
             logits = None
             if self.aot is not None:
                 logits = self._run_aot(key, args)
-            if logits is None and known and self.skip_guards:
+                if logits is None and self.compiled is None:
+                    self._compile_step()
+                    if self.compiled is None:  # no torch.compile either (reported): eager
+                        self.stats.eager_calls += 1
+                        return self.eager_forward(input_ids, cache=cache, attention_mask=attention_mask)
+            # guards skipped only for a graph dynamo itself compiled (not one a package served until now)
+            if logits is None and key in self._jit_keys and self.skip_guards:
                 try:
                     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                         logits = self.compiled(*args)
@@ -251,6 +264,7 @@ class StaticDecoder:
             if logits is None:  # may compile: with room for this model's graphs, within this call only
                 with recompile_room(len(self.stats.graphs) + 1):
                     logits = self.compiled(*args)
+                self._jit_keys.add(key)
         except Exception as exc:  # e.g. no C++ compiler for inductor: report once, run eagerly
             self._fail(f"static-shape compilation failed ({type(exc).__name__}: {str(exc)[:300]})")
             self.stats.eager_calls += 1
