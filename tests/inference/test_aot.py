@@ -84,28 +84,33 @@ def test_the_package_gives_the_static_paths_tokens_and_logits(built):
 
 SECOND = """
 import json, sys, torch, attnlab
+torch.set_num_threads({threads})  # the key holds the thread count (inductor writes it into its loops)
 sys.path.insert(0, {tests!r})
 from test_aot import make, IDS, NEW
+from attnlab.inference import aot, static
 from attnlab.inference.fast import prepare_for_decode
 fast = prepare_for_decode(make(0), compile="static")
 out = attnlab.generate(fast, IDS, NEW)[0, IDS.shape[1]:].tolist()
 s = fast.static_decoder
+parts = aot.key_parts(aot.model_signature(fast), (1, 1, 256, torch.float32, "cpu"), static.inductor_options(None))
 print(json.dumps(dict(tokens=out, failed=s.failed, loaded=s.aot.stats.loaded, built=s.aot.stats.built,
-                      rejected=s.aot.stats.rejected, static_calls=s.stats.static_calls)))
+                      rejected=s.aot.stats.rejected, static_calls=s.stats.static_calls, parts=parts)))
 """
 
 
 def test_a_second_process_loads_the_package_and_compiles_nothing(built):
-    root, _, _, tokens = built
+    root, _, fast, tokens = built
     env = {**os.environ, "ATTNLAB_CACHE": str(root), "ATTNLAB_AOT": "1"}
     kernels = cpu_kernels.cache_dir()  # the kernel already built for this machine, not built again
     if kernels.is_dir() and not (root / "kernels").exists():
         (root / "kernels").symlink_to(kernels)
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", SECOND.format(tests=os.path.dirname(__file__))],
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", SECOND.format(tests=os.path.dirname(__file__), threads=torch.get_num_threads())],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     run = json.loads(done.stdout.strip().splitlines()[-1])
-    assert run["failed"] is None and (run["loaded"], run["built"], run["rejected"]) == (1, 0, 0), run
+    ours = aot.key_parts(aot.model_signature(fast), (1, 1, 256, torch.float32, "cpu"), static.inductor_options(None))
+    differ = [(a, b) for a, b in zip(ours, run.pop("parts")) if a != b]
+    assert run["failed"] is None and (run["loaded"], run["built"], run["rejected"]) == (1, 0, 0), (run, differ)
     assert run["static_calls"] == NEW - 1 and run["tokens"] == tokens[0].tolist()
     assert "compiling" not in done.stderr
 
@@ -201,7 +206,7 @@ def test_two_processes_filling_the_cache_at_once_leave_one_whole_package(tmp_pat
     env = {**os.environ, "ATTNLAB_CACHE": str(tmp_path), "ATTNLAB_AOT": "1"}
     if cpu_kernels.cache_dir().is_dir():
         (tmp_path / "kernels").symlink_to(cpu_kernels.cache_dir())
-    command = [sys.executable, "-W", "ignore", "-c", SECOND.format(tests=os.path.dirname(__file__))]
+    command = [sys.executable, "-W", "ignore", "-c", SECOND.format(tests=os.path.dirname(__file__), threads=torch.get_num_threads())]
     both = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             for _ in range(2)]
     runs = []

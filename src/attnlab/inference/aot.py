@@ -102,16 +102,20 @@ def model_signature(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
-def graph_key(signature: str, shape: tuple, options: dict) -> str:
-    """The cache key of one graph: ``signature`` (``model_signature``), ``shape`` (B, n, S, dtype, device),
-    the inductor ``options`` and everything of this machine and installation the compiled code depends on."""
+def key_parts(signature: str, shape: tuple, options: dict) -> list[str]:
+    """What a graph's key hashes: ``signature`` (``model_signature``), ``shape`` (B, n, S, dtype, device), the
+    inductor ``options`` and everything of this machine and installation the compiled code depends on."""
     import attnlab
 
     flags = sorted(cpu_kernels.cpu_flags())
-    parts = [FORMAT, torch.__version__, sys.version, attnlab.__version__, sources_hash(), signature, repr(shape),
-             repr(sorted(options.items())), " ".join(flags), torch.backends.cpu.get_cpu_capability(),
-             str(cpu_kernels.isa()), str(torch.get_num_threads())]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+    return [FORMAT, torch.__version__, sys.version, attnlab.__version__, sources_hash(), signature, repr(shape),
+            repr(sorted(options.items())), " ".join(flags), torch.backends.cpu.get_cpu_capability(),
+            f"kernels {cpu_kernels.isa()}", f"threads {torch.get_num_threads()}"]
+
+
+def graph_key(signature: str, shape: tuple, options: dict) -> str:
+    """The cache key of one graph (a hash of ``key_parts``)."""
+    return hashlib.sha256("\n".join(key_parts(signature, shape, options)).encode()).hexdigest()[:32]
 
 
 def _umask() -> int:
@@ -189,7 +193,7 @@ def build(path: Path, model: nn.Module, inputs: list[Tensor], rope: bool, layers
     from torch._inductor import aoti_compile_and_package
 
     print(f"attnlab: compiling a decode graph ({describe}) ahead of time, once per model shape and machine "
-          f"(~1 min; cached in {path.parent})", file=sys.stderr, flush=True)
+          f"(1-2 min; cached in {path.parent})", file=sys.stderr, flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     modes = {m: m.training for m in model.modules()}
     try:
