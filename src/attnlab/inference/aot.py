@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,20 +126,19 @@ def _umask() -> int:
 
 
 class _Step(nn.Module):
-    """``static.decode_step`` as a module for ``torch.export``: its parameters are the model's (prefixed
-    ``model.``), its inputs tensors only (RoPE's cos/sin present when the model has RoPE)."""
+    """The static step (``static.decode_step``, passed in: static.py imports this module) as a module for
+    ``torch.export``: its parameters are the model's (prefixed ``model.``), its inputs tensors only (RoPE's
+    cos/sin present when the model has RoPE)."""
 
-    def __init__(self, model: nn.Module, layers: int, rope: bool) -> None:
+    def __init__(self, step: Callable, model: nn.Module, layers: int, rope: bool) -> None:
         super().__init__()
-        self.model, self.layers, self.rope = model, layers, rope
+        self.step, self.model, self.layers, self.rope = step, model, layers, rope
 
     def forward(self, tokens: Tensor, positions: Tensor, slots: Tensor, key_mask: Tensor, *rest: Tensor) -> Tensor:
-        from attnlab.inference.static import decode_step
-
         rope = (rest[0], rest[1]) if self.rope else None
         kv = rest[2:] if self.rope else rest
         L = self.layers
-        return decode_step(self.model, tokens, positions, slots, key_mask, rope, list(kv[:L]), list(kv[L:]))
+        return self.step(self.model, tokens, positions, slots, key_mask, rope, list(kv[:L]), list(kv[L:]))
 
 
 @dataclass
@@ -186,9 +186,9 @@ def load(path: Path, model: nn.Module) -> AotGraph:
     return AotGraph(loader)
 
 
-def build(path: Path, model: nn.Module, inputs: list[Tensor], rope: bool, layers: int, options: dict,
-          describe: str) -> None:
-    """Export the static step on ``inputs`` (copies are traced, the caller's tensors are untouched), compile
+def build(path: Path, step: Callable, model: nn.Module, inputs: list[Tensor], rope: bool, layers: int,
+          options: dict, describe: str) -> None:
+    """Export ``step`` (``static.decode_step``) on ``inputs`` (copies are traced, the caller's tensors are untouched), compile
     it with AOTInductor into a temporary file beside ``path`` and rename it into place."""
     from torch._inductor import aoti_compile_and_package
 
@@ -200,7 +200,7 @@ def build(path: Path, model: nn.Module, inputs: list[Tensor], rope: bool, layers
         model.eval()  # decoding's graph (dropout off), whatever the modules' flags (see _NOT_TRACED)
         with torch.inference_mode(False), torch.no_grad():
             example = tuple(t.clone() for t in inputs)  # inference-mode tensors cannot be traced outside it
-            exported = torch.export.export(_Step(model, layers, rope).eval(), example, strict=False)
+            exported = torch.export.export(_Step(step, model, layers, rope).eval(), example, strict=False)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -221,11 +221,11 @@ def build(path: Path, model: nn.Module, inputs: list[Tensor], rope: bool, layers
 
 
 class AotGraphs:
-    """The packages of one model (one ``StaticDecoder``): ``get(shape, inputs)`` returns the loaded graph for
-    a call's shape, loading it from the disk cache or building it first (see the module docstring)."""
+    """The packages of one model (one ``StaticDecoder``, whose ``step`` it exports): ``get(shape, inputs)``
+    returns the loaded graph for a call's shape, loaded from the disk cache or built first (module docstring)."""
 
-    def __init__(self, model: nn.Module, options: dict, directory: str | Path | None = None) -> None:
-        self.model, self.options = model, options
+    def __init__(self, step: Callable, model: nn.Module, options: dict, directory: str | Path | None = None) -> None:
+        self.step, self.model, self.options = step, model, options
         self.directory = None if directory is None else Path(directory)
         self.graphs: dict[tuple, AotGraph] = {}
         self.stats = AotStats()
@@ -254,7 +254,7 @@ class AotGraphs:
         if graph is None:
             B, n, S, dtype = shape[:4]
             start = time.perf_counter()
-            build(path, self.model, inputs, rope, layers, self.options,
+            build(path, self.step, self.model, inputs, rope, layers, self.options,
                   f"batch {B}, {n} token{'s' * (n > 1)} per call, {S} cache slots, {str(dtype).replace('torch.', '')}")
             graph = load(path, self.model)
             self.stats.built += 1

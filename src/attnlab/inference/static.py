@@ -14,7 +14,8 @@ Here a decode call of ``n`` tokens has shapes that do not depend on the cache le
   real token (left padding, speculative holes);
 - positions (RoPE or learned, counting real tokens) come in as a tensor, computed by ``KVCache.begin``.
 
-So the graph is compiled once per (B, n, S) and replayed: plain decoding runs n = 1, speculative
+So the graph is compiled once per (B, n, S) and replayed (by default compiled ahead of time into a package cached
+on disk that later processes load, ``inference/aot.py``; ``compile="static-jit"``: ``torch.compile`` in each process): plain decoding runs n = 1, speculative
 verification n = γ + 1, the draft 1 or 2. A call with a width that has no graph yet runs the narrowest
 compiled one of up to twice its width, with padding rows (written past the new tokens, where nothing sees
 them; their logits dropped), so speculative decoding's shorter last rounds do not each compile a graph
@@ -155,7 +156,7 @@ class StaticDecoder:
         self.model = model
         if aot is None:
             aot = compiler is None and aot_module.enabled() and model.device.type == "cpu"
-        self.aot = aot_module.AotGraphs(model, inductor_options(mode), aot_dir) if aot else None
+        self.aot = aot_module.AotGraphs(decode_step, model, inductor_options(mode), aot_dir) if aot else None
         self.eager_forward = model.forward
         self.eager_new_cache = model.new_cache
         self.max_tokens, self.min_slots, self.skip_guards = max_tokens, min_slots, skip_guards
