@@ -8,6 +8,21 @@ import torch
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _static_graphs_through_torch_compile():
+    """``compile="static"`` compiles with ``torch.compile`` in tests (``ATTNLAB_AOT=0``) unless the environment
+    sets ``ATTNLAB_AOT``: an ahead-of-time package takes 20-80 s to build and its key changes with every edit
+    of attnlab's model sources, where inductor's own cache survives them. tests/inference/test_aot.py tests
+    the packages; ``ATTNLAB_AOT=1 pytest tests/inference`` runs every compiled test through them. Session
+    scope: module fixtures that compile are made with the setting too."""
+    import os
+
+    with pytest.MonkeyPatch.context() as mp:
+        if "ATTNLAB_AOT" not in os.environ:
+            mp.setenv("ATTNLAB_AOT", "0")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import attnlab
+from attnlab.inference import aot
 from attnlab.inference.fast import prepare_for_decode, weight_bytes
 from attnlab.layers.quant import Int8Linear, PackedLinear, quantize_int8
 
@@ -119,7 +120,7 @@ def test_prepared_models_refuse_what_they_cannot_do(tmp_path):
 
 
 @pytest.mark.parametrize("compile", [True, "dynamic"])  # True = static-shape graphs for a decoder
-def test_compile_falls_back_to_eager_when_the_compiler_fails(monkeypatch, compile):
+def test_compile_falls_back_to_eager_when_the_compiler_fails(monkeypatch, tmp_path, compile):
     ref = _model(1, **SHAPES[1])
     fast = copy.deepcopy(ref)
 
@@ -129,6 +130,8 @@ def test_compile_falls_back_to_eager_when_the_compiler_fails(monkeypatch, compil
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(aot, "build", broken(None))  # no C++ compiler for AOTInductor either
+    monkeypatch.setattr(aot, "cache_dir", lambda: tmp_path)  # and no package built before
     prepare_for_decode(fast, precision="fp32", compile=compile)
     ids = torch.randint(0, 300, (1, 5))
     with pytest.warns(UserWarning, match="decoding stays eager"):

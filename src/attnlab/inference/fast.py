@@ -28,7 +28,10 @@ speculative decoding, the benchmarks — stay the same:
 - **compile**: ``"static"`` (what ``True`` means for a decoder-only model) compiles each decode call of n
   tokens into a graph with static shapes — the whole preallocated cache attended under a mask by the
   registry's ``"static_slots"`` kernel, positions and slots passed as tensors — once per (batch, n, cache
-  slots), reused every step (``inference/static.py``); prefill stays eager. ``"dynamic"`` (what ``True``
+  slots), reused every step (``inference/static.py``); prefill stays eager. Each graph is compiled once per
+  machine by AOTInductor into a package in ``$ATTNLAB_CACHE/graphs`` that later processes load in
+  milliseconds (``inference/aot.py``; ``"static-jit"`` or ``ATTNLAB_AOT=0``: ``torch.compile`` in every
+  process instead). ``"dynamic"`` (what ``True``
   means for other families) is ``torch.compile(dynamic=True)`` over the whole forward. Either one is
   reached through ``model.forward``, which ``install`` routes to the decoder object it records on the model
   (``model.static_decoder`` / ``model.compiled_forward``: their ``failed`` and ``stats`` say what ran).
@@ -92,7 +95,7 @@ from attnlab.memstats import release_freed_memory
 
 PRECISIONS = ("fp32", "bf16", "int8", *FORMATS)  # what prepare_for_decode converts a float model to
 NATIVE = "native"  # a GGUF loaded with from_pretrained(..., precision="native"): its formats kept as stored
-COMPILE_MODES = (False, True, "static", "dynamic")
+COMPILE_MODES = (False, True, "static", "static-jit", "dynamic")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, **dict.fromkeys(FORMATS, torch.float32)}
 
 
@@ -174,8 +177,9 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
                        compile: bool | str = False) -> nn.Module:
     """Prepare ``model`` in place for fast generation (see the module docstring); returns it.
 
-    ``compile``: False (eager), ``"static"`` (static-shape decode graphs, decoder-only models),
-    ``"dynamic"`` (``torch.compile(dynamic=True)`` over the forward), or True: static where it applies,
+    ``compile``: False (eager), ``"static"`` (static-shape decode graphs, decoder-only models, compiled
+    ahead of time and cached on disk for later processes), ``"static-jit"`` (the same graphs through
+    ``torch.compile`` in each process), ``"dynamic"`` (``torch.compile(dynamic=True)`` over the forward), or True: static where it applies,
     dynamic otherwise.
     """
     if precision not in (*PRECISIONS, NATIVE):
@@ -188,7 +192,7 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
         raise ValueError("precision='native' keeps a GGUF's own weight formats: load the model with "
                          "from_pretrained(path_to_gguf, precision='native') first")
     if compile not in COMPILE_MODES or isinstance(compile, int) and not isinstance(compile, bool):
-        raise ValueError(f"compile={compile!r} is not valid; choose False, True, 'static' or 'dynamic'")
+        raise ValueError(f"compile={compile!r} is not valid; choose False, True, 'static', 'static-jit' or 'dynamic'")
     from attnlab.inference import static
 
     if compile is True:
@@ -222,8 +226,8 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
         # decode step, its CPU check (torch.backends.cpu.get_cpu_capability) broke the trace, and decoding
         # fell back to eager
         cpu_kernels.available()
-    if compile == "static":
-        static.install(model)
+    if compile in ("static", "static-jit"):  # static: AOT packages cached on disk (inference/aot.py)
+        static.install(model, aot=None if compile == "static" else False)
     elif compile == "dynamic":
         CompiledForward.install(model)
     return model

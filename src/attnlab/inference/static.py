@@ -14,7 +14,8 @@ Here a decode call of ``n`` tokens has shapes that do not depend on the cache le
   real token (left padding, speculative holes);
 - positions (RoPE or learned, counting real tokens) come in as a tensor, computed by ``KVCache.begin``.
 
-So the graph is compiled once per (B, n, S) and replayed: plain decoding runs n = 1, speculative
+So the graph is compiled once per (B, n, S) and replayed (by default compiled ahead of time into a package cached
+on disk that later processes load, ``inference/aot.py``; ``compile="static-jit"``: ``torch.compile`` in each process): plain decoding runs n = 1, speculative
 verification n = γ + 1, the draft 1 or 2. A call with a width that has no graph yet runs the narrowest
 compiled one of up to twice its width, with padding rows (written past the new tokens, where nothing sees
 them; their logits dropped), so speculative decoding's shorter last rounds do not each compile a graph
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from attnlab.inference import aot as aot_module
 from attnlab.inference.cache import KVCache
 
 MIN_SLOTS = 256  # cache slots are rounded up to a power of two at least this large (see slots_for)
@@ -141,11 +143,20 @@ class StaticDecoder:
     mode) is raised before anything runs and is then compiled normally.
 
     ``compiler`` replaces ``torch.compile`` (tests run the step uncompiled or with another backend).
+
+    ``aot`` (default: on for a CPU model, unless ``ATTNLAB_AOT=0`` or a ``compiler`` is given): each graph is
+    an AOTInductor package cached on disk and shared by later processes (``inference/aot.py``; its load and
+    build counts in ``aot.stats``), instead of a ``torch.compile`` graph traced again in every process. A
+    graph that cannot be exported or built that way is compiled with ``torch.compile`` (one warning).
     """
 
     def __init__(self, model: nn.Module, *, mode: str | None = None, max_tokens: int = MAX_TOKENS,
-                 min_slots: int = MIN_SLOTS, skip_guards: bool = True, compiler=None) -> None:
+                 min_slots: int = MIN_SLOTS, skip_guards: bool = True, compiler=None, aot: bool | None = None,
+                 aot_dir=None) -> None:
         self.model = model
+        if aot is None:
+            aot = compiler is None and aot_module.enabled() and model.device.type == "cpu"
+        self.aot = aot_module.AotGraphs(decode_step, model, inductor_options(mode), aot_dir) if aot else None
         self.eager_forward = model.forward
         self.eager_new_cache = model.new_cache
         self.max_tokens, self.min_slots, self.skip_guards = max_tokens, min_slots, skip_guards
@@ -154,13 +165,20 @@ class StaticDecoder:
         self._ones: dict[tuple, Tensor] = {}
         self._arange: dict[tuple, Tensor] = {}
         self._widths: dict[tuple, int] = {}
+        self.compiled = None
+        self._compiler, self._mode = compiler, mode
+        self._jit_keys: set[tuple] = set()  # the keys torch.compile has a graph for
+        if self.aot is None:  # with packages, torch.compile (and importing dynamo: ~3 s) only if they fail
+            self._compile_step()
+
+    def _compile_step(self) -> None:
         # a copy of decode_step's code object per model: dynamo keeps compiled graphs (and guards) per code
         # object, so each model's graphs are told apart by their shapes alone (see ``skip_guards``) and no
         # model's graphs count against another's recompile limit
         step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, "decode_step")
         try:
-            compile_fn = torch.compile if compiler is None else compiler
-            self.compiled = compile_fn(step, dynamic=False, fullgraph=True, options=inductor_options(mode))
+            compile_fn = torch.compile if self._compiler is None else self._compiler
+            self.compiled = compile_fn(step, dynamic=False, fullgraph=True, options=inductor_options(self._mode))
         except Exception as exc:  # no compiler backend on this platform
             self._fail(f"torch.compile is not available here ({type(exc).__name__}: {str(exc)[:200]})")
 
@@ -229,7 +247,15 @@ class StaticDecoder:
         args = (self.model, tokens, positions, slots, key_mask, rope, *self._layers(cache))
         try:
             logits = None
-            if known and self.skip_guards:
+            if self.aot is not None:
+                logits = self._run_aot(key, args)
+                if logits is None and self.compiled is None:
+                    self._compile_step()
+                    if self.compiled is None:  # no torch.compile either (reported): eager
+                        self.stats.eager_calls += 1
+                        return self.eager_forward(input_ids, cache=cache, attention_mask=attention_mask)
+            # guards skipped only for a graph dynamo itself compiled (not one a package served until now)
+            if logits is None and key in self._jit_keys and self.skip_guards:
                 try:
                     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                         logits = self.compiled(*args)
@@ -239,6 +265,7 @@ class StaticDecoder:
             if logits is None:  # may compile: with room for this model's graphs, within this call only
                 with recompile_room(len(self.stats.graphs) + 1):
                     logits = self.compiled(*args)
+                self._jit_keys.add(key)
         except Exception as exc:  # e.g. no C++ compiler for inductor: report once, run eagerly
             self._fail(f"static-shape compilation failed ({type(exc).__name__}: {str(exc)[:300]})")
             self.stats.eager_calls += 1
@@ -249,6 +276,20 @@ class StaticDecoder:
         self.stats.static_calls += 1
         cache.commit(T, attention_mask)
         return logits if n == T else logits[:, :T]  # (B, T, V)
+
+    def _run_aot(self, key: tuple, args: tuple) -> Tensor | None:
+        """The call through the AOT package of ``key`` (loaded or built on first use); None, after one
+        warning that turns AOT off for this model, when it cannot be exported or built."""
+        _, tokens, positions, slots, key_mask, rope, k, v = args
+        inputs = [tokens, positions, slots, key_mask, *(rope or ()), *k, *v]
+        try:
+            graph = self.aot.get(key, inputs, rope is not None, len(k))
+        except Exception as exc:  # e.g. an operation export does not cover: torch.compile per process
+            warnings.warn(f"ahead-of-time compilation of the decode graph failed ({type(exc).__name__}: "
+                          f"{str(exc)[:300]}); compiling it in this process with torch.compile", stacklevel=4)
+            self.aot = None
+            return None
+        return graph(inputs)
 
     # ------------------------------------------------------------------ helpers
     def _all_real(self, B: int, cache: KVCache) -> Tensor:
@@ -295,15 +336,15 @@ def recompile_room(graphs: int) -> contextlib.AbstractContextManager:
     return torch._dynamo.config.patch(recompile_limit=2 * graphs)
 
 
-def install(model: nn.Module, *, mode: str | None = None, skip_guards: bool = True,
-            compiler=None) -> StaticDecoder | None:
+def install(model: nn.Module, *, mode: str | None = None, skip_guards: bool = True, compiler=None,
+            aot: bool | None = None, aot_dir=None) -> StaticDecoder | None:
     """Put a ``StaticDecoder`` in front of ``model.forward`` and ``model.new_cache`` (None, with a warning,
-    when the model is not covered)."""
+    when the model is not covered); ``aot`` and ``aot_dir`` (default ``$ATTNLAB_CACHE/graphs``) as there."""
     why = unsupported_reason(model)
     if why is not None:
         warnings.warn(f"{why}; decoding stays eager", stacklevel=3)
         return None
-    static = StaticDecoder(model, mode=mode, skip_guards=skip_guards, compiler=compiler)
+    static = StaticDecoder(model, mode=mode, skip_guards=skip_guards, compiler=compiler, aot=aot, aot_dir=aot_dir)
     model.static_decoder = static
     model.forward = static.forward
     model.new_cache = static.new_cache
