@@ -37,6 +37,14 @@ def test_fused_fp32_gives_the_reference_tokens_and_logits(shape):
     assert torch.equal(attnlab.generate(fast, ids, 40), attnlab.generate(ref, ids, 40))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "q4_1"])
+def test_a_prepared_model_is_in_eval_mode_throughout(precision):
+    """Dropout must not act in a prepared model: every module, the swapped-in ones too, is in eval mode
+    (the fused modules were created after ``eval()`` and stayed in training mode)."""
+    fast = prepare_for_decode(_model(0, dropout=0.1, **SHAPES[0]).train(), precision=precision)
+    assert [name for name, m in fast.named_modules() if m.training] == []
+
+
 def test_fusion_keeps_weight_bytes_and_speculative_decoding_works():
     ref = _model(3, **SHAPES[1])
     fast = prepare_for_decode(copy.deepcopy(ref), precision="fp32")

@@ -63,18 +63,20 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, TORCH_NAMES[ALIASES.get(name, name)])
 
 
-# Why --compile is not on by default: the compiled decode graphs are traced by dynamo in every new process,
-# even when inductor's on-disk cache holds their kernels (0.5-17 s per graph with a warm cache, ~75 s cold for
-# the 30-layer SmolLM2, docs/fast_decode.md), against issue 28's target of a first token within 3 s of a
-# warm start. Commands prepare without compiling unless asked.
-COMPILE_HELP = ("torch.compile the decode steps (eager if no compiler): static-shape graphs for a decoder (the "
-                "default mode), or 'dynamic' (the whole forward with dynamic shapes; slow to compile). Off by "
-                "default: each new process spends seconds tracing the graphs before its first token")
+# Why --compile is not on by default: a decode graph is compiled once per machine into an AOTInductor package
+# (inference/aot.py) that later processes load in ~0.1 s, but building it costs ~75-100 s per graph on SmolLM2
+# (2 cores): the first `attnlab chat --compile` would wait that long before its first token, against issue 28's
+# cold-start target of 30 s. Commands prepare without compiling unless asked; with --compile, every later run
+# starts in seconds.
+COMPILE_HELP = ("compile the decode steps (eager if no compiler): static-shape graphs for a decoder (the default "
+                "mode: built once per machine into cached AOTInductor packages, ~1-2 min the first time, loaded in "
+                "~0.1 s after), 'static-jit' (torch.compile in every process), or 'dynamic' (the whole forward "
+                "with dynamic shapes; slow to compile). Off by default: the first build delays the first token")
 
 
 def add_compile(p: argparse.ArgumentParser) -> None:
     """``--compile [static|dynamic]``, opt-in (see ``COMPILE_HELP``)."""
-    p.add_argument("--compile", nargs="?", const=True, default=False, choices=["static", "dynamic"],
+    p.add_argument("--compile", nargs="?", const=True, default=False, choices=["static", "static-jit", "dynamic"],
                    help=COMPILE_HELP)
 
 

@@ -220,6 +220,7 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
         else:
             _replace_linears(model, lambda lin: Int8Linear(lin.weight, lin.bias, torch.bfloat16))
     release_freed_memory()  # the conversion's freed temporaries (130-350 MiB for SmolLM2), see memstats.py
+    model.eval()  # the modules swapped in above start in training mode
     model.prepared_for_decode = f"precision={precision}, fuse={fuse}, compile={compile}"
     if compile:
         # load (or build) attnlab's CPU kernel before anything is traced: first loaded while dynamo traced a
