@@ -155,17 +155,21 @@ def load_for_decode(path_or_name: str | Path, precision: str = "fp32", *, compil
     """A model loaded and prepared for generation, as the commands do it: ``precision`` is one of
     ``inference.fast.PRECISIONS`` or ``"native"`` (a GGUF's formats as stored); bf16 and int8 load the
     weights as bfloat16 directly. ``prepare=False``: the plain fp32 model, as loaded."""
-    from attnlab.inference.fast import NATIVE, prepare_for_decode
+    from attnlab.inference.fast import prepare_for_decode
 
     if not prepare:
         if precision != "fp32" or compile:
             raise ValueError("an unprepared model is the plain fp32 one; give no precision or compile with it")
         return from_pretrained(path_or_name)
-    if precision == NATIVE:
-        model = from_pretrained(path_or_name, precision=NATIVE)
-    else:
-        model = from_pretrained(path_or_name, dtype=torch.bfloat16 if precision in ("bf16", "int8") else None)
-    return prepare_for_decode(model, precision=precision, compile=compile)
+    return prepare_for_decode(load_for_precision(path_or_name, precision), precision=precision, compile=compile)
+
+
+def load_for_precision(path_or_name: str | Path, precision: str | None) -> torch.nn.Module:
+    """The model as ``prepare_for_decode(precision)`` wants it loaded, not yet prepared: a GGUF's formats
+    as stored for ``"native"``, bfloat16 weights for bf16 and int8 (no float32 copy first), else float32."""
+    if precision == "native":
+        return from_pretrained(path_or_name, precision="native")
+    return from_pretrained(path_or_name, dtype=torch.bfloat16 if precision in ("bf16", "int8") else None)
 
 
 def load_tokenizer(path_or_name: str | Path) -> Tokenizer:

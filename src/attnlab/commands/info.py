@@ -75,17 +75,14 @@ def measure_memory(name: str, precision: str | None, context: int | None, *, pro
 
     import torch
 
-    from attnlab.hub import from_pretrained
+    from attnlab.hub import load_for_precision
     from attnlab.inference.fast import prepare_for_decode
     from attnlab.inference.generate import generate
     from attnlab.interop.gguf_native import parameter_count
     from attnlab.memstats import peak_rss_bytes, release_freed_memory, reset_peak, rss_bytes, tensor_bytes
 
     def load_and_warm_up():
-        if precision == "native":
-            model = from_pretrained(name, precision="native")
-        else:
-            model = from_pretrained(name, dtype=torch.bfloat16 if precision in ("bf16", "int8") else None)
+        model = load_for_precision(name, precision)
         params = parameter_count(model)  # before preparing: packed weights are buffers, not parameters
         if precision is not None:
             prepare_for_decode(model, precision=precision)

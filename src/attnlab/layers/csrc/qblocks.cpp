@@ -240,6 +240,13 @@ void matmul_impl(const QRows& a, const uint8_t* w, int64_t row_bytes, const floa
 int64_t block_elems(int64_t t) { return t == kQ4_K ? 256 : 32; }
 int64_t block_bytes(int64_t t) { return t == kQ8_0 ? 34 : t == kQ4_0 ? 18 : t == kQ4_1 ? 20 : 144; }
 
+// quantize_row over N rows (threads split the rows).
+void quantize_rows(const float* x, int64_t N, int64_t C, int8_t* q, float* d, int32_t* s) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / C), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) quantize_row(x + n * C, C, q + n * C, d + n * (C / 32), s + n * (C / 32));
+  });
+}
+
 // Quantise the rows of x (N, C) to int8 per block of 32 (as the product does): returns (q, d, s).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_q8(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.size(1) % 32 == 0,
@@ -249,13 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_q8(const at::Tensor& x_i
   at::Tensor q = at::empty({N, C}, x.options().dtype(at::kChar));
   at::Tensor d = at::empty({N, C / 32}, x.options());
   at::Tensor s = at::empty({N, C / 32}, x.options().dtype(at::kInt));
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* dp = d.data_ptr<float>();
-  int32_t* sp = s.data_ptr<int32_t>();
-  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / C), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) quantize_row(xp + n * C, C, qp + n * C, dp + n * (C / 32), sp + n * (C / 32));
-  });
+  quantize_rows(x.data_ptr<float>(), N, C, q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<int32_t>());
   return {q, d, s};
 }
 
@@ -284,16 +285,7 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype,
   q.resize(static_cast<size_t>(N * C));
   d.resize(static_cast<size_t>(N * (C / 32)));
   s.resize(static_cast<size_t>(N * (C / 32)));
-  {
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
-    const float* xp = xf.data_ptr<float>();
-    int8_t* qp = q.data();
-    float* dp = d.data();
-    int32_t* sp = s.data();
-    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / C), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) quantize_row(xp + n * C, C, qp + n * C, dp + n * (C / 32), sp + n * (C / 32));
-    });
-  }
+  quantize_rows(x.to(at::kFloat).contiguous().data_ptr<float>(), N, C, q.data(), d.data(), s.data());
   const QRows a{q.data(), d.data(), s.data(), C, C / 32};
   at::Tensor y = at::empty({N, F}, x.options());
   const uint8_t* w = wc.data_ptr<uint8_t>();
