@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.bench.common import Stopwatch, markdown_table
+from attnlab.bench.clock import Stopwatch
+from attnlab.bench.common import markdown_table
 
 KERNEL_NAMES = ("naive", "sdpa", "flash")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -1,4 +1,5 @@
-"""Helpers every benchmark shares: the machine description, timing, tables."""
+"""Helpers every benchmark shares: the machine description, peak memory, tables, JSON output (the clock is
+``clock.py``)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,12 @@ import os
 import platform
 import re
 import resource
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
 from attnlab.layers import cpu_kernels
 from attnlab.layers.quant import native_bf16
-
-T = TypeVar("T")
 
 
 def machine() -> dict:
@@ -58,61 +54,6 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-
-
-class Stopwatch:
-    """The one wall clock of the benchmarks (``time.perf_counter``). It starts when made, or again on entering
-    a ``with`` block; ``seconds`` is the time since, frozen when the block ends. ``Stopwatch.call(fn)`` times
-    one call and returns (seconds, result)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.end: float | None = None
-
-    def __enter__(self) -> Stopwatch:
-        self.start, self.end = time.perf_counter(), None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.end = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return (time.perf_counter() if self.end is None else self.end) - self.start
-
-    @classmethod
-    def call(cls, fn: Callable[[], T]) -> tuple[float, T]:
-        with cls() as clock:
-            result = fn()
-        return clock.seconds, result
-
-
-def timed(fn: Callable[[], object], *, repeats: int = 3, warmup: int = 1) -> tuple[float, object]:
-    """Best wall time over ``repeats`` runs after ``warmup`` runs; returns (seconds, last result)."""
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    best = float("inf")
-    for _ in range(repeats):
-        seconds, result = Stopwatch.call(fn)
-        best = min(best, seconds)
-    return best, result
-
-
-def timed_pair(a: Callable[[], object], b: Callable[[], object], *, repeats: int = 3,
-               warmup: int = 1) -> tuple[float, object, float, object]:
-    """Best wall times of ``a`` and ``b`` run alternately (a, b, a, b, ...), so that load from other
-    processes hits both alike. Returns (seconds_a, result_a, seconds_b, result_b)."""
-    ra = rb = None
-    for _ in range(warmup):
-        ra, rb = a(), b()
-    best_a = best_b = float("inf")
-    for _ in range(repeats):
-        seconds, ra = Stopwatch.call(a)
-        best_a = min(best_a, seconds)
-        seconds, rb = Stopwatch.call(b)
-        best_b = min(best_b, seconds)
-    return best_a, ra, best_b, rb
 
 
 def markdown_table(rows: list[dict], columns: list[str] | tuple[str, ...]) -> str:

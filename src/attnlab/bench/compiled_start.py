@@ -30,6 +30,7 @@ _CHILD = """
 import json, sys, time
 launched = float(sys.argv[1]); spec = json.loads(sys.argv[2])
 import torch, attnlab
+from attnlab.bench.clock import Stopwatch
 from attnlab.bench.peer import PROMPT
 from attnlab.chat import render_chat
 from attnlab.hub import load_tokenizer
@@ -53,10 +54,10 @@ with torch.inference_mode():
     t["first_step_s"] = time.time() - step
     t["first_compiled_token"] = time.time() - launched
     tokens.append(int(logits.argmax(-1)))
-    start = time.perf_counter()
-    for _ in range(spec["new_tokens"] - 1):
-        tokens.append(int(model(torch.tensor([[tokens[-1]]]), cache=cache)[:, -1].argmax(-1)))
-    t["decode_tok_s"] = (spec["new_tokens"] - 1) / (time.perf_counter() - start)
+    with Stopwatch() as clock:
+        for _ in range(spec["new_tokens"] - 1):
+            tokens.append(int(model(torch.tensor([[tokens[-1]]]), cache=cache)[:, -1].argmax(-1)))
+    t["decode_tok_s"] = (spec["new_tokens"] - 1) / clock.seconds
 with open("/proc/self/status") as f:
     t["rss_mb"] = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 s = getattr(model, "static_decoder", None)

@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from attnlab.bench.common import Stopwatch, machine, write_json
+from attnlab.bench.clock import Stopwatch
+from attnlab.bench.common import machine, write_json
 from attnlab.commands.args import parser
 
 TRAIN = ["--preset", "tiny", "--quiet", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4",

@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
     import transformers
 
     import attnlab
-    from attnlab.bench.common import Stopwatch, machine, timed_pair
+    from attnlab.bench.clock import Stopwatch, timed_pair
+    from attnlab.bench.common import machine
     from attnlab.chat import render_chat
     from attnlab.hub import find_shipped_gguf
     from attnlab.interop.gguf import load_gguf, load_gguf_tokenizer
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> int:
         "transformers": transformers.__version__, **machine(),
     }
     if args.bf16:
-        from attnlab.bench.common import timed
+        from attnlab.bench.clock import timed
 
         half = load_gguf(path, dtype=torch.bfloat16)
         t_half, out_half = timed(lambda: attnlab.generate(half, ids, n), repeats=args.repeats, warmup=1)

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attnlab.bench.common import Stopwatch, machine, markdown_table, write_json
+from attnlab.bench.clock import Stopwatch
+from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
 SOURCES = ("default", "smollm2", "mha")

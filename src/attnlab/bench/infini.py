@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import (
-    Stopwatch,
     machine,
     markdown_table,
     peak_rss_bytes,

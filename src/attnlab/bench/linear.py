@@ -29,11 +29,11 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
+from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
@@ -159,11 +159,11 @@ def run(precisions: list[str], rows_list: list[int], layers: int, repeats: int,
                     # each round starts with another path: the one after PyTorch's ran measurably slower
                     for name in names[rnd % len(names):] + names[:rnd % len(names)]:
                         fns = paths[name]
-                        t0 = time.perf_counter()
-                        for (fn, extra), w in zip(fns, weights):
-                            fn(xs[w.shape[1]], *extra)
+                        with Stopwatch() as clock:
+                            for (fn, extra), w in zip(fns, weights):
+                                fn(xs[w.shape[1]], *extra)
                         if rnd:
-                            best[name] = min(best[name], time.perf_counter() - t0)
+                            best[name] = min(best[name], clock.seconds)
             for name, seconds in best.items():
                 rows_out.append({"precision": precision, "rows": n, "path": name, "ms": seconds * 1e3,
                                  "bytes_per_weight": nbytes / sum(w.numel() for w in weights),

@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from attnlab.bench.clock import Stopwatch, now
 
 
 def rss_bytes() -> int:
@@ -78,7 +79,7 @@ class LlamaCppEngine(Engine):
 
     def generate(self, ids: list[int], n: int) -> tuple[list[int], float]:
         llm, lib = self.llm, self.llama_cpp
-        start = time.perf_counter()
+        start = now()
         llm.reset()
         llm.eval(ids)
         out: list[int] = []
@@ -87,7 +88,7 @@ class LlamaCppEngine(Engine):
             last = np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1), shape=(self.n_vocab,))
             out.append(int(last.argmax()))
             if i == 0:
-                first = time.perf_counter() - start
+                first = now() - start
             if i < n - 1:
                 llm.eval([out[-1]])
         return out, first
@@ -135,7 +136,7 @@ class TorchEngine(Engine):
     def generate(self, ids: list[int], n: int) -> tuple[list[int], float]:
         torch = self.torch
         stamps: list[float] = []
-        start = time.perf_counter()
+        start = now()
         x = torch.tensor([ids])
         with torch.inference_mode():
             if self.spec["engine"] == "transformers":
@@ -143,7 +144,7 @@ class TorchEngine(Engine):
 
                 class Stamp(BaseStreamer):  # put() gets the prompt first, then each new token
                     def put(self, value) -> None:
-                        stamps.append(time.perf_counter())
+                        stamps.append(now())
 
                     def end(self) -> None:
                         pass
@@ -152,7 +153,7 @@ class TorchEngine(Engine):
                                           do_sample=False, pad_token_id=0, streamer=Stamp())
                 stamps.pop(0)
             else:
-                out = self.attnlab.generate(self.model, x, n, stream=lambda _: stamps.append(time.perf_counter()))
+                out = self.attnlab.generate(self.model, x, n, stream=lambda _: stamps.append(now()))
         return out[0, len(ids):].tolist(), stamps[0] - start
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -167,29 +168,25 @@ ENGINES: dict[str, Callable[[dict], Engine]] = {"llama.cpp": LlamaCppEngine, "at
                                                 "transformers": TorchEngine}
 
 
-def _wall(fn: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def run(spec: dict) -> dict:
     """Everything one process measures (see the module docstring)."""
     rss_start = rss_bytes()
-    import_s, engine = _wall(lambda: ENGINES[spec["engine"]](spec))
+    import_s, engine = Stopwatch.call(lambda: ENGINES[spec["engine"]](spec))
     result: dict = {"rss_python_bytes": rss_start, "rss_import_bytes": rss_bytes(), "import_s": import_s}
     short, long, n = spec["prompt"], spec["long_prompt"], spec["new_tokens"]
     if spec["mode"] == "quality":
         engine.load(logits_all=True)
         result["ppl"] = {name: perplexity_from_logits(engine.logits(ids), ids) for name, ids in spec["texts"].items()}
         return result
-    result["load_s"], _ = _wall(engine.load)
-    result["first_gen_s"], _ = _wall(lambda: engine.generate(short, n))
+    result["load_s"], _ = Stopwatch.call(engine.load)
+    result["first_gen_s"], _ = Stopwatch.call(lambda: engine.generate(short, n))
     engine.generate(long, 1)  # warm-up of the long prompt's path (compiles its shapes)
     result["rss_bytes"] = rss_bytes()
     result["weight_bytes"] = engine.weight_bytes
-    total, (tokens, first) = _wall(lambda: engine.generate(short, n))
-    _, (_, first_long) = _wall(lambda: engine.generate(long, 1))
+    total, (tokens, first) = Stopwatch.call(lambda: engine.generate(short, n))
+    _, (_, first_long) = Stopwatch.call(lambda: engine.generate(long, 1))
     result.update(prefill_s=first, prefill_long_s=first_long, decode_s=total - first, tokens=tokens,
                   decode_tok_s=(n - 1) / (total - first))
     return result

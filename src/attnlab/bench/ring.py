@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import Stopwatch, machine, markdown_table, write_json
+from attnlab.bench.clock import Stopwatch
+from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.bench.common import peak_rss_bytes as _rss_bytes
 from attnlab.bench.common import reset_peak_rss as _reset_peak
 from attnlab.commands.args import parser

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import Stopwatch, machine, markdown_table, write_json
+from attnlab.bench.clock import Stopwatch
+from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
 CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]

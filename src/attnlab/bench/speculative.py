@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from attnlab.bench.common import Stopwatch, machine, markdown_table, timed, write_json
+from attnlab.bench.clock import Stopwatch, timed
+from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
 DEFAULT_ROW = "default: generate(draft=)"  # from_pretrained models, no flags: what a user writes first

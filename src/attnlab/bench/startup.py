@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from attnlab.bench import peer_report as rep
+from attnlab.bench.clock import Stopwatch
 
 _PROBE = """
 import json, sys, time
@@ -70,13 +71,12 @@ sys.stdout.flush()
 def time_to_first_output(cmd: list[str], env: dict[str, str], timeout: float) -> dict:
     """Launch ``cmd``; seconds to the first byte on its stdout and to its exit, its exit code, its stdout and
     any ``[startup] NAME SECONDS`` lines of its stderr."""
-    start = time.perf_counter()
-    wall = time.time()
+    clock, wall = Stopwatch(), time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     first, out = None, b""
     fd = proc.stdout.fileno()
     while True:
-        left = timeout - (time.perf_counter() - start)
+        left = timeout - clock.seconds
         if left <= 0:
             proc.kill()
             proc.wait()
@@ -88,11 +88,11 @@ def time_to_first_output(cmd: list[str], env: dict[str, str], timeout: float) ->
         if not chunk:
             break
         if first is None:
-            first = time.perf_counter() - start
+            first = clock.seconds
         out += chunk
     err = proc.stderr.read().decode(errors="replace")
     code = proc.wait()
-    result = {"first_output_s": first, "exit_s": time.perf_counter() - start, "returncode": code, "launched": wall,
+    result = {"first_output_s": first, "exit_s": clock.seconds, "returncode": code, "launched": wall,
               "stdout": out.decode(errors="replace"),
               "trace": {p[1]: float(p[2]) for p in (ln.split() for ln in err.splitlines())
                         if len(p) == 3 and p[0] == "[startup]" and _is_number(p[2])}}

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from attnlab.bench.common import Stopwatch, machine, markdown_table, write_json
+from attnlab.bench.clock import Stopwatch
+from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import parser
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from attnlab.bench.clock import Stopwatch
 from attnlab.commands.args import parser
 from attnlab.tour import basics, decoding, infini, optimisations, rwkv, seq2seq
 from attnlab.tour.common import seeds
@@ -69,7 +69,7 @@ def _missing_shipped(needs: tuple[str, ...]) -> str | None:
 
 def run_section(plan: Plan, out: Path, mode: str, seed: int) -> Section:
     """Run one section; ``failed`` (with the error) if it raises, ``not available`` if a shipped model is absent."""
-    start = time.perf_counter()
+    clock = Stopwatch()
     missing = _missing_shipped(plan.needs)
     if missing is not None:
         section = Section(plan.key, plan.title, "—", "—", verdict="not available", because=missing)
@@ -87,7 +87,7 @@ def run_section(plan: Plan, out: Path, mode: str, seed: int) -> Section:
                               because=f"{type(exc).__name__}: {exc}")
         finally:
             torch.set_num_threads(threads)
-    section.seconds = time.perf_counter() - start
+    section.seconds = clock.seconds
     return section
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from pathlib import Path
 
 import torch
 
+from attnlab.bench.clock import Stopwatch
 from attnlab.tour.common import pick, plt, save, seeds
 from attnlab.tour.report import Section
 from attnlab.tour.verdict import combine, compare, exact
@@ -255,10 +255,10 @@ def kv_cache(out: Path, mode: str, seed: int) -> Section:
         with torch.no_grad():
             model(torch.randint(0, 1024, (1, ctx)), cache=cache)
             tok = torch.tensor([[1]])
-            start = time.perf_counter()
-            for _ in range(16):
-                model(tok, cache=cache)
-            ms = (time.perf_counter() - start) / 16 * 1000
+            with Stopwatch() as clock:
+                for _ in range(16):
+                    model(tok, cache=cache)
+            ms = clock.seconds / 16 * 1000
         rows.append({"n_kv_heads": kv, "kind": "MHA" if kv == 8 else ("MQA" if kv == 1 else "GQA"),
                      "cache_MiB": cache.nbytes() / 2**20, f"decode_ms_at_{ctx}": ms})
     # quality: 4 query heads with 4 (MHA), 2 (GQA) and 1 (MQA) K/V heads, trained alike on the corpus

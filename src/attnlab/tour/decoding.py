@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import torch
 
+from attnlab.bench.clock import Stopwatch
 from attnlab.tour.common import pick, plt, save
 from attnlab.tour.report import Section
 from attnlab.tour.verdict import check, combine, compare, exact
@@ -34,9 +34,9 @@ def fast_decode(out: Path, mode: str, seed: int) -> Section:
         generate(model, prompt, 4)  # warm-up
     for _ in range(repeats):  # the variants take turns, so machine load hits them alike
         for name, model in variants:
-            start = time.perf_counter()
-            generate(model, prompt, n)
-            times[name].append(time.perf_counter() - start)
+            with Stopwatch() as clock:
+                generate(model, prompt, n)
+            times[name].append(clock.seconds)
     ref_tokens, ref_top, rows = None, None, []
     for name, model in variants:
         tokens = generate(model, prompt, n)

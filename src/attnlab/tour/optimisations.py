@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
+from attnlab.bench.clock import Stopwatch
 from attnlab.tour.common import pick, plt, save
 from attnlab.tour.report import Section
 from attnlab.tour.verdict import check, combine, compare, exact
@@ -30,13 +30,13 @@ def speculative(out: Path, mode: str, seed: int) -> Section:
     for ids in prompts:
         x = torch.tensor([ids])
         generate(target, x, 4)
-        start = time.perf_counter()
-        ref = generate(target, x, n)
-        plain_t.append(time.perf_counter() - start)
+        with Stopwatch() as clock:
+            ref = generate(target, x, n)
+        plain_t.append(clock.seconds)
         for g in gammas:
-            start = time.perf_counter()
-            got, st = speculative_generate(target, draft, x, n, gamma=g, return_stats=True)
-            spec_t[g].append(time.perf_counter() - start)
+            with Stopwatch() as clock:
+                got, st = speculative_generate(target, draft, x, n, gamma=g, return_stats=True)
+            spec_t[g].append(clock.seconds)
             identical &= torch.equal(got, ref)
             stats[g][0] += st.accepted
             stats[g][1] += st.proposed
