@@ -140,3 +140,13 @@ def test_bad_inputs(target):
         attnlab.speculative_generate(target, short, [[1, 2, 3]], 20)
     with pytest.raises(ValueError, match="cannot use"):
         attnlab.speculative_generate(target, 42, [[1, 2]], 5)
+
+    class ProposesButNeverCommits:  # half a Drafter: not taken as one
+        def start(self, prompt, attention_mask, capacity): ...
+
+        def propose(self, gamma, sampling, generator, rows=None): ...
+
+    with pytest.raises(ValueError, match="cannot use ProposesButNeverCommits as a draft"):
+        attnlab.speculative_generate(target, ProposesButNeverCommits(), [[1, 2]], 5)
+    with pytest.raises(ValueError, match="cannot use Linear as a draft"):  # a module, but not an attnlab model
+        attnlab.speculative_generate(target, torch.nn.Linear(2, 2), [[1, 2]], 5)

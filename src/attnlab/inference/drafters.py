@@ -1,6 +1,6 @@
 """Drafters for speculative decoding: who proposes the next γ tokens.
 
-Every drafter has the same three calls, so new ones plug in:
+Every drafter has the same three calls (the ``Drafter`` protocol), so new ones plug in:
 
     start(prompt, attention_mask, capacity)    once, with the (left-padded) prompt
     propose(gamma, sampling, generator, rows)  -> tokens (B, γ), probs (B, γ, V) or None; ``rows`` (B,)
@@ -17,9 +17,10 @@ Shape legend: B batch, G γ (draft length), V vocab, T tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnlab.inference.cache import SlotCache
 from attnlab.inference.sampling import logits_to_probs
@@ -34,6 +35,25 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """Who proposes the next γ tokens (the three calls of the module docstring). ``speculative_generate``
+    takes any object with these methods as its ``draft``."""
+
+    def start(self, prompt: Tensor, attention_mask: Tensor | None, capacity: int) -> None: ...
+
+    def propose(self, gamma: int, sampling: Sampling, generator: torch.Generator | None,
+                rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]: ...
+
+    def commit(self, accepted: Tensor, new_tokens: Tensor) -> None: ...
+
+
+def draft_model(drafter: Drafter) -> nn.Module | None:
+    """The model a built-in drafter runs (prepared for decoding and put in eval mode alongside the target),
+    or None for prompt lookup and for a drafter of the caller's own, which manages its own model."""
+    return drafter.model if isinstance(drafter, ModelDrafter | HybridDrafter) else None
 
 
 class ModelDrafter:
@@ -140,7 +160,7 @@ class PromptLookupDrafter:
         self.history = rows
         self.device = prompt.device
 
-    def _lookup(self, seq: list[int], gamma: int) -> list[int]:
+    def follow(self, seq: list[int], gamma: int) -> list[int]:
         for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
             tail = seq[-n:]
             for start in range(len(seq) - n - 1, -1, -1):  # most recent match first
@@ -158,7 +178,7 @@ class PromptLookupDrafter:
 
     def propose(self, gamma: int, sampling: Sampling, generator: torch.Generator | None,
                 rows: Tensor | None = None) -> tuple[Tensor, None]:
-        out = [self.padded(self._lookup(seq, gamma), seq, gamma) for seq in self.history]
+        out = [self.padded(self.follow(seq, gamma), seq, gamma) for seq in self.history]
         self.proposals = torch.tensor(out, dtype=torch.long, device=self.device)
         return self.proposals, None
 
@@ -197,7 +217,7 @@ class HybridDrafter:
     def propose(self, gamma: int, sampling: Sampling, generator: torch.Generator | None,
                 rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         active = range(len(self.lookup.history)) if rows is None else [b for b, r in enumerate(rows.tolist()) if r]
-        follows = {b: self.lookup._lookup(self.lookup.history[b], gamma) for b in active}
+        follows = {b: self.lookup.follow(self.lookup.history[b], gamma) for b in active}
         self.source = "lookup" if all(follows.values()) else "model"
         if self.source == "model":
             self.model_rounds += 1

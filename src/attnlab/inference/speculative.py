@@ -41,10 +41,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attnlab.inference.drafters import HybridDrafter, ModelDrafter, PromptLookupDrafter, Sampling
+from attnlab.inference.drafters import (
+    Drafter,
+    HybridDrafter,
+    ModelDrafter,
+    PromptLookupDrafter,
+    Sampling,
+    draft_model,
+)
 from attnlab.inference.fast import prepare_lazily
 from attnlab.inference.inputs import as_batch, check_context
 from attnlab.inference.sampling import check_sampling_args, logits_to_probs, make_generator, sample_next
+from attnlab.models.base import AttnlabModel
 
 
 @dataclass
@@ -114,16 +122,18 @@ def speculation_pays(alpha: float, cost_ratio: float, gammas: range) -> bool:
     return max(expected_tokens_per_call(alpha, g) / (1 + cost_ratio * g) for g in gammas) >= 1.0
 
 
-def as_drafter(draft, target):
+def as_drafter(draft: AttnlabModel | Drafter | str, target: AttnlabModel) -> Drafter:
+    """The ``Drafter`` behind a ``draft`` argument: a model sharing the target's tokenizer (drafting with
+    its own cache), a ``Drafter`` as it is, or ``"prompt_lookup"``."""
     if isinstance(draft, str):
         if draft in ("prompt_lookup", "prompt-lookup"):
             return PromptLookupDrafter()
         raise ValueError(f"draft={draft!r}: give a model, a Drafter, or 'prompt_lookup'")
-    if hasattr(draft, "propose") and hasattr(draft, "commit"):
-        if isinstance(draft, HybridDrafter):
-            _check_draft_model(draft.model, target)
+    if isinstance(draft, Drafter):
+        if (model := draft_model(draft)) is not None:
+            _check_draft_model(model, target)
         return draft
-    if hasattr(draft, "new_cache") and hasattr(draft, "config"):
+    if isinstance(draft, AttnlabModel):
         _check_draft_model(draft, target)
         return ModelDrafter(draft)
     raise ValueError(f"cannot use {type(draft).__name__} as a draft: give a model, a Drafter or 'prompt_lookup'")
@@ -140,7 +150,7 @@ def _check_draft_model(draft, target) -> None:
         a, b = getattr(draft.config, name), getattr(target.config, name)
         if a is not None and b is not None and a != b:
             raise ValueError(f"draft and target disagree on {name} ({a} vs {b}): they use different tokenizers")
-    if getattr(draft.config, "family", "decoder") in ("encoder", "seq2seq"):
+    if draft.config.family in ("encoder", "seq2seq"):
         raise ValueError("an encoder or encoder-decoder cannot draft for a decoder")
 
 
@@ -215,8 +225,8 @@ def speculative_generate(
     drafter = as_drafter(draft, target)
     if prepare:
         prepare_lazily(target)
-        if getattr(drafter, "model", None) is not None:
-            prepare_lazily(drafter.model)
+        if draft_model(drafter) is not None:
+            prepare_lazily(draft_model(drafter))
     device = target.device
     ids = as_batch(input_ids, device)
     B, T = ids.shape
@@ -232,9 +242,10 @@ def speculative_generate(
     generator = make_generator(seed, device)
     ctx = target.config.max_seq_len
     capacity = min(T + max_new_tokens + gamma + 1, ctx)
-    was = (target.training, getattr(drafter, "model", target).training)
+    drafting = target if draft_model(drafter) is None else draft_model(drafter)  # its mode is set and restored too
+    was = (target.training, drafting.training)
     target.eval()
-    getattr(drafter, "model", target).eval()
+    drafting.eval()
     try:
         cache = target.new_cache(B, capacity)
         # the whole prompt in one call, as plain decoding feeds it, and its first token from those logits:
@@ -346,4 +357,4 @@ def speculative_generate(
         return (out, stats) if return_stats else out
     finally:
         target.train(was[0])
-        getattr(drafter, "model", target).train(was[1])
+        drafting.train(was[1])
