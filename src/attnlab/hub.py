@@ -176,9 +176,9 @@ def load_tokenizer(path_or_name: str | Path) -> Tokenizer:
     """The tokenizer of a model directory (its tokenizer.json), a GGUF file, or a shipped name."""
     path = resolve_path(path_or_name)
     if path.is_file() and path.suffix == ".gguf":
-        from attnlab.interop import gguf
+        from attnlab.interop import gguf_tokenizer
 
-        return gguf.load_gguf_tokenizer(path)
+        return gguf_tokenizer.load_gguf_tokenizer(path)
     if path.is_file():
         return Tokenizer.from_file(path)
     return Tokenizer.from_dir(path)

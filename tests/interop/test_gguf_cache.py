@@ -21,6 +21,7 @@ import torch
 import attnlab
 from attnlab import weights_cache
 from attnlab.interop import gguf as attnlab_gguf
+from attnlab.interop import gguf_tokenizer
 from attnlab.interop.ggml_dequant import DEQUANTIZERS, dequantize_blocks
 from attnlab.interop.gguf_file import ggml_type_info
 
@@ -197,10 +198,10 @@ def test_a_damaged_entry_is_rebuilt_not_trusted(tiny, cache, capfd, damage):
 
 
 def test_tokenizer_is_cached_and_checked(tiny, tok, cache):
-    fresh = attnlab_gguf.load_gguf_tokenizer(tiny, cache=False)
-    cold = attnlab_gguf.load_gguf_tokenizer(tiny)
+    fresh = gguf_tokenizer.load_gguf_tokenizer(tiny, cache=False)
+    cold = gguf_tokenizer.load_gguf_tokenizer(tiny)
     (entry,) = cache.glob("*.tokenizer.*.json")
-    warm = attnlab_gguf.load_gguf_tokenizer(tiny)
+    warm = gguf_tokenizer.load_gguf_tokenizer(tiny)
     for t in (cold, warm):
         assert t.specials() == fresh.specials() and t.backend.to_str() == fresh.backend.to_str()
         for text in ["<|im_start|>user\nGrüße 12345<|im_end|>\n", "def add(a, b):\n    return a + b\n"]:
@@ -209,7 +210,7 @@ def test_tokenizer_is_cached_and_checked(tiny, tok, cache):
     data["text"] = data["text"].replace("<|im_end|>", "<|im_xnd|>")
     entry.write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="damaged"):
-        rebuilt = attnlab_gguf.load_gguf_tokenizer(tiny)
+        rebuilt = gguf_tokenizer.load_gguf_tokenizer(tiny)
     assert rebuilt.backend.to_str() == fresh.backend.to_str()
 
 

@@ -37,7 +37,8 @@ def main(argv: list[str]) -> int:
     from attnlab.bench.common import machine
     from attnlab.chat import render_chat
     from attnlab.hub import find_shipped_gguf
-    from attnlab.interop.gguf import load_gguf, load_gguf_tokenizer
+    from attnlab.interop.gguf import load_gguf
+    from attnlab.interop.gguf_tokenizer import load_gguf_tokenizer
 
     path = find_shipped_gguf("smollm2")
     load_ours, (ours, tokenizer) = Stopwatch.call(lambda: (load_gguf(path), load_gguf_tokenizer(path)))
