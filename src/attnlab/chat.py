@@ -31,6 +31,9 @@ from attnlab.inference.streaming import TextStream
 if TYPE_CHECKING:
     import torch
 
+    from attnlab.models.base import AttnlabModel
+    from attnlab.tokenizer import Tokenizer
+
 Message = dict[str, str]
 # end-of-turn markers of common templates: generation also stops at these when the template uses them
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
@@ -76,9 +79,9 @@ def render_chat(template: str, messages: list[Message], *, add_generation_prompt
         raise ValueError(f"the chat template refused this conversation: {exc}") from None
 
 
-def chat_template(tokenizer: Any, model_path: str | Path | None = None) -> str:
+def chat_template(tokenizer: Tokenizer, model_path: str | Path | None = None) -> str:
     """The tokenizer's chat template (GGUF metadata), or a Hugging Face directory's, or a clear error."""
-    template = getattr(tokenizer, "chat_template", None)
+    template = tokenizer.chat_template
     directory = Path(model_path) if model_path is not None else None
     if template is None and directory is not None and directory.is_dir():
         jinja_file = directory / "chat_template.jinja"
@@ -94,7 +97,7 @@ def chat_template(tokenizer: Any, model_path: str | Path | None = None) -> str:
     return template
 
 
-def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
+def stop_token_ids(tokenizer: Tokenizer, template: str) -> list[int]:
     """Token ids that end the assistant's turn: EOS plus the end-of-turn markers the template writes."""
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
@@ -158,8 +161,8 @@ class Stats:
 class ChatSession:
     """A conversation with one model: history, sampling settings, statistics."""
 
-    model: Any
-    tokenizer: Any
+    model: AttnlabModel
+    tokenizer: Tokenizer
     template: str
     system: str | None = None
     max_new_tokens: int = 256
@@ -191,8 +194,7 @@ class ChatSession:
 
     def encode(self, messages: list[Message]) -> list[int]:
         text = render_chat(self.template, messages, add_generation_prompt=True,
-                           bos_token=getattr(self.tokenizer, "bos_token", None),
-                           eos_token=getattr(self.tokenizer, "eos_token", None))
+                           bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
         return self.tokenizer.encode(text)
 
     def prompt(self, user_text: str) -> tuple[list[Message], list[int]]:
@@ -255,7 +257,7 @@ class ChatSession:
         return text
 
 
-def chat_once(model: Any, tokenizer: Any, text: str, *, system: str | None = None, max_new_tokens: int = 256,
+def chat_once(model: AttnlabModel, tokenizer: Tokenizer, text: str, *, system: str | None = None, max_new_tokens: int = 256,
               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
               seed: int | None = None, context: int | None = None,
               stream: Callable[[str], None] | None = None, prepare: bool = True) -> str:
