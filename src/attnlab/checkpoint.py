@@ -232,10 +232,10 @@ def model_state(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dic
 
 
 def check_saveable(model: torch.nn.Module) -> None:
-    if getattr(model, "stored_weights", None):
+    if model.stored_weights:
         raise ValueError(f"this model keeps its weights {model.stored_weights} (GGUF blocks, not parameters) and "
                          f"cannot be saved; load the file without precision='native' to save it")
-    if getattr(model, "prepared_for_decode", None):
+    if model.prepared_for_decode:
         raise ValueError("this model was prepared for fast decoding (fused, packed or quantised weights) and "
                          "cannot be saved; save the original model instead")
 

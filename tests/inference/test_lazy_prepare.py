@@ -79,7 +79,7 @@ def test_the_opt_outs_leave_the_model_alone(monkeypatch):
     model = make(3)
     attnlab.generate(model, IDS, 2, prepare=False)
     attnlab.speculative_generate(model, "prompt_lookup", IDS, 2, prepare=False)
-    assert set(linears(model).values()) == {torch.nn.Linear} and not hasattr(model, "lazily_prepared")
+    assert set(linears(model).values()) == {torch.nn.Linear} and model.lazily_prepared is False
     monkeypatch.setenv("ATTNLAB_PREPARE", "0")
     attnlab.generate(model, IDS, 2)
     assert set(linears(model).values()) == {torch.nn.Linear}
@@ -92,7 +92,7 @@ def test_the_opt_outs_leave_the_model_alone(monkeypatch):
 
 def test_a_prepared_model_is_not_prepared_again():
     model = attnlab.prepare_for_decode(make(5))
-    assert not prepare_lazily(model) and not hasattr(model, "lazily_prepared")
+    assert not prepare_lazily(model) and model.lazily_prepared is False
 
 
 # ------------------------------------------------------------------ speculative decoding's fallback

@@ -60,7 +60,7 @@ with torch.inference_mode():
     t["decode_tok_s"] = (spec["new_tokens"] - 1) / clock.seconds
 with open("/proc/self/status") as f:
     t["rss_mb"] = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-s = getattr(model, "static_decoder", None)
+s = model.static_decoder
 aot = getattr(s, "aot", None)
 t.update(tokens=tokens, prompt_tokens=ids.shape[1], failed=getattr(s, "failed", None),
          aot=None if aot is None else vars(aot.stats))

@@ -209,7 +209,7 @@ def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tok
             row["bandwidth_GBps"] = bandwidth / 1e9
         if key in compiled_models:
             model, warmup = compiled_models[key]
-            sd = getattr(model, "static_decoder", None)
+            sd = model.static_decoder
             row["compile_s"] = sum(sd.stats.graphs.values()) if sd is not None else warmup
             if sd is not None and sd.failed:
                 row["impl"] += " (fell back to eager)"

@@ -182,7 +182,7 @@ def run(target_name: str, draft_name: str, n_prompts: int, prompt_len: int, new_
     progress.close()
     if static and info is not None:
         for role, m in (("target", target), ("draft", draft)):
-            sd = getattr(m, "static_decoder", None)
+            sd = m.static_decoder
             info[role] = ({"graphs": len(sd.stats.graphs), "compile_s": sum(sd.stats.graphs.values()),
                            "failed": sd.failed} if sd is not None else {"failed": "not covered"})
     return rows, formula

@@ -138,11 +138,12 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(f" {tok}" if text_stream is None else text_stream.push(tok))  # whole characters only
         sys.stdout.flush()
 
-    draft = load(args.draft) if args.draft else ("prompt_lookup" if args.prompt_lookup else None)
-    if args.draft and args.prompt_lookup:
+    draft_net = load(args.draft) if args.draft else None
+    draft = draft_net if draft_net is not None else ("prompt_lookup" if args.prompt_lookup else None)
+    if draft_net is not None and args.prompt_lookup:
         from attnlab.inference.drafters import HybridDrafter
 
-        draft = HybridDrafter(draft)
+        draft = HybridDrafter(draft_net)
     start = time.perf_counter()
     if draft is None:
         stats = None
@@ -161,8 +162,8 @@ def main(argv: list[str]) -> int:
     if args.stats:
         print(f"[{len(generated)} tokens in {seconds:.2f} s: {len(generated) / max(seconds, 1e-9):.1f} tok/s]",
               file=sys.stderr)
-        for name, m in (("model", model), ("draft", getattr(draft, "model", draft))):
-            sd = getattr(m, "static_decoder", None)
+        for name, m in (("model", model), ("draft", draft_net)):
+            sd = None if m is None else m.static_decoder
             if sd is not None:
                 print(f"[{name}: {len(sd.stats.graphs)} static decode graphs, first calls (compilation) "
                       f"{sum(sd.stats.graphs.values()):.1f} s; {sd.failed or 'compiled'}]", file=sys.stderr)

@@ -164,9 +164,9 @@ def prepare_lazily(model: nn.Module) -> bool:
     ``no_lazy_preparation()``."""
     if not _lazy["enabled"] or os.environ.get("ATTNLAB_PREPARE", "1") == "0":
         return False
-    if getattr(model, "prepared_for_decode", None):
+    if model.prepared_for_decode:
         return False
-    if getattr(model, "lazily_prepared", False):
+    if model.lazily_prepared:
         return False
     kernel_linears(model)
     model.lazily_prepared = True
@@ -184,7 +184,7 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
     """
     if precision not in (*PRECISIONS, NATIVE):
         raise ValueError(f"precision={precision!r} is not valid; choose one of: {', '.join((*PRECISIONS, NATIVE))}")
-    as_stored = getattr(model, "stored_weights", None)
+    as_stored = model.stored_weights
     if as_stored and precision != NATIVE:
         raise ValueError(f"this model keeps its weights {as_stored} (from_pretrained(..., precision='native')): "
                          f"prepare it with precision='native', or load it without precision to convert it")
@@ -197,7 +197,7 @@ def prepare_for_decode(model: nn.Module, *, precision: str = "fp32", fuse: bool 
 
     if compile is True:
         compile = "static" if static.unsupported_reason(model) is None else "dynamic"
-    if getattr(model, "prepared_for_decode", None):
+    if model.prepared_for_decode:
         raise ValueError(f"this model is already prepared for decoding ({model.prepared_for_decode}); "
                          f"prepare a fresh copy to change precision")
     if model.device.type != "cpu" and precision != "fp32":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,9 +12,19 @@ from torch import nn
 from attnlab.config import ModelConfig
 from attnlab.inference.cache import Cache
 
+if TYPE_CHECKING:
+    from attnlab.inference.fast import CompiledForward
+    from attnlab.inference.static import StaticDecoder
+
 
 class AttnlabModel(nn.Module):
     config: ModelConfig
+    # What decode-time transforms record on a model; a model none has touched keeps these defaults.
+    prepared_for_decode: str | None = None  # the settings prepare_for_decode applied (inference/fast.py)
+    lazily_prepared: bool = False  # generate()'s non-destructive fp32 preparation ran (inference/fast.py)
+    stored_weights: str | None = None  # set when the weights are a GGUF's blocks as stored (interop/gguf_native.py)
+    static_decoder: StaticDecoder | None = None  # the static-shape decode graphs in front of forward
+    compiled_forward: CompiledForward | None = None  # the torch.compile'd forward of compile="dynamic"
 
     def init_weights(self) -> None:
         """Normal(0, init_std) for weights, zeros for biases; residual output projections scaled by
