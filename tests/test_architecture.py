@@ -30,6 +30,7 @@ so the list empties as the cycles are removed and cannot go stale.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -243,3 +244,47 @@ def test_checker_ignores_type_checking_imports_and_finds_layer_violations(tmp_pa
     graph = import_graph(src)
     assert cycles(graph) == []
     assert layer_violations(graph) == {("attnlab/models/m.py", "attnlab/tasks/k.py"): [6]}
+
+
+# ----------------------------------------------------------------------------- the architecture page
+def layout_sections(page: str) -> dict[str, str]:
+    """The tree drawn in docs/architecture.md (its first fenced block) cut into sections: each entry of the
+    package (``layers/``, ``interop/gguf.py``, ``config.py``) with its continuation lines, keyed by its room
+    (the first directory below the package, ``""`` for files at the top)."""
+    block = page.split("```", 2)[1]
+    sections: dict[str, str] = {}
+    room = None
+    for line in block.splitlines():
+        entry = re.match(r"^  (\S+)", line)
+        if entry:
+            name = entry.group(1)
+            room = name.split("/")[0] if "/" in name else ""
+        if room is not None:
+            sections[room] = sections.get(room, "") + line + "\n"
+    return sections
+
+
+def test_the_architecture_page_names_every_module_where_it_lives_and_nothing_else():
+    """docs/architecture.md stays true: every module of the package is named (``name.py``) in the section of
+    its room, and every ``name.py`` the tree names exists there (or at the package path it spells out)."""
+    page = (SRC.parent / "docs" / "architecture.md").read_text()
+    sections = layout_sections(page)
+    package = SRC / PACKAGE
+    missing, stale = [], []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        room = rel.parts[0] if len(rel.parts) > 1 else ""
+        if not re.search(rf"(?<![\w/]){re.escape(path.name)}\b", sections.get(room, "")) and \
+                str(rel) not in page:
+            missing.append(str(rel))
+    for room, text in sections.items():
+        for name in re.findall(r"(?<![\w.])([\w/]+\.py)\b", text):
+            if "/" in name:
+                exists = (package / name).is_file()
+            else:
+                exists = any((package / room).rglob(name)) if room else (package / name).is_file()
+            if not exists:
+                stale.append(f"{room or '(top)'}: {name}")
+    assert missing == [] and stale == []
