@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from attnlab.bench import peer, peer_files, peer_quality, peer_report, startup
+from attnlab.bench.common import markdown_table
 from attnlab.bench.peer_worker import perplexity_from_logits
 
 
@@ -125,8 +126,8 @@ def test_cpu_description_names_the_model_and_kernel_flags():
     assert d["isa"] == ["amx_tile", "avx2", "avx512_bf16", "avx512_vnni", "avx512bw", "avx512f", "f16c", "fma"]
 
 
-def test_markdown_table_and_atomic_writes(tmp_path, monkeypatch):
-    table = peer_report.markdown([{"a": 1.23456, "b": "x|y"}, {"a": 12345.6}], [("a", "A"), ("b", "B")])
+def test_markdown_table_with_headers_and_atomic_writes(tmp_path, monkeypatch):
+    table = markdown_table([{"a": 1.23456, "b": "x|y"}, {"a": 12345.6}], [("a", "A"), ("b", "B")], missing="—")
     assert table.splitlines() == ["| A | B |", "|---|---|", "| 1.23 | x/y |", "| 12,346 | — |"]
     path = tmp_path / "out" / "r.json"
     peer_report.write_json_atomic(path, {"v": 1})

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import resource
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -56,17 +57,22 @@ def reset_peak_rss() -> None:
         pass
 
 
-def markdown_table(rows: list[dict], columns: list[str] | tuple[str, ...]) -> str:
-    """The one markdown table writer of the benchmarks: a row per dict, ``columns`` in order (a missing value is
-    blank); floats to 3 significant digits (thousands separated from 1000 on), anything else as ``str``."""
+def markdown_table(rows: list[dict], columns: Sequence[str | tuple[str, str]], *, missing: str = "") -> str:
+    """The one markdown table writer of the benchmarks and the tour: a row per dict, ``columns`` in order, each
+    a key (its own header) or a (key, header) pair. A value that is None or absent prints as ``missing``;
+    floats to 3 significant digits (thousands unrounded, separated, from 1000 on); anything else as ``str``,
+    with ``|`` written as ``/`` so that a cell cannot split the row."""
+    pairs = [(c, c) if isinstance(c, str) else c for c in columns]
 
-    def fmt(v: object) -> str:
+    def cell(v: object) -> str:
+        if v is None:
+            return missing
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return str(v)
+        return str(v).replace("|", "/")
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines = ["| " + " | ".join(h for _, h in pairs) + " |", "|" + "---|" * len(pairs)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in pairs) + " |" for r in rows]
     return "\n".join(lines)
 
 

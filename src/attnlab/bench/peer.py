@@ -41,6 +41,7 @@ import tempfile
 from pathlib import Path
 
 from attnlab.bench import peer_report as rep
+from attnlab.bench.common import markdown_table
 
 PROMPT = "Explain in a few sentences why the sky is blue during the day"  # 43 ids with SmolLM2's template
 LONG_PROMPT_TOKENS = 512
@@ -317,7 +318,7 @@ def report(rows: list[dict], args, argv: list[str], short: list[int], long: list
                 f"median of {args.rounds} interleaved round(s)" if timing else "") + f"; {version}")
     parts = [f"# attnlab bench peer\n\n{head}\n\n`{settings['command']}`\n"]
     if timing:
-        parts.append(rep.markdown(rows, COLUMNS))
+        parts.append(markdown_table(rows, COLUMNS, missing="—"))
         busy = [r["key"] for r in rows if r.get("busy")]
         if busy:
             parts.append(f"\n**Busy machine**: other processes used more than {100 * rep.BUSY_LIMIT:.0f}% of the CPU "
@@ -327,10 +328,10 @@ def report(rows: list[dict], args, argv: list[str], short: list[int], long: list
             matrix = [{"row": a, **{b: ("=" if payload["first_difference"][a].get(b) is None
                                         else payload["first_difference"][a][b]) for b in keys if b != a}} for a in keys]
             parts.append("\nFirst position where the greedy tokens of two rows differ (= : identical for all "
-                         f"{args.new_tokens}):\n\n" + rep.markdown(matrix, [("row", "")] + [(k, k) for k in keys]))
+                         f"{args.new_tokens}):\n\n" + markdown_table(matrix, [("row", "")] + [(k, k) for k in keys], missing="—"))
     if quality:
         parts.append("\nPerplexity on held-out text (lower is better; change vs attnlab fp32 / vs llama.cpp at the "
-                     "same format):\n\n" + rep.markdown(rows, QUALITY_COLUMNS))
+                     "same format):\n\n" + markdown_table(rows, QUALITY_COLUMNS, missing="—"))
     text = "\n".join(parts) + "\n"
     print(text)
     out = Path(args.out)

@@ -11,6 +11,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from attnlab.checkpoint import atomic_write_file, atomic_write_text
+
 BUSY_LIMIT = 0.05  # a run during which other processes used more than this share of the machine is flagged
 ISA_FLAG = re.compile(r"^(avx2|avx512\w*|avx_vnni\w*|\w*vnni\w*|\w*bf16\w*|amx\w*|f16c|fma)$")
 
@@ -86,42 +88,17 @@ def median(values: Sequence[float]) -> float | None:
 
 # ----------------------------------------------------------------------------- output
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary name in the same directory and a rename: a reader
-    (or a crash) never sees half a file; an existing file is replaced only by a complete one."""
+    """Write ``data`` to ``path`` through checkpoint's atomic writer (a temporary name beside it, then a
+    rename): a reader or a crash never sees half a file; the directory is made if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    if isinstance(data, bytes):
+        return atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
+    return atomic_write_text(path, data)
 
 
 def write_json_atomic(path: str | Path, payload: dict) -> Path:
     return write_atomic(path, json.dumps(payload, indent=2) + "\n")
-
-
-def fmt(value: object, digits: int = 3) -> str:
-    """A cell: floats to ``digits`` significant figures (thousands unrounded), None as '—'."""
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
-    return str(value)
-
-
-def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """A markdown table of ``rows`` with (key, header) ``columns``; a missing key prints as '—'."""
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [fmt(row.get(key)).replace("|", "/") for key, _ in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str | Path, title: str) -> Path:

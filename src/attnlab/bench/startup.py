@@ -33,6 +33,7 @@ from pathlib import Path
 
 from attnlab.bench import peer_report as rep
 from attnlab.bench.clock import Stopwatch
+from attnlab.bench.common import markdown_table
 
 _PROBE = """
 import json, sys, time
@@ -213,11 +214,11 @@ def report(runs: dict[str, list[dict]], probe: dict[str, dict], args, cli: list[
     text = (f"# attnlab bench startup\n\n{machine['cpu']} ({', '.join(machine['isa'])}), {machine['cores']} cores, "
             f"{when}; `{command}` in a fresh process, median of {args.repeats}; cold = empty $ATTNLAB_CACHE and "
             f"$TORCHINDUCTOR_CACHE_DIR\n\n"
-            + rep.markdown(rows, [("run", "run"), ("first_token_s", "launch to first token s"), ("exit_s", "to exit s"),
-                                  ("all_first_token_s", "each repeat"), ("error", "error")]))
+            + markdown_table(rows, [("run", "run"), ("first_token_s", "launch to first token s"), ("exit_s", "to exit s"),
+                                  ("all_first_token_s", "each repeat"), ("error", "error")], missing="—"))
     for name, ph in probe.items():
-        text += f"\n\nWhere attnlab's time goes ({name}, probe of the CLI's steps):\n\n" + rep.markdown(
-            [{"phase": k, "s": v} for k, v in ph.items()], [("phase", "phase"), ("s", "seconds")])
+        text += f"\n\nWhere attnlab's time goes ({name}, probe of the CLI's steps):\n\n" + markdown_table(
+            [{"phase": k, "s": v} for k, v in ph.items()], [("phase", "phase"), ("s", "seconds")], missing="—")
     traced = [r for r in rows if r.get("cli_trace")]
     for r in traced:
         text += f"\n\nThe CLI's own trace ({r['run']}, ATTNLAB_TRACE_STARTUP=1): " + ", ".join(
