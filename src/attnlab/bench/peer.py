@@ -51,13 +51,12 @@ SHIPPED_FORMAT = "Q4_1"
 INSTALL = ("bench peer compares against llama.cpp through llama-cpp-python, which is not installed: run "
            "`make peer` (builds it from source with CMAKE_ARGS=\"-DGGML_NATIVE=OFF\"), or "
            "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install -e '.[peer]'")
-NOT_YET = {  # why attnlab has no row at a format (until inference.fast.PRECISIONS gains one)
+NOT_YET = {  # why a format has no attnlab row: none of the precisions available runs it
     "F16": "no fp16 decode precision in attnlab (inference.fast.PRECISIONS)",
-    "Q8_0": "no 8-bit precision in inference.fast.PRECISIONS",
-    "Q4_1": "4-bit weights are dequantised to a wider type: no 4-bit precision in inference.fast.PRECISIONS "
-            "yet (issue 27 item 3)",
-    "BF16": "no bf16 precision in inference.fast.PRECISIONS",
-    "F32": "no fp32 precision in inference.fast.PRECISIONS",
+    "Q8_0": "no 8-bit precision among those available",
+    "Q4_1": "no 4-bit precision among those available",
+    "BF16": "no bf16 precision among those available",
+    "F32": "no fp32 precision among those available",
 }
 
 
