@@ -7,7 +7,8 @@ Shape legend: B batch, T prompt length, N new tokens, V vocab.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -22,11 +23,15 @@ from attnlab.inference.sampling import (
 )
 from attnlab.layers.stack import check_token_ids
 
+if TYPE_CHECKING:
+    from attnlab.inference.drafters import Drafter
+    from attnlab.models.base import AttnlabModel
+
 
 @torch.inference_mode()
 def generate(
-    model,
-    input_ids,
+    model: AttnlabModel,
+    input_ids: Tensor | Sequence[Sequence[int]] | Sequence[int],
     max_new_tokens: int,
     *,
     temperature: float = 0.0,
@@ -34,7 +39,7 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_token_id: int | None = None,
-    draft=None,
+    draft: AttnlabModel | Drafter | str | None = None,
     stream: Callable[[Tensor], None] | None = None,
     attention_mask: Tensor | None = None,
     repetition_penalty: float | None = None,

@@ -8,7 +8,10 @@ token costs O(n^2). ``TextStream`` keeps only the tokens of the character being 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from attnlab.tokenizer import Tokenizer
 
 
 class TextStream:
@@ -19,7 +22,7 @@ class TextStream:
     (or 4 tokens later, for a model that really emits an invalid sequence). Special tokens are dropped.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.pending: list[int] = []
 
