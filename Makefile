@@ -43,7 +43,8 @@ lint: $(STAMP)
 # its source package for the machine's generic x86-64 kernels (GGML_NATIVE=OFF: AVX2, not -march=native),
 # ~8 minutes on 2 free cores; the wheel is kept in PEER_WHEELS and reused by later `make peer` runs.
 LLAMA_CPP  ?= llama-cpp-python==0.3.36
-PEER_WHEELS ?= $(or $(ATTNLAB_CACHE),$(HOME)/.cache/attnlab)/wheels
+# the cache directory's one rule is attnlab.cachedir's (evaluated when used, after install)
+PEER_WHEELS ?= $(shell $(BIN)/python -c "from attnlab.cachedir import cache_dir; print(cache_dir('wheels'))")
 
 peer: $(STAMP)
 	@if $(BIN)/python -c "import llama_cpp" 2>/dev/null; then echo "llama-cpp-python is installed"; else \
