@@ -108,6 +108,19 @@ def test_written_dataset_is_deterministic(raw_verses, tmp_path):
     assert json.loads((tmp_path / "a" / "train.jsonl").read_text().splitlines()[0])["id"] == "Gen.1.1"
 
 
+def test_a_dataset_replaces_its_own_files_but_never_someone_elses(raw_verses, tmp_path):
+    splits, report = prepare(*raw_verses)
+    write_dataset(tmp_path / "ds", splits, report, vocab_size=300)
+    write_dataset(tmp_path / "ds", splits, report, vocab_size=300)  # a dataset made again in its own directory
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "train.jsonl").write_text("the user's own file\n")
+    with pytest.raises(ValueError, match="train.jsonl, not written by"):
+        write_dataset(theirs, splits, report, vocab_size=300)
+    assert (theirs / "train.jsonl").read_text() == "the user's own file\n"
+    assert sorted(p.name for p in theirs.iterdir()) == ["train.jsonl"]  # nothing else written either
+
+
 def test_tokenizer_has_specials_first_and_no_unknown_characters():
     tok = train_tokenizer(["the light of day", "la luz del día"] * 20, 280)
     assert [tok.token_to_id(s) for s in ("<pad>", "<s>", "</s>")] == [0, 1, 2]

@@ -25,6 +25,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+from attnlab.checkpoint import atomic_write_text
 from attnlab.tasks.translation.sword import PACKAGES, Verses
 from attnlab.tokenizer import Tokenizer, train_bpe
 
@@ -151,14 +152,19 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
 
 def write_dataset(out: str | Path, splits: dict[str, list[dict]], report: dict, *, vocab_size: int = 8000,
                   versions: dict[str, str] | None = None) -> dict:
-    """Write train/validation/test.jsonl, tokenizer.json and manifest.json into ``out``; return the manifest."""
+    """Write train/validation/test.jsonl, tokenizer.json and manifest.json into ``out``; return the manifest.
+
+    Each file goes to a temporary name and is renamed into place, the manifest last (a directory without
+    it is not a finished dataset). ``out`` may be new, empty, or a dataset this function wrote before
+    (its manifest says so); files of the same names that something else wrote are refused, untouched."""
     out = Path(out)
+    check_dataset_target(out, [f"{name}.jsonl" for name in splits])
     out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     for name, pairs in splits.items():
         text = jsonl(pairs)
         digest.update(f"{name}\n".encode() + text.encode())
-        (out / f"{name}.jsonl").write_text(text, encoding="utf-8")
+        atomic_write_text(out / f"{name}.jsonl", text)
     tok = train_tokenizer([p[lang] for p in splits["train"] for lang in (SOURCE, TARGET)], vocab_size)
     tok.save(out)
     stats = {}
@@ -180,8 +186,29 @@ def write_dataset(out: str | Path, splits: dict[str, list[dict]], report: dict, 
                               "specials": list(SPECIALS)},
                 "validation_books": list(VALIDATION_BOOKS), "test_books": list(TEST_BOOKS),
                 "alignment": report, "splits": stats}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest
+
+
+MANIFEST = "manifest.json"
+
+
+def check_dataset_target(out: Path, names: list[str]) -> None:
+    """Raise ``ValueError`` if writing the dataset into ``out`` would replace files it did not write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a directory; choose another --out")
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            ours = json.loads(manifest.read_text(encoding="utf-8")).get("task") == "translation"
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            ours = False
+        if ours:
+            return
+    clash = sorted(n for n in [*names, "tokenizer.json", "special_tokens.json", MANIFEST] if (out / n).exists())
+    if clash:
+        raise ValueError(f"{out} holds {', '.join(clash)}, not written by `attnlab data translation`; nothing was "
+                         f"changed — choose a new or empty --out directory")
 
 
 def build_dataset(out: str | Path, *, cache: str | Path | None = None, vocab_size: int = 8000) -> dict:
