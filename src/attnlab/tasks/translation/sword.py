@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from attnlab.cachedir import cache_dir
+from attnlab.checkpoint import atomic_write_text
 
 # language -> (Debian package, SWORD module inside it)
 PACKAGES: dict[str, tuple[str, str]] = {"en": ("sword-text-web", "engWEB2015eb"),
@@ -89,7 +90,7 @@ def fetch(cache: str | Path | None = None) -> tuple[Path, dict[str, str]]:
         src = cache / "extract" / "usr" / "share" / "sword"
         shutil.copytree(src, root, dirs_exist_ok=True)
         shutil.rmtree(cache / "extract", ignore_errors=True)
-        unpacked.write_text(versions[package] + "\n")
+        atomic_write_text(unpacked, versions[package] + "\n")  # the marker appears whole, after the copy
     return root, versions
 
 
