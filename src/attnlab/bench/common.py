@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from attnlab.checkpoint import atomic_write_text
 from attnlab.layers import cpu_kernels
 from attnlab.layers.quant import native_bf16
 
@@ -81,4 +82,4 @@ def write_json(path: str | Path | None, payload: dict) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")  # a crash never leaves half a result file

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from attnlab.bench.clock import Stopwatch
+from attnlab.checkpoint import atomic_write_file
 from attnlab.tour.common import pick, plt, save
 from attnlab.tour.report import Section
 from attnlab.tour.verdict import check, combine, compare, exact
@@ -77,7 +78,8 @@ def flash(out: Path, mode: str, seed: int) -> Section:
                                                                                            full="2"),
                      "--out", str(out / "flash")])
     rows = json.loads((out / "flash" / "attention.json").read_text())["rows"]
-    (out / "flash.png").write_bytes((out / "flash" / "attention.png").read_bytes())
+    figure = (out / "flash" / "attention.png").read_bytes()
+    atomic_write_file(out / "flash.png", lambda tmp: tmp.write_bytes(figure))
     table = [{"T": r["T"], "kernel": r["kernel"], "fwdbwd_s": r["fwdbwd_s"],
               "fwdbwd_MiB": (r["fwdbwd_mem_bytes"] or 0) / 2**20} for r in rows]
     s.figure, s.rows = "flash.png", table
