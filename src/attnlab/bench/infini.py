@@ -38,7 +38,9 @@ from attnlab.bench.common import (
     reset_peak_rss,
     write_json,
 )
+from attnlab.checkpoint import atomic_write_text
 from attnlab.commands.args import parser
+from attnlab.figures import save_figure
 
 MODELS = ("infini", "softmax")
 
@@ -240,9 +242,9 @@ def stream_worker(model_dir: str, n_tokens: int, chunk: int, out: str) -> None:
         seconds = clock.seconds
         retained = rss_bytes() - base
     assert cache.length == n_tokens
-    Path(out).write_text(json.dumps({"peak_rss": base + max(peaks), "peak_extra": max(peaks),
-                                     "chunk_peak": statistics.median(peaks), "retained": retained,
-                                     "state_bytes": cache.nbytes(), "seconds": seconds}))
+    atomic_write_text(out, json.dumps({"peak_rss": base + max(peaks), "peak_extra": max(peaks),
+                                       "chunk_peak": statistics.median(peaks), "retained": retained,
+                                       "state_bytes": cache.nbytes(), "seconds": seconds}))
 
 
 # glibc keeps freed heap blocks mapped (and fragments) at its own discretion, which moved one process's peak
@@ -303,8 +305,7 @@ def plot(passkey_rows: list[dict], memory_rows: list[dict], s: Settings, directo
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(directory / "infini_passkey.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, directory / "infini_passkey.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ns = [r["tokens"] for r in memory_rows]
@@ -316,8 +317,7 @@ def plot(passkey_rows: list[dict], memory_rows: list[dict], s: Settings, directo
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(directory / "infini_memory.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, directory / "infini_memory.png", dpi=120)
 
 
 def main(argv: list[str]) -> int:

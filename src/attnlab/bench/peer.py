@@ -138,7 +138,7 @@ def run_worker(spec: dict, workdir: Path, timeout: float) -> dict:
     """Run one row in a fresh process; its result plus the share of the machine others used meanwhile."""
     spec_path, out_path = workdir / "spec.json", workdir / "out.json"
     out_path.unlink(missing_ok=True)
-    spec_path.write_text(json.dumps(spec))
+    rep.write_atomic(spec_path, json.dumps(spec))
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     own_before = usage.ru_utime + usage.ru_stime
     parent_before = sum(os.times()[:2])

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attnlab.checkpoint import atomic_write_file, atomic_write_text
+from attnlab.figures import save_figure
 
 BUSY_LIMIT = 0.05  # a run during which other processes used more than this share of the machine is flagged
 ISA_FLAG = re.compile(r"^(avx2|avx512\w*|avx_vnni\w*|\w*vnni\w*|\w*bf16\w*|amx\w*|f16c|fma)$")
@@ -104,7 +105,6 @@ def write_json_atomic(path: str | Path, payload: dict) -> Path:
 def plot(rows: list[dict], path: str | Path, title: str) -> Path:
     """Small multiples, one bar group per format: decode tok/s, and resident memory above the import
     baseline, for each engine; rows that did not run are absent from their group."""
-    import io
     import textwrap
 
     import matplotlib
@@ -132,7 +132,4 @@ def plot(rows: list[dict], path: str | Path, title: str) -> Path:
     axes[0].legend(fontsize=7)
     fig.suptitle(textwrap.fill(title, 140), fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return save_figure(fig, path)

@@ -195,10 +195,9 @@ def run(spec: dict) -> dict:
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     result = run(spec)
-    out = Path(argv[1])
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(out)
+    from attnlab.checkpoint import atomic_write_text  # after every measurement: it imports torch
+
+    atomic_write_text(argv[1], json.dumps(result))
     return 0
 
 

@@ -26,7 +26,9 @@ from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.bench.common import peak_rss_bytes as _rss_bytes
 from attnlab.bench.common import reset_peak_rss as _reset_peak
+from attnlab.checkpoint import atomic_write_text
 from attnlab.commands.args import parser
+from attnlab.figures import save_figure
 
 
 def _free_port() -> int:
@@ -107,7 +109,7 @@ def worker(rank: int, world: int, port: int, out: str, T: int, H: int, K: int, D
         if traced is not None:
             result["trace"] = traced
         dist.destroy_process_group()
-    Path(f"{out}.{rank}.json").write_text(json.dumps(result))
+    atomic_write_text(f"{out}.{rank}.json", json.dumps(result))
 
 
 def run_world(world: int, T: int, H: int, K: int, D: int, layout: str, trace: bool = False) -> list[dict]:
@@ -203,7 +205,7 @@ def main(argv: list[str]) -> int:
         ax.set_title(f"ring attention, T={args.seq}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        save_figure(fig, args.plot, dpi=120)
     write_json(args.json, {"machine": machine(), "rows": rows, "single_MiB": single})
     return 0
 

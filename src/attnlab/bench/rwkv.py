@@ -14,13 +14,12 @@ rounds counts. Bytes are ``cache.nbytes()`` of the allocated tensors.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import parser
+from attnlab.figures import save_figure
 
 CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]
 
@@ -107,9 +106,7 @@ def plot(rows: list[dict], path: str) -> None:
     draw(rows, a, b)
     fig.suptitle("RWKV-4 vs a Transformer of similar size, batch 1")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str]) -> int:

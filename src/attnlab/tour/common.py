@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
+from attnlab.figures import save_figure
+
 MODES = ("tiny", "quick", "full")
 T = TypeVar("T")
 
@@ -34,6 +36,5 @@ def plt():
 def save(fig, out: Path, name: str) -> str:
     """Write ``fig`` as ``out/name`` (PNG) and close it; returns the file name for the report."""
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt().close(fig)
+    save_figure(fig, out / name)
     return name
