@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from attnlab.inference.speculative import speculative_generate
     from attnlab.models import build_model
 
-__version__ = "0.1.0"
+from attnlab.version import __version__  # noqa: E402 (after the TYPE_CHECKING block)
 
 _EXPORTS = {
     "ModelConfig": "attnlab.config",

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab import version
 from attnlab.cachedir import cache_dir
 from attnlab.checkpoint import TMP_MARK, atomic_write_file, atomic_write_text
 
@@ -66,7 +67,7 @@ def enabled() -> bool:
 
 def attnlab_version() -> str:
     """attnlab's version, read at call time (a test may change it)."""
-    return str(getattr(sys.modules.get("attnlab"), "__version__", "unknown"))
+    return version.current()
 
 
 def weights_dir() -> Path:

@@ -155,7 +155,7 @@ def test_an_edited_byte_rebuilds(tiny, cache, capfd, monkeypatch):
 def test_another_attnlab_version_rebuilds(tiny, cache, capfd, monkeypatch):
     fresh, _ = load(tiny, capfd)
     old = entries(cache)
-    monkeypatch.setattr(attnlab, "__version__", "999.0")
+    monkeypatch.setattr(attnlab.version, "__version__", "999.0")
     again, err = load(tiny, capfd)
     assert "first load" in err
     (entry,) = entries(cache)  # the other version's entry of this file is replaced

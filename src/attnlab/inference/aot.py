@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from attnlab import version
 from attnlab.cachedir import cache_dir as attnlab_cache_dir
 from attnlab.layers import cpu_kernels
 
@@ -106,10 +107,8 @@ def model_signature(model: nn.Module) -> str:
 def key_parts(signature: str, shape: tuple, options: dict) -> list[str]:
     """What a graph's key hashes: ``signature`` (``model_signature``), ``shape`` (B, n, S, dtype, device), the
     inductor ``options`` and everything of this machine and installation the compiled code depends on."""
-    import attnlab
-
     flags = sorted(cpu_kernels.cpu_flags())
-    return [FORMAT, torch.__version__, sys.version, attnlab.__version__, sources_hash(), signature, repr(shape),
+    return [FORMAT, torch.__version__, sys.version, version.current(), sources_hash(), signature, repr(shape),
             repr(sorted(options.items())), " ".join(flags), torch.backends.cpu.get_cpu_capability(),
             f"kernels {cpu_kernels.isa()}", f"threads {torch.get_num_threads()}"]
 
