@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from attnlab.checkpoint import write_json
-from attnlab.commands.args import TORCH_NAMES, add_precision, parser
+from attnlab.commands.args import ALIASES, add_precision, parser
 from attnlab.config import ModelConfig, check_field_types
 from attnlab.presets import PRESETS
 from attnlab.tokenizer import Tokenizer
@@ -103,8 +103,8 @@ def build_parser():
     p.add_argument("--distill-init-embeddings", action="store_true",
                    help="start the student's token table from the teacher's, projected on its principal directions "
                         "(with --teacher-data: the teacher named in its manifest)")
-    p.add_argument("--distill-precision", choices=["fp32", "bf16"], default="fp32",
-                   help="run the teacher through the fast decode path at this precision (bf16: faster forward)")
+    add_precision(p, ("fp32", "bf16"), default="fp32", flag="--distill-precision",
+                  help="run the teacher through the fast decode path at this precision (bf16: faster forward)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     for name, typ in (("steps", int), ("batch-size", int), ("grad-accum", int), ("seq-len", int), ("lr", float),
                       ("warmup", int), ("vocab-size", int), ("seed", int), ("eval-every", int), ("save-every", int),
@@ -140,7 +140,9 @@ def resolve_settings(args) -> tuple[dict, dict]:
                 "save_every", "max_time", "keep_last", "save_dtype"):
         value = getattr(args, key)
         if value is not None:
-            train[key] = TORCH_NAMES[value] if key == "save_dtype" else value  # TrainConfig keeps torch's names
+            train[key] = value
+    if isinstance(train.get("save_dtype"), str):  # a config file or --set may use the long name (bfloat16)
+        train["save_dtype"] = ALIASES.get(train["save_dtype"], train["save_dtype"])
     if args.bf16:
         train["bf16"] = True
     return model, train
