@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from attnlab.checkpoint import write_json
+from attnlab.checkpoint import WEIGHTS_NAME, write_json
 from attnlab.commands.args import ALIASES, add_precision, parser
 from attnlab.config import ModelConfig, check_field_types
 from attnlab.presets import PRESETS
-from attnlab.tokenizer import Tokenizer
+from attnlab.tokenizer import TOKENIZER_FILE, Tokenizer
 
 TRAIN_KEYS = {f.name for f in fields(__import__("attnlab.training.trainer", fromlist=["TrainConfig"]).TrainConfig)}
 EXTRA_KEYS = {"seq_len", "vocab_size"}
@@ -243,7 +243,7 @@ def _test_exact_match(task: str, out: Path) -> float:
     from attnlab.hub import load_model
     from attnlab.tasks.seq2seq_data import exact_match, test_split
 
-    best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
+    best = out / "best" if (out / "best" / WEIGHTS_NAME).is_file() else out
     return exact_match(load_model(best), test_split(task))
 
 
@@ -252,7 +252,7 @@ def _test_bleu(data: str, out: Path) -> dict:
     from attnlab.tasks.translation.data import SOURCE, TARGET, load_split
     from attnlab.tasks.translation.task import evaluate
 
-    best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
+    best = out / "best" if (out / "best" / WEIGHTS_NAME).is_file() else out
     pairs = [(r[SOURCE], r[TARGET]) for r in load_split(data, "test")]
     res = evaluate(load_model(best), load_tokenizer(best), pairs)
     return {"test_pairs": len(pairs), "test_bleu_greedy": round(res["bleu"], 2), "test_chrf_greedy": round(res["chrf"], 2)}
@@ -266,7 +266,7 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, latest: P
 
     corpus = load_corpus(args.data, max_files=args.max_files)
     tok_source = latest or args.tokenizer  # a resumed run reads its tokenizer from its newest complete checkpoint
-    if tok_source is None and args.init and (Path(args.init) / "tokenizer.json").is_file():
+    if tok_source is None and args.init and (Path(args.init) / TOKENIZER_FILE).is_file():
         tok_source = args.init  # uptraining (e.g. after attnlab convert) keeps the model's own tokenizer
     tok = _reused_tokenizer(tok_source) if tok_source is not None else train_bpe(corpus.documents["train"],
                                                                                   vocab_size)
@@ -357,5 +357,5 @@ def _build(cfg: ModelConfig, args) -> torch.nn.Module:
     if args.init:
         from attnlab.checkpoint import load_state_checked, read_weights
 
-        load_state_checked(model, read_weights(Path(args.init) / "model.safetensors"), str(args.init))
+        load_state_checked(model, read_weights(Path(args.init) / WEIGHTS_NAME), str(args.init))
     return model

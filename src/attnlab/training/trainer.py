@@ -26,6 +26,7 @@ from torch import nn
 
 from attnlab.checkpoint import (
     TMP_MARK,
+    WEIGHTS_NAME,
     atomic_write_dir,
     atomic_write_text,
     clean_leftovers,
@@ -40,6 +41,8 @@ from attnlab.config import check_field_types
 from attnlab.training.distributed import DistContext
 from attnlab.training.losses import Task
 from attnlab.training.state import (
+    RNG_FILE,
+    STATE_FILE,
     check_optimizer_state,
     is_complete,
     load_training_state,
@@ -185,10 +188,10 @@ class Trainer:
         if state.get("world", 1) != self.dist.world:
             raise ValueError(f"--resume: the checkpoint was written by {state.get('world', 1)} processes, this run "
                              f"has {self.dist.world}; resume with the same number of processes")
-        load_state_checked(self.model, read_weights(latest / "model.safetensors"), str(latest))
+        load_state_checked(self.model, read_weights(latest / WEIGHTS_NAME), str(latest))
         check_optimizer_state(opt_state, self.opt, latest)
         self.opt.load_state_dict(opt_state)
-        rng_file = latest / "rng.safetensors"
+        rng_file = latest / RNG_FILE
         for key, target in ((f"torch.{self.dist.rank}", torch.get_rng_state()),
                             (f"data.{self.dist.rank}", self.generator.get_state())):
             if key not in rng or rng[key].shape != target.shape or rng[key].dtype != target.dtype:
@@ -200,7 +203,7 @@ class Trainer:
             self.step = int(state["step"])
             self.best = float("inf") if state["best"] is None else float(state["best"])
         except (TypeError, ValueError):
-            raise ValueError(f"{latest / 'trainer_state.json'}: keys 'step'/'best' must be numbers; the "
+            raise ValueError(f"{latest / STATE_FILE}: keys 'step'/'best' must be numbers; the "
                              f"checkpoint is damaged") from None
         if self.dist.is_main:
             self._forget_metrics_after(self.step)
