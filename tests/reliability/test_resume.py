@@ -117,3 +117,18 @@ def test_zero_or_negative_sizes_are_refused_before_any_work(tmp_path, capsys, ti
                                  str(tmp_path / "o"), flag, "0"])
         assert flag[2:].replace("-", "_") in line.replace("-", "_")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_saved_with_torch_dtype_names_resumes(copy):
+    """Runs saved before TrainConfig took the short precision names hold ``save_dtype: "bfloat16"``: they resume
+    (the same setting given again as ``--save-dtype bf16`` is no conflict) and keep saving bfloat16 weights."""
+    def old_names(state):
+        state["train_config"]["save_dtype"] = "bfloat16"
+        state["run"]["train"]["save_dtype"] = "bfloat16"
+
+    for ckpt in (copy / "checkpoints").glob("step-*"):
+        edit_json(ckpt / "trainer_state.json", old_names)
+    assert main(["train", "--out", str(copy), "--resume", "--steps", "6", "--save-dtype", "bf16", "--quiet"]) == 0
+    assert {t.dtype for t in load_file(str(copy / "model.safetensors")).values()} == {torch.bfloat16}
+    state = json.loads((last(copy) / "trainer_state.json").read_text())
+    assert last(copy).name == "step-0000006" and state["run"]["train"]["save_dtype"] == "bf16"

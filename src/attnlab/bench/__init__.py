@@ -25,6 +25,7 @@ BENCHES: dict[str, str] = {
     "peer": "attnlab.bench.peer",
     "quality": "attnlab.bench.quality",
     "startup": "attnlab.bench.startup",
+    "compiled-start": "attnlab.bench.compiled_start",
 }
 
 

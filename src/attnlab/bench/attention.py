@@ -38,9 +38,10 @@ from torch import Tensor
 
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import markdown_table
+from attnlab.commands.args import add_precision, parser, torch_dtype
 
 KERNEL_NAMES = ("naive", "sdpa", "flash")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "bf16")  # the precisions the kernels are timed in (--dtypes)
 CONFIGS = {"mha": (8, 8), "gqa": (8, 2)}  # name -> (H query heads, K kv heads)
 DEFAULT_SEQS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQS = (256, 512, 1024)
@@ -143,7 +144,7 @@ def probe(spec: dict[str, Any]) -> dict[str, dict[str, int]]:
     threshold pinned and ``malloc_trim`` between runs, what one run frees leaves the resident set.
     """
     torch.set_num_threads(spec["threads"])
-    dtype = DTYPES[spec["dtype"]]
+    dtype = torch_dtype(spec["dtype"])
     out: dict[str, dict[str, int]] = {}
     for kernel, modes in spec["runs"].items():
         out[kernel] = {}
@@ -233,11 +234,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 # ---------------------------------------------------------------- main
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="attnlab bench attention", description=__doc__.split("\n\n")[0])
+    p = parser("attnlab bench attention", __doc__.split("\n\n")[0])
     p.add_argument("--seq", type=int, nargs="+", default=None, help=f"sequence lengths (default {DEFAULT_SEQS})")
     p.add_argument("--quick", action="store_true", help=f"small lengths {QUICK_SEQS} (added to --seq if both are given)")
     p.add_argument("--kernels", nargs="+", choices=KERNEL_NAMES, default=list(KERNEL_NAMES))
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    add_precision(p, DTYPES, default=list(DTYPES), flag="--dtypes", nargs="+", help="precisions of q, k, v")
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["mha", "gqa"])
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     p.add_argument("--no-backward", action="store_true", help="forward only")
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[kern] = run_modes
             case_rows[kern] = row
         bar.set_postfix_str(f"{cfg} T={T} {'causal' if causal else 'full'} {dt} timing")
-        times = time_case(runs, cfg, T, causal, DTYPES[dt], min_time=args.min_time, max_repeats=args.max_repeats)
+        times = time_case(runs, cfg, T, causal, torch_dtype(dt), min_time=args.min_time, max_repeats=args.max_repeats)
         for (kern, mode), ts in times.items():
             case_rows[kern]["fwd_s" if mode == "fwd" else "fwdbwd_s"] = statistics.median(ts)
             case_rows[kern]["times"][mode] = ts
@@ -319,5 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # as `attnlab bench attention` (the memory probes run this way): one error line
+    from attnlab.cli import main as cli
+
+    raise SystemExit(cli(["bench", "attention", *sys.argv[1:]]))

@@ -7,8 +7,9 @@ directory) — both written once and loaded by each library. For every (batch, p
 
 - HF ``generate`` in fp32 and bf16; attnlab ``prepare_for_decode`` in fp32, bf16 and int8 (``--precisions``
   restricts them; HF fp32 always runs, as the reference), optionally also compiled (``--compile``: rows
-  ``attnlab static``, the static-shape decode graphs of ``inference/static.py``; ``--compile dynamic``:
-  ``attnlab dynamic``, ``torch.compile(dynamic=True)`` over the forward). Compiled variants are warmed up
+  ``attnlab static``, the static-shape decode graphs of ``inference/static.py``; ``--compile static-jit``: the
+  same graphs through ``torch.compile`` in this process; ``--compile dynamic``: ``attnlab dynamic``,
+  ``torch.compile(dynamic=True)`` over the forward). Compiled variants are warmed up
   (compiled) before timing; ``compile_s`` reports the seconds their first calls took.
 - prefill tok/s = batch x prompt / time of the first token; decode tok/s = batch x (N - 1) / (time of
   N tokens - time of 1 token): the per-token cost after the prompt.
@@ -41,7 +42,7 @@ import torch
 
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import machine, markdown_table, write_json
-from attnlab.commands.args import parser
+from attnlab.commands.args import add_compile, parser, precision_list
 
 SHAPES = {
     # name: LlamaConfig keyword arguments
@@ -52,6 +53,7 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True),
 }
 HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "bf16", "int8")  # the attnlab precisions this benchmark times (--precisions)
 PPL_TOKENS = 256  # held-out tokens for the perplexity check (one forward per row)
 PPL_LIMIT = 0.01  # rows whose perplexity moved by more than this fraction from fp32's are flagged
 DEFAULT_IMPL = "attnlab default"  # generate(from_pretrained(...), ids, n): no precision, no preparation
@@ -150,7 +152,7 @@ def _time_interleaved(runs: dict[str, object], new_tokens: int, repeats: int) ->
 
 def run_setting(name: str, hf_dir: Path, *, batch: int, prompt_len: int, new_tokens: int, repeats: int,
                 compile_too: bool | str, bandwidth: float, seed: int = 0,
-                precisions: tuple[str, ...] = ("fp32", "bf16", "int8")) -> list[dict]:
+                precisions: tuple[str, ...] = PRECISIONS) -> list[dict]:
     import transformers
 
     import attnlab
@@ -283,10 +285,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--prompts", default="128", help="comma-separated prompt lengths (e.g. 128,2048)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--compile", nargs="?", const="static", default=None, choices=["static", "dynamic"],
-                   help="also time attnlab compiled: static-shape decode graphs (the default) or 'dynamic'")
-    p.add_argument("--precisions", default="fp32,bf16,int8",
-                   help="comma-separated attnlab precisions to time (HF fp32 and attnlab fp32 always run)")
+    add_compile(p, help="also time attnlab compiled: static-shape decode graphs (the default), 'static-jit' "
+                        "(torch.compile in this process) or 'dynamic'")
+    p.add_argument("--precisions", type=precision_list(PRECISIONS), default=",".join(PRECISIONS),
+                   help="comma-separated attnlab precisions to time (HF fp32 and attnlab fp32 always run; "
+                        "float32/bfloat16 are accepted too)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write rows and machine info to this JSON file")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here")
@@ -299,10 +302,6 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2 (decode speed is measured after the first token)")
-    precisions = tuple(x.strip() for x in args.precisions.split(",") if x.strip())
-    bad = [x for x in precisions if x not in ("fp32", "bf16", "int8")]
-    if bad or not precisions:
-        raise ValueError(f"--precisions {args.precisions!r}: choose from fp32, bf16, int8")
     bandwidth = bandwidth_probe()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,7 +327,7 @@ def main(argv: list[str]) -> int:
                     rows += run_setting(name, hf_dir, batch=batch, prompt_len=prompt_len,
                                         new_tokens=args.new_tokens, repeats=args.repeats,
                                         compile_too=args.compile or False, bandwidth=bandwidth,
-                                        precisions=precisions)
+                                        precisions=args.precisions)
     info = machine() | {"copy_bandwidth_GBps": bandwidth / 1e9}
     print(f"machine: {info}")
     print(markdown_table(rows, ["model", "impl", "precision", "batch", "prompt", "prefill_tok_s", "decode_tok_s",

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import machine, markdown_table, write_json
-from attnlab.commands.args import parser
+from attnlab.commands.args import add_precision, parser
 
 SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 BLOCK_FORMATS = ["q8_0", "q4_0", "q4_1", "q4_k"]
-PRECISIONS = ["fp32", "bf16", "int8", *BLOCK_FORMATS]
+PRECISIONS = ["fp32", "bf16", "int8", *BLOCK_FORMATS]  # the weight formats timed (--precisions)
 
 
 def weight_bytes(precision: str, weights: list) -> int:
@@ -174,7 +174,8 @@ def run(precisions: list[str], rows_list: list[int], layers: int, repeats: int,
 
 def main(argv: list[str]) -> int:
     p = parser("attnlab bench linear", "Few-row matrix products of a SmolLM2-shaped stack: kernel vs PyTorch.")
-    p.add_argument("--precisions", nargs="+", default=PRECISIONS, choices=PRECISIONS)
+    add_precision(p, PRECISIONS, default=PRECISIONS, flag="--precisions", nargs="+",
+                  help="the weight formats to time (default: all)")
     p.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 5, 8, 16])
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)

@@ -36,7 +36,7 @@ import torch
 
 from attnlab.bench.clock import Stopwatch, timed
 from attnlab.bench.common import machine, markdown_table, write_json
-from attnlab.commands.args import parser
+from attnlab.commands.args import add_precision, parser
 
 DEFAULT_ROW = "default: generate(draft=)"  # from_pretrained models, no flags: what a user writes first
 
@@ -252,8 +252,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8])
     p.add_argument("--repeats", type=int, default=2, help="rounds per prompt; the best time of each method counts")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default=None,
-                   help="prepare target and draft with the fast decode path at this precision")
+    add_precision(p, ("fp32", "bf16", "int8"), default=None, flag="--precision",
+                  help="prepare target and draft with the fast decode path at this precision")
     p.add_argument("--static", action="store_true",
                    help="also compile target and draft into static-shape decode graphs (precision fp32 unless "
                         "--precision is given)")

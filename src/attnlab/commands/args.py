@@ -4,9 +4,12 @@ vocabulary.
 Precisions are named the same way in every command: ``fp32``, ``bf16``, ``fp16``, ``int8`` (int8 weights
 with float activations, for decoding), the GGUF block formats ``q8_0``, ``q4_0``, ``q4_1``, ``q4_k`` and
 ``native`` (a GGUF's weights as stored); ``float32``, ``bfloat16`` and ``float16`` are accepted as the same
-names. Each command takes the subset it can honour (``attnlab generate`` and ``chat``: ``DECODE``;
-``info --precision``: the same; ``convert``/``info --dtype``/``train --save-dtype``: fp32, bf16, fp16). Nothing here imports torch, so a flag
-mistake costs no torch import.
+names. Each command and benchmark takes the subset it can honour (``attnlab generate`` and ``chat``:
+``DECODE``; ``info --precision``: the same; ``convert``/``info --dtype``/``train --save-dtype``: fp32, bf16,
+fp16; ``data teacher --precision``: fp32, bf16, int8; the benchmarks their own) through ``add_precision``
+(one name, or several with ``nargs``) or ``precision_list`` (a comma-separated list). ``--compile`` has one
+vocabulary too, ``COMPILE_MODES`` (``add_compile``). Nothing here imports torch, so a flag mistake costs no
+torch import.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ if TYPE_CHECKING:
     import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "native")
-DECODE = ("fp32", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "native")  # what generate and chat run
+# what generate and chat run: inference.fast's PRECISIONS + NATIVE, written out so that parsing a flag imports no
+# torch (tests/test_cli_prepare.py checks that the two agree)
+DECODE = ("fp32", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "native")
 DECODE_HELP = ("weights for decoding: fp32 (exact), bf16, int8 weight-only, the GGUF block formats q8_0/q4_0/q4_1/"
                "q4_k (integer dot products), or native: a GGUF's weights as the file stores them (default fp32)")
 ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -48,12 +53,39 @@ def precision_type(choices: Sequence[str], flag: str = "--dtype") -> Callable[[s
     return parse
 
 
-def add_precision(p: argparse.ArgumentParser, choices: Sequence[str], *, default: str | None, help: str,
-                  flag: str = "--dtype") -> None:
+def _aliases_note(choices: Sequence[str]) -> str:
+    longs = [long for long, short in ALIASES.items() if short in choices]
+    if not longs:
+        return ""
+    return f"the long names {'/'.join(longs)} are accepted too" if len(longs) > 1 else f"{longs[0]} is accepted too"
+
+
+def precision_list(choices: Sequence[str], flag: str = "--precisions") -> Callable[[str], tuple[str, ...]]:
+    """An argparse ``type=``: a comma-separated list of precision names (or long aliases) among ``choices``, as a
+    tuple of short names in the order given."""
+    one = precision_type(choices, flag)
+
+    def parse(text: str) -> tuple[str, ...]:
+        try:
+            names = tuple(one(item.strip()) for item in text.split(",") if item.strip())
+        except argparse.ArgumentTypeError:
+            names = ()
+        if not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}, separated by commas")
+        return names
+
+    parse.__name__ = flag
+    return parse
+
+
+def add_precision(p: argparse.ArgumentParser, choices: Sequence[str], *, default: str | Sequence[str] | None,
+                  help: str, flag: str = "--dtype", nargs: str | None = None) -> None:
+    """``flag`` taking one precision among ``choices`` (or, with ``nargs="+"``, several), as short names."""
     unknown = set(choices) - set(PRECISIONS)
     assert not unknown, unknown
-    p.add_argument(flag, type=precision_type(choices, flag), default=default, metavar="{" + ",".join(choices) + "}",
-                   help=f"{help} (the long names float32/bfloat16/float16 are accepted too)")
+    note = _aliases_note(choices)
+    p.add_argument(flag, type=precision_type(choices, flag), default=default, nargs=nargs,
+                   metavar="{" + ",".join(choices) + "}", help=f"{help} ({note})" if note else help)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -74,10 +106,13 @@ COMPILE_HELP = ("compile the decode steps (eager if no compiler): static-shape g
                 "with dynamic shapes; slow to compile). Off by default: the first build delays the first token")
 
 
-def add_compile(p: argparse.ArgumentParser) -> None:
-    """``--compile [static|dynamic]``, opt-in (see ``COMPILE_HELP``)."""
-    p.add_argument("--compile", nargs="?", const=True, default=False, choices=["static", "static-jit", "dynamic"],
-                   help=COMPILE_HELP)
+COMPILE_MODES = ("static", "static-jit", "dynamic")  # prepare_for_decode's compile= names (True: its default)
+
+
+def add_compile(p: argparse.ArgumentParser, help: str = COMPILE_HELP) -> None:
+    """``--compile [static|static-jit|dynamic]``, opt-in (see ``COMPILE_HELP``): False when absent, True when
+    given bare (the model family's default mode), else the mode named."""
+    p.add_argument("--compile", nargs="?", const=True, default=False, choices=COMPILE_MODES, help=help)
 
 
 def add_no_prepare(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 
-from attnlab.commands.args import parser
+from attnlab.commands.args import add_compile, add_precision, parser
 
 DATASETS = ("translation", "teacher")
 
@@ -70,8 +70,9 @@ def _teacher(argv: list[str]) -> int:
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens the teacher writes after each prompt")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--top-k", type=int, default=8, help="log-probabilities kept per position")
-    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="bf16", help="the teacher's fast path")
-    p.add_argument("--compile", action="store_true", help="static-shape compiled decode graphs for the teacher")
+    add_precision(p, ("fp32", "bf16", "int8"), default="bf16", flag="--precision", help="the teacher's fast path")
+    add_compile(p, help="compile the teacher's decode steps: static-shape graphs (the default mode), 'static-jit' "
+                        "or 'dynamic' (see `attnlab generate --help`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
@@ -99,7 +100,8 @@ def _teacher(argv: list[str]) -> int:
     if max(lengths) + args.new_tokens + 1 > teacher.config.max_seq_len:
         raise ValueError(f"prompt {max(lengths)} + {args.new_tokens} new tokens exceed the teacher's context "
                          f"({teacher.config.max_seq_len})")
-    teacher = prepare_for_decode(teacher, precision=args.precision, compile="static" if args.compile else False)
+    teacher = prepare_for_decode(teacher, precision=args.precision,
+                                 compile="static" if args.compile is True else args.compile)
     corpus = load_corpus(args.data)
     manifest = build_teacher_data(teacher, load_tokenizer(args.teacher), corpus.documents, args.out,
                                   sequences={"train": args.train, "validation": args.validation},

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from attnlab.checkpoint import write_json
-from attnlab.commands.args import TORCH_NAMES, add_precision, parser
+from attnlab.checkpoint import WEIGHTS_NAME, write_json
+from attnlab.commands.args import ALIASES, add_precision, parser
 from attnlab.config import ModelConfig, check_field_types
 from attnlab.presets import PRESETS
-from attnlab.tokenizer import Tokenizer
+from attnlab.tokenizer import TOKENIZER_FILE, Tokenizer
 
 TRAIN_KEYS = {f.name for f in fields(__import__("attnlab.training.trainer", fromlist=["TrainConfig"]).TrainConfig)}
 EXTRA_KEYS = {"seq_len", "vocab_size"}
@@ -103,8 +103,8 @@ def build_parser():
     p.add_argument("--distill-init-embeddings", action="store_true",
                    help="start the student's token table from the teacher's, projected on its principal directions "
                         "(with --teacher-data: the teacher named in its manifest)")
-    p.add_argument("--distill-precision", choices=["fp32", "bf16"], default="fp32",
-                   help="run the teacher through the fast decode path at this precision (bf16: faster forward)")
+    add_precision(p, ("fp32", "bf16"), default="fp32", flag="--distill-precision",
+                  help="run the teacher through the fast decode path at this precision (bf16: faster forward)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     for name, typ in (("steps", int), ("batch-size", int), ("grad-accum", int), ("seq-len", int), ("lr", float),
                       ("warmup", int), ("vocab-size", int), ("seed", int), ("eval-every", int), ("save-every", int),
@@ -140,7 +140,9 @@ def resolve_settings(args) -> tuple[dict, dict]:
                 "save_every", "max_time", "keep_last", "save_dtype"):
         value = getattr(args, key)
         if value is not None:
-            train[key] = TORCH_NAMES[value] if key == "save_dtype" else value  # TrainConfig keeps torch's names
+            train[key] = value
+    if isinstance(train.get("save_dtype"), str):  # a config file or --set may use the long name (bfloat16)
+        train["save_dtype"] = ALIASES.get(train["save_dtype"], train["save_dtype"])
     if args.bf16:
         train["bf16"] = True
     return model, train
@@ -241,7 +243,7 @@ def _test_exact_match(task: str, out: Path) -> float:
     from attnlab.hub import load_model
     from attnlab.tasks.seq2seq_data import exact_match, test_split
 
-    best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
+    best = out / "best" if (out / "best" / WEIGHTS_NAME).is_file() else out
     return exact_match(load_model(best), test_split(task))
 
 
@@ -250,7 +252,7 @@ def _test_bleu(data: str, out: Path) -> dict:
     from attnlab.tasks.translation.data import SOURCE, TARGET, load_split
     from attnlab.tasks.translation.task import evaluate
 
-    best = out / "best" if (out / "best" / "model.safetensors").is_file() else out
+    best = out / "best" if (out / "best" / WEIGHTS_NAME).is_file() else out
     pairs = [(r[SOURCE], r[TARGET]) for r in load_split(data, "test")]
     res = evaluate(load_model(best), load_tokenizer(best), pairs)
     return {"test_pairs": len(pairs), "test_bleu_greedy": round(res["bleu"], 2), "test_chrf_greedy": round(res["chrf"], 2)}
@@ -264,7 +266,7 @@ def _text_run(args, model_fields: dict, seq_len: int, vocab_size: int, latest: P
 
     corpus = load_corpus(args.data, max_files=args.max_files)
     tok_source = latest or args.tokenizer  # a resumed run reads its tokenizer from its newest complete checkpoint
-    if tok_source is None and args.init and (Path(args.init) / "tokenizer.json").is_file():
+    if tok_source is None and args.init and (Path(args.init) / TOKENIZER_FILE).is_file():
         tok_source = args.init  # uptraining (e.g. after attnlab convert) keeps the model's own tokenizer
     tok = _reused_tokenizer(tok_source) if tok_source is not None else train_bpe(corpus.documents["train"],
                                                                                   vocab_size)
@@ -355,5 +357,5 @@ def _build(cfg: ModelConfig, args) -> torch.nn.Module:
     if args.init:
         from attnlab.checkpoint import load_state_checked, read_weights
 
-        load_state_checked(model, read_weights(Path(args.init) / "model.safetensors"), str(args.init))
+        load_state_checked(model, read_weights(Path(args.init) / WEIGHTS_NAME), str(args.init))
     return model

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnlab.checkpoint import TMP_MARK, entries_in_the_way, read_json
+from attnlab.commands.args import ALIASES
 from attnlab.training.state import STATE_FILE
 
 RESUMABLE = frozenset({"steps", "max_time", "keep_last", "save_every", "eval_every", "log_every"})
@@ -78,6 +79,8 @@ def resume_settings(checkpoint: Path, args, model_fields: dict, train: dict) -> 
         flags, saved_model, saved_train = dict(saved["flags"]), dict(saved["model"]), dict(saved["train"])
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{source}: key 'run' lacks 'flags', 'model' or 'train'; the checkpoint is damaged") from None
+    if isinstance(saved_train.get("save_dtype"), str):  # runs saved before the short names wrote "bfloat16"
+        saved_train["save_dtype"] = ALIASES.get(saved_train["save_dtype"], saved_train["save_dtype"])
     conflicts = []
     for flag in RUN_FLAGS:
         if flag in flags and _given(args, flag) and _normal(flag, getattr(args, flag)) != flags[flag]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from attnlab.checkpoint import (
     TMP_MARK,
+    WEIGHTS_NAME,
     atomic_write_dir,
     atomic_write_text,
     clean_leftovers,
@@ -35,15 +36,20 @@ from attnlab.checkpoint import (
     save_model,
     write_model_files,
 )
+from attnlab.commands.args import ALIASES, TORCH_NAMES, torch_dtype
 from attnlab.config import check_field_types
 from attnlab.training.distributed import DistContext
 from attnlab.training.losses import Task
 from attnlab.training.state import (
+    RNG_FILE,
+    STATE_FILE,
     check_optimizer_state,
     is_complete,
     load_training_state,
     save_training_state,
 )
+
+SAVE_DTYPES = tuple(TORCH_NAMES)  # what TrainConfig.save_dtype may name: fp32, bf16, fp16
 
 
 @dataclass
@@ -66,7 +72,7 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     max_time: float | None = None  # seconds; stop cleanly (with a checkpoint) when exceeded
-    save_dtype: str = "float32"
+    save_dtype: str = "fp32"  # precision of the weights in out/ and best/: fp32, bf16 or fp16 (commands.args)
 
     def validate(self) -> TrainConfig:
         check_field_types(asdict(self), TrainConfig)  # types first: --set or a config file may hold any JSON
@@ -75,8 +81,10 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0 or self.clip < 0:
             raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup >= 0 and clip >= 0")
-        if self.save_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"save_dtype={self.save_dtype!r}: choose float32, bfloat16 or float16")
+        self.save_dtype = ALIASES.get(self.save_dtype, self.save_dtype)  # runs saved before the short names
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype={self.save_dtype!r}: choose {', '.join(SAVE_DTYPES)} (or float32, bfloat16, "
+                             f"float16)")
         return self
 
 
@@ -142,7 +150,7 @@ class Trainer:
         rng = self._rng_state()  # collective: every rank takes part
         if not self.dist.is_main:
             return
-        dtype = getattr(torch, self.cfg.save_dtype)
+        dtype = torch_dtype(self.cfg.save_dtype)
         state = {"step": self.step, "best": self.best if math.isfinite(self.best) else None,
                  "train_config": asdict(self.cfg), "world": self.dist.world, "run": self.run}
 
@@ -180,10 +188,10 @@ class Trainer:
         if state.get("world", 1) != self.dist.world:
             raise ValueError(f"--resume: the checkpoint was written by {state.get('world', 1)} processes, this run "
                              f"has {self.dist.world}; resume with the same number of processes")
-        load_state_checked(self.model, read_weights(latest / "model.safetensors"), str(latest))
+        load_state_checked(self.model, read_weights(latest / WEIGHTS_NAME), str(latest))
         check_optimizer_state(opt_state, self.opt, latest)
         self.opt.load_state_dict(opt_state)
-        rng_file = latest / "rng.safetensors"
+        rng_file = latest / RNG_FILE
         for key, target in ((f"torch.{self.dist.rank}", torch.get_rng_state()),
                             (f"data.{self.dist.rank}", self.generator.get_state())):
             if key not in rng or rng[key].shape != target.shape or rng[key].dtype != target.dtype:
@@ -195,7 +203,7 @@ class Trainer:
             self.step = int(state["step"])
             self.best = float("inf") if state["best"] is None else float(state["best"])
         except (TypeError, ValueError):
-            raise ValueError(f"{latest / 'trainer_state.json'}: keys 'step'/'best' must be numbers; the "
+            raise ValueError(f"{latest / STATE_FILE}: keys 'step'/'best' must be numbers; the "
                              f"checkpoint is damaged") from None
         if self.dist.is_main:
             self._forget_metrics_after(self.step)
@@ -320,7 +328,7 @@ class Trainer:
                 "seconds": time.perf_counter() - t0, "interrupted": self.stop_requested}
 
     def _write_best(self, tmp: Path) -> None:
-        write_model_files(self.model, tmp, dtype=getattr(torch, self.cfg.save_dtype))
+        write_model_files(self.model, tmp, dtype=torch_dtype(self.cfg.save_dtype))
         if self.extra_files:
             self.extra_files(tmp)
 
