@@ -132,3 +132,20 @@ def test_a_run_saved_with_torch_dtype_names_resumes(copy):
     assert {t.dtype for t in load_file(str(copy / "model.safetensors")).values()} == {torch.bfloat16}
     state = json.loads((last(copy) / "trainer_state.json").read_text())
     assert last(copy).name == "step-0000006" and state["run"]["train"]["save_dtype"] == "bf16"
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(copy, capsys):
+    """A crash can tear only the last record of the append-only metrics.jsonl: the resume drops it and goes on;
+    a damaged line in the middle is one error line naming the file."""
+    from attnlab.training.trainer import read_metrics
+
+    log = copy / "metrics.jsonl"
+    whole = log.read_text()
+    log.write_text(whole + '{"step": 5, "train_lo')
+    assert read_metrics(copy) == [json.loads(line) for line in whole.splitlines()]
+    assert main(["train", "--out", str(copy), "--resume", "--steps", "6", "--quiet"]) == 0
+    steps = [r["step"] for r in read_metrics(copy) if r.get("split") == "validation"]
+    assert steps == [2, 4, 6] and "train_lo" not in log.read_text()
+    log.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
+    assert "metrics.jsonl: line 2 is not a JSON record" in error_of(capsys, ["train", "--out", str(copy), "--resume",
+                                                                             "--steps", "8", "--quiet"])

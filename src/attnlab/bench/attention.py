@@ -38,7 +38,9 @@ from torch import Tensor
 
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import markdown_table
+from attnlab.checkpoint import atomic_write_text
 from attnlab.commands.args import add_precision, parser, torch_dtype
+from attnlab.figures import save_figure
 
 KERNEL_NAMES = ("naive", "sdpa", "flash")
 DTYPES = ("fp32", "bf16")  # the precisions the kernels are timed in (--dtypes)
@@ -228,8 +230,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle("attention kernels: B=1, H=8, D=64 (GQA: 2 kv heads), CPU")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- main
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, threads=args.threads, memory_method=MEMORY_METHOD, argv=argv)
-    (args.out / "attention.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    atomic_write_text(args.out / "attention.json", json.dumps(dict(meta=meta, rows=rows), indent=1))
     plot(rows, args.out / "attention.png")
     print(f"\nwrote {args.out / 'attention.json'} and {args.out / 'attention.png'}")
     return 0

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from attnlab.checkpoint import atomic_write_text
 from attnlab.commands.args import COMPILE_MODES, DECODE, add_precision, parser
 
 PRECISIONS = tuple(p for p in DECODE if p != "native")  # what a float model loaded by name is prepared at
@@ -118,9 +119,7 @@ def main(argv: list[str]) -> int:
               + ", ".join(f"{k} {v == ref}" for k, v in same.items()), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(rows, indent=1))
     return 0
 
 

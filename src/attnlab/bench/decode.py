@@ -43,6 +43,7 @@ import torch
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import add_compile, parser, precision_list
+from attnlab.figures import save_figure
 
 SHAPES = {
     # name: LlamaConfig keyword arguments
@@ -271,9 +272,7 @@ def plot(rows: list[dict], path: str) -> None:
                  f"(hatched, !: perplexity more than {100 * PPL_LIMIT:.0f}% off fp32's)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str]) -> int:

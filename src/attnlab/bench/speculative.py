@@ -30,13 +30,12 @@ first calls took.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from attnlab.bench.clock import Stopwatch, timed
 from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import add_precision, parser
+from attnlab.figures import save_figure
 
 DEFAULT_ROW = "default: generate(draft=)"  # from_pretrained models, no flags: what a user writes first
 
@@ -237,9 +236,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str]) -> int:

@@ -38,6 +38,7 @@ from attnlab.checkpoint import (
 )
 from attnlab.commands.args import ALIASES, TORCH_NAMES, torch_dtype
 from attnlab.config import check_field_types
+from attnlab.figures import save_figure
 from attnlab.training.distributed import DistContext
 from attnlab.training.losses import Task
 from attnlab.training.state import (
@@ -112,7 +113,23 @@ def read_metrics(out: str | Path) -> list[dict]:
     path = Path(out) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return metric_records(path.read_text(), path)
+
+
+def metric_records(text: str, path: Path) -> list[dict]:
+    """The JSON records of a ``metrics.jsonl`` text. The file is an append-only log (one short ``write`` per
+    record), so the one damage a crash can leave is a torn last line: it is dropped. Any other bad line is
+    an error naming the file."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record; the run's metrics log is damaged") from None
+    return records
 
 
 class Trainer:
@@ -212,9 +229,8 @@ class Trainer:
         """Drop metrics of steps the resumed run will redo (they were logged after the checkpoint)."""
         path = self.out / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
+            kept = [r for r in metric_records(path.read_text(), path) if r.get("step", 0) <= step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _start_fresh(self) -> None:
         """A run with no complete checkpoint starts over (a run killed before its first save saved nothing)."""
@@ -368,8 +384,7 @@ class Trainer:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(self.out / "loss.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, self.out / "loss.png")
 
 
 def complete_checkpoints(out: str | Path) -> list[Path]:
