@@ -41,8 +41,12 @@ FORMAT_VERSION = 1
 # what attnlab writes into a model directory (config and weights, tokenizer, the task a seq2seq model solves)
 MODEL_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json", "special_tokens.json",
                          "tokenizer_config.json", "task.json"})
-# what a training checkpoint adds, and what a training run keeps beside its model files (see training/trainer.py)
-TRAINING_FILES = frozenset({"optimizer.safetensors", "rng.safetensors", "trainer_state.json"})
+# what a training checkpoint adds (written by training/state.py), and what a training run keeps beside its
+# model files (see training/trainer.py)
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "trainer_state.json"
+TRAINING_FILES = frozenset({OPTIMIZER_FILE, RNG_FILE, STATE_FILE})
 RUN_ENTRIES = frozenset({"checkpoints", "best", "metrics.jsonl", "loss.png", "training.json"})
 TMP_MARK = ".tmp-"  # temporary files and folders carry this in their names (removed by clean_leftovers)
 
