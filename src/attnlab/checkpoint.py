@@ -38,9 +38,12 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_KEY = "_attnlab_format"
 FORMAT_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"  # written by tokenizer.Tokenizer.save, with SPECIALS_FILE
+SPECIALS_FILE = "special_tokens.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # a Hugging Face directory's tokenizer settings (convert once copied it)
+TASK_FILE = "task.json"  # the task a seq2seq model solves
 # what attnlab writes into a model directory (config and weights, tokenizer, the task a seq2seq model solves)
-MODEL_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json", "special_tokens.json",
-                         "tokenizer_config.json", "task.json"})
+MODEL_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_FILE, SPECIALS_FILE, HF_TOKENIZER_CONFIG, TASK_FILE})
 # what a training checkpoint adds (written by training/state.py), and what a training run keeps beside its
 # model files (see training/trainer.py)
 OPTIMIZER_FILE = "optimizer.safetensors"

@@ -21,12 +21,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from attnlab.checkpoint import atomic_write_file, atomic_write_text, read_json
+from attnlab.checkpoint import (
+    HF_TOKENIZER_CONFIG,
+    SPECIALS_FILE,
+    TOKENIZER_FILE,
+    atomic_write_file,
+    atomic_write_text,
+    read_json,
+)
 from attnlab.textio import check_text
 
-TOKENIZER_FILE = "tokenizer.json"
-SPECIALS_FILE = "special_tokens.json"
-HF_CONFIG_FILE = "tokenizer_config.json"  # a Hugging Face directory's special tokens and settings
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where recent Hugging Face versions keep the chat template
 EOS = "<|endoftext|>"  # the end token of tokenizers attnlab trains for text
 
@@ -135,7 +139,7 @@ class Tokenizer:
 def _read_specials(directory: Path) -> dict:
     """Special tokens from ``special_tokens.json`` (attnlab) or ``tokenizer_config.json`` (Hugging Face),
     and the chat template (see the module docstring for where it is looked for)."""
-    ours, theirs = directory / SPECIALS_FILE, directory / HF_CONFIG_FILE
+    ours, theirs = directory / SPECIALS_FILE, directory / HF_TOKENIZER_CONFIG
     if ours.is_file():
         data = read_json(ours, "the tokenizer's special tokens")
     elif theirs.is_file():
@@ -156,7 +160,7 @@ def _read_specials(directory: Path) -> dict:
 def _hf_chat_template(directory: Path) -> str | None:
     """A Hugging Face directory's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
     ``chat_template`` string (a list of named templates is not read: None)."""
-    jinja_file, config_file = directory / CHAT_TEMPLATE_FILE, directory / HF_CONFIG_FILE
+    jinja_file, config_file = directory / CHAT_TEMPLATE_FILE, directory / HF_TOKENIZER_CONFIG
     if jinja_file.is_file():
         try:
             return jinja_file.read_text(encoding="utf-8")

@@ -111,6 +111,7 @@ def main(argv: list[str]) -> int:
     if not widths or widths[0] < 2:
         raise ValueError(f"--beam {args.beam}: each width must be >= 2 (greedy is always scored)")
 
+    from attnlab.checkpoint import TASK_FILE
     from attnlab.hub import from_pretrained, load_tokenizer, resolve_path
     from attnlab.tasks.translation.data import SOURCE, TARGET, load_split
     from attnlab.tasks.translation.task import evaluate
@@ -118,7 +119,7 @@ def main(argv: list[str]) -> int:
     model = from_pretrained(args.model).eval()
     tok = load_tokenizer(args.model)
     data = args.data
-    task_file = resolve_path(args.model) / "task.json"
+    task_file = resolve_path(args.model) / TASK_FILE
     if data is None and task_file.is_file():
         data = json.loads(task_file.read_text()).get("data")
     if data is None:
