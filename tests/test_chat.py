@@ -227,3 +227,76 @@ def test_generate_chat_rejects_speculative_flags(capsys):
 
     code = cli.main(["generate", "--model", "default", "--chat", "hi", "--prompt-lookup"])
     assert code == 2 and "--chat runs plain decoding" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- where a model's template is read
+PLAIN = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+         "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def hf_style_model(root, *, jinja: str | None = PLAIN, config: dict | None = None):
+    """The shipped draft model laid out as a Hugging Face directory keeps its tokenizer: ``tokenizer_config.json``
+    (special tokens, maybe a ``chat_template`` string) and ``chat_template.jinja`` instead of special_tokens.json."""
+    import json
+    import shutil
+
+    from attnlab.hub import shipped_dir
+
+    directory = root / "hf-style"
+    shutil.copytree(shipped_dir("default-draft"), directory)
+    (directory / "special_tokens.json").unlink()
+    (directory / "tokenizer_config.json").write_text(json.dumps(config or {"eos_token": "<|endoftext|>"}))
+    if jinja is not None:
+        (directory / "chat_template.jinja").write_text(jinja)
+    return directory
+
+
+def test_from_dir_reads_the_chat_template_where_hugging_face_keeps_it(tmp_path):
+    import json
+
+    from attnlab.chat import chat_template
+    from attnlab.tokenizer import Tokenizer
+
+    directory = hf_style_model(tmp_path, jinja=None)
+    assert Tokenizer.from_dir(directory).chat_template is None
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": "A"}))
+    assert Tokenizer.from_dir(directory).chat_template == "A"
+    (directory / "chat_template.jinja").write_text(PLAIN)  # the newer layout comes first
+    tok = Tokenizer.from_dir(directory)
+    assert tok.chat_template == PLAIN and chat_template(tok) == PLAIN and tok.eos_token == "<|endoftext|>"
+    (directory / "special_tokens.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": "C"}))
+    assert Tokenizer.from_dir(directory).chat_template == "C"  # attnlab's own file first
+    named = [{"name": "default", "template": "A"}]  # a list of named templates is not read
+    (directory / "special_tokens.json").unlink()
+    (directory / "chat_template.jinja").unlink()
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": named}))
+    assert Tokenizer.from_dir(directory).chat_template is None
+
+
+def test_generate_chat_and_chat_read_a_hugging_face_directorys_chat_template_jinja(tmp_path, monkeypatch, capsys):
+    """``generate --chat`` once found no template in such a directory (only ``attnlab chat`` looked at the file)."""
+    from attnlab import cli
+
+    model = str(hf_style_model(tmp_path))
+    code = cli.main(["generate", "--model", model, "--chat", "hi", "--max-new-tokens", "4", "--temperature", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    monkeypatch.setattr("sys.stdin", FakeStdin("hi\n"))
+    code = cli.main(["chat", "--model", model, "--max-new-tokens", "4", "--temperature", "0"])
+    chatted = capsys.readouterr()
+    assert code == 0, chatted.err
+    assert chatted.out == captured.out  # the same greedy reply to the same rendered prompt
+
+
+def test_chat_resolves_a_shipped_name_through_the_hub_not_the_current_directory(tmp_path, monkeypatch, capsys):
+    """``--model default-draft`` is the shipped model (which has no chat template), whatever folder of that name
+    the current directory holds: its template must not be picked up."""
+    from attnlab import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default-draft").mkdir()
+    (tmp_path / "default-draft" / "chat_template.jinja").write_text(PLAIN)
+    monkeypatch.setattr("sys.stdin", FakeStdin("hi\n"))
+    code = cli.main(["chat", "--model", "default-draft", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no chat template" in err, err

@@ -64,3 +64,41 @@ def test_failed_write_leaves_previous_directory(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert attnlab.from_pretrained(tmp_path / "m") is not None
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary left behind
+
+
+def test_atomic_file_write_uses_a_private_temporary_name_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    """The one file writer every module uses: ``write`` fills a hidden temporary file beside the target (a
+    unique name per call, with the ``suffix`` a writer insists on), the rename replaces the target, a failure
+    leaves the target and no temporary file; the result is as readable as the umask allows."""
+    import os
+
+    from attnlab.checkpoint import atomic_write_file
+
+    target = tmp_path / "graph.pt2"
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        assert tmp.parent == tmp_path and tmp.name.startswith(".graph.pt2.tmp-") and tmp.suffix == ".pt2"
+        tmp.write_bytes(b"package %d" % len(seen))
+
+    atomic_write_file(target, write, suffix=".pt2")
+    atomic_write_file(target, write, suffix=".pt2")
+    assert target.read_bytes() == b"package 2" and seen[0] != seen[1]
+
+    def fails(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_file(target, fails)
+    assert target.read_bytes() == b"package 2" and [p.name for p in tmp_path.iterdir()] == ["graph.pt2"]
+    modes = {}
+    old = os.umask(0o022)
+    try:
+        for mask in (0o022, 0o077):
+            os.umask(mask)
+            modes[mask] = atomic_write_file(tmp_path / "m.json", lambda tmp: tmp.write_text("{}")).stat().st_mode
+    finally:
+        os.umask(old)
+    assert {mask: mode & 0o777 for mask, mode in modes.items()} == {0o022: 0o644, 0o077: 0o600}

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnlab.inference.streaming import TextStream
@@ -79,18 +78,10 @@ def render_chat(template: str, messages: list[Message], *, add_generation_prompt
         raise ValueError(f"the chat template refused this conversation: {exc}") from None
 
 
-def chat_template(tokenizer: Tokenizer, model_path: str | Path | None = None) -> str:
-    """The tokenizer's chat template (GGUF metadata), or a Hugging Face directory's, or a clear error."""
+def chat_template(tokenizer: Tokenizer) -> str:
+    """The tokenizer's chat template (from GGUF metadata or the model directory: ``Tokenizer.from_dir``), or a
+    clear error."""
     template = tokenizer.chat_template
-    directory = Path(model_path) if model_path is not None else None
-    if template is None and directory is not None and directory.is_dir():
-        jinja_file = directory / "chat_template.jinja"
-        config_file = directory / "tokenizer_config.json"
-        if jinja_file.is_file():
-            template = jinja_file.read_text()
-        elif config_file.is_file():
-            value = json.loads(config_file.read_text()).get("chat_template")
-            template = value if isinstance(value, str) else None
     if not template:
         raise ValueError("this model has no chat template (it was not fine-tuned for chat); use "
                          "`attnlab generate --prompt ...` to continue text instead, or a chat model such as smollm2")

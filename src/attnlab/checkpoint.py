@@ -38,11 +38,18 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_KEY = "_attnlab_format"
 FORMAT_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"  # written by tokenizer.Tokenizer.save, with SPECIALS_FILE
+SPECIALS_FILE = "special_tokens.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # a Hugging Face directory's tokenizer settings (convert once copied it)
+TASK_FILE = "task.json"  # the task a seq2seq model solves
 # what attnlab writes into a model directory (config and weights, tokenizer, the task a seq2seq model solves)
-MODEL_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json", "special_tokens.json",
-                         "tokenizer_config.json", "task.json"})
-# what a training checkpoint adds, and what a training run keeps beside its model files (see training/trainer.py)
-TRAINING_FILES = frozenset({"optimizer.safetensors", "rng.safetensors", "trainer_state.json"})
+MODEL_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_FILE, SPECIALS_FILE, HF_TOKENIZER_CONFIG, TASK_FILE})
+# what a training checkpoint adds (written by training/state.py), and what a training run keeps beside its
+# model files (see training/trainer.py)
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "trainer_state.json"
+TRAINING_FILES = frozenset({OPTIMIZER_FILE, RNG_FILE, STATE_FILE})
 RUN_ENTRIES = frozenset({"checkpoints", "best", "metrics.jsonl", "loss.png", "training.json"})
 TMP_MARK = ".tmp-"  # temporary files and folders carry this in their names (removed by clean_leftovers)
 
@@ -83,15 +90,35 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def atomic_write_file(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it over ``path``."""
+def _umask() -> int:
+    """The process's umask (read without changing it where Linux reports it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_file(path: str | Path, write: Callable[[Path], None], *, suffix: str = "") -> Path:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it over ``path``.
+
+    The temporary name is unique (``.<name>.tmp-XXXXXXXX<suffix>``, made by ``mkstemp``), so writers in
+    several processes never share one; ``suffix`` is for writers that insist on an extension (AOTInductor's
+    ``.pt2``). ``write`` receives an existing empty file to replace or fill. The file is fsync'ed before the
+    rename; if anything raises, the temporary file is removed and ``path`` is untouched.
+    """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; model files are ordinary readable data
+        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp makes it private; these are ordinary readable files
         _fsync_file(tmp)
         pause_point(f"write:{path.absolute()}")
         os.replace(tmp, path)
@@ -176,10 +203,11 @@ def atomic_write_dir(directory: str | Path, write: Callable[[Path], None], *, ov
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}{TMP_MARK}", dir=directory.parent))
     try:
         write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is ordinary readable data
+        mask = _umask()
+        os.chmod(tmp, 0o755 & ~mask)  # mkdtemp makes it private; a model directory is ordinary readable data
         for f in tmp.rglob("*"):
             if f.is_file():
-                os.chmod(f, 0o644)
+                os.chmod(f, 0o644 & ~mask)
                 _fsync_file(f)
         fsync_dir(tmp)
         pause_point(f"dir:{directory}")

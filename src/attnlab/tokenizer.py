@@ -8,7 +8,9 @@ so there is no unknown token).
 
 ``special_tokens.json`` holds ``{"eos_token", "bos_token", "pad_token", "add_bos_token"}`` (+
 ``"chat_template"`` when there is one) as token strings; a Hugging Face directory's
-``tokenizer_config.json`` is read when that file is absent.
+``tokenizer_config.json`` is read when that file is absent. The chat template is the one in
+``special_tokens.json``, else a Hugging Face directory's ``chat_template.jinja``, else the
+``chat_template`` string of its ``tokenizer_config.json``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from attnlab.checkpoint import atomic_write_file, atomic_write_text, read_json
+from attnlab.checkpoint import (
+    HF_TOKENIZER_CONFIG,
+    SPECIALS_FILE,
+    TOKENIZER_FILE,
+    atomic_write_file,
+    atomic_write_text,
+    read_json,
+)
 from attnlab.textio import check_text
 
-TOKENIZER_FILE = "tokenizer.json"
-SPECIALS_FILE = "special_tokens.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where recent Hugging Face versions keep the chat template
 EOS = "<|endoftext|>"  # the end token of tokenizers attnlab trains for text
 
 
@@ -89,13 +97,6 @@ class Tokenizer:
         """A hash of the whole tokenizer (vocabulary, merges, pre-tokenizer): keys caches of encoded data."""
         return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:20]
 
-    def require_eos(self) -> int:
-        """The end token's id, or a ``ValueError`` saying the tokenizer has none."""
-        if self.eos_token_id is None:
-            raise ValueError(f"the tokenizer has no end-of-text token; train it with attnlab (which adds {EOS}) "
-                             f"or declare one in {SPECIALS_FILE}")
-        return self.eos_token_id
-
     # ---------------------------------------------------------------- files
     def specials(self) -> dict:
         data: dict = {"eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token,
@@ -126,7 +127,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> Tokenizer:
-        """The tokenizer of a model directory: ``tokenizer.json`` and its special tokens."""
+        """The tokenizer of a model directory: ``tokenizer.json``, its special tokens and chat template."""
         directory = Path(directory)
         file = directory / TOKENIZER_FILE
         if not file.is_file():
@@ -136,22 +137,39 @@ class Tokenizer:
 
 
 def _read_specials(directory: Path) -> dict:
-    """Special tokens from ``special_tokens.json`` (attnlab) or ``tokenizer_config.json`` (Hugging Face)."""
-    ours, theirs = directory / SPECIALS_FILE, directory / "tokenizer_config.json"
+    """Special tokens from ``special_tokens.json`` (attnlab) or ``tokenizer_config.json`` (Hugging Face),
+    and the chat template (see the module docstring for where it is looked for)."""
+    ours, theirs = directory / SPECIALS_FILE, directory / HF_TOKENIZER_CONFIG
     if ours.is_file():
         data = read_json(ours, "the tokenizer's special tokens")
-        out = {k: data.get(k) for k in ("eos_token", "bos_token", "pad_token", "chat_template")}
-        out["add_bos_token"] = bool(data.get("add_bos_token", False))
     elif theirs.is_file():
         data = read_json(theirs, "the tokenizer's settings")
-        out = {k: data.get(k) for k in ("eos_token", "bos_token", "pad_token", "chat_template")}
-        out["add_bos_token"] = bool(data.get("add_bos_token", False))
+        data.pop("chat_template", None)  # read below, after chat_template.jinja (the newer layout wins)
     else:
-        return {}
+        data = {}
+    out = {k: data.get(k) for k in ("eos_token", "bos_token", "pad_token", "chat_template")}
+    out["add_bos_token"] = bool(data.get("add_bos_token", False))
     for key in ("eos_token", "bos_token", "pad_token", "chat_template"):  # HF may store a dict (AddedToken)
         if not isinstance(out[key], str):
             out[key] = None
+    if out["chat_template"] is None:
+        out["chat_template"] = _hf_chat_template(directory)
     return out
+
+
+def _hf_chat_template(directory: Path) -> str | None:
+    """A Hugging Face directory's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+    ``chat_template`` string (a list of named templates is not read: None)."""
+    jinja_file, config_file = directory / CHAT_TEMPLATE_FILE, directory / HF_TOKENIZER_CONFIG
+    if jinja_file.is_file():
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{jinja_file} is not UTF-8 text ({exc}); the chat template is damaged") from None
+    if config_file.is_file():
+        value = read_json(config_file, "the tokenizer's settings").get("chat_template")
+        return value if isinstance(value, str) else None
+    return None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, specials: Sequence[str] = (EOS,),

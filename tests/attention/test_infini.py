@@ -126,6 +126,40 @@ def test_state_is_bounded_and_round_trips(tmp_path):
         torch.testing.assert_close(model(ids[:, 200:], cache=resumed), expected, rtol=0, atol=0)
 
 
+def test_a_save_that_dies_half_way_leaves_the_previous_state(tmp_path, monkeypatch):
+    """``save`` writes a temporary file and renames it: a crash mid-write (here: the writer puts half the
+    bytes down, then raises) leaves the previous state file whole and loadable, and no temporary file."""
+    from attnlab.inference import infini_state
+
+    model = make()
+    ids = torch.randint(0, 40, (1, 60))
+    path = tmp_path / "state.safetensors"
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        model(ids[:, :20], cache=cache)
+        cache.save(path)
+        saved = path.read_bytes()
+        expected = model(ids[:, 20:40], cache=cache)  # the stream moves on; its next save fails half-way
+        real = infini_state.save_file
+
+        def dies_half_way(tensors, filename, metadata=None):
+            real(tensors, filename, metadata=metadata)
+            with open(filename, "r+b") as fh:
+                fh.truncate(len(saved) // 2)
+            raise OSError("no space left on device")
+
+        monkeypatch.setattr(infini_state, "save_file", dies_half_way)
+        with pytest.raises(OSError, match="no space"):
+            cache.save(path)
+        monkeypatch.undo()
+        assert path.read_bytes() == saved
+        assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]
+        resumed = model.new_cache(1)
+        resumed.load(path)
+        assert resumed.length == 20
+        torch.testing.assert_close(model(ids[:, 20:40], cache=resumed), expected, rtol=0, atol=0)
+
+
 def test_crop_within_and_across_a_segment():
     model = make()
     ids = torch.randint(0, 40, (1, 30))

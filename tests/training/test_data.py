@@ -49,3 +49,59 @@ def test_windows_are_seeded_and_validation_is_fixed():
     assert [t.tolist() for t in w.fixed(5)] == [t.tolist() for t in w.fixed(5)]
     with pytest.raises(ValueError, match="fewer than one window"):
         TokenWindows(tokens[:10], 16)
+
+
+def _shard_folder(root):
+    """The one cache folder ``build_shards`` made under ``root``."""
+    (folder,) = [p for p in root.iterdir() if p.is_dir()]
+    return folder
+
+
+def test_a_build_never_touches_another_writers_temporary_file(small_corpus, tmp_path):
+    """The cache is shared (``$ATTNLAB_CACHE``): a second process building the same shards at the same time
+    writes its own temporary files, so one writer's half-written shard is never replaced or renamed by the other."""
+    corpus = load_corpus(small_corpus)
+    tok = train_bpe(corpus.documents["train"], 300)
+    first = build_shards(corpus, tok, tmp_path)
+    folder = _shard_folder(tmp_path)
+    (folder / "train.bin").unlink()  # the cache is incomplete again: the next call rebuilds it
+    theirs = {split: folder / f".{split}.bin.tmp" for split in ("train", "validation", "test")}
+    for split, path in theirs.items():  # what another process is writing at this moment
+        path.write_bytes(b"another writer's half shard " + split.encode())
+    again = build_shards(corpus, tok, tmp_path)
+    for split, path in theirs.items():
+        assert path.read_bytes() == b"another writer's half shard " + split.encode()
+        assert np.array_equal(again[split], first[split])
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "manifest.json", "test.bin", "train.bin", "validation.bin"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == sorted(p.name for p in theirs.values())
+
+
+def test_a_failed_manifest_write_keeps_the_cache_usable(small_corpus, tmp_path, monkeypatch):
+    """The manifest is replaced atomically: a write that dies half-way leaves the previous manifest (JSON), and
+    the next build runs instead of failing on a truncated file."""
+    import json
+    from pathlib import Path
+
+    corpus = load_corpus(small_corpus)
+    tok = train_bpe(corpus.documents["train"], 300)
+    first = build_shards(corpus, tok, tmp_path)
+    folder = _shard_folder(tmp_path)
+    before = (folder / "manifest.json").read_text()
+    (folder / "validation.bin").unlink()
+    write_text = Path.write_text
+
+    def dies_half_way(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(Path, "write_text", dies_half_way)
+    with pytest.raises(OSError, match="no space"):
+        build_shards(corpus, tok, tmp_path)
+    monkeypatch.undo()
+    assert (folder / "manifest.json").read_text() == before
+    json.loads(before)
+    again = build_shards(corpus, tok, tmp_path)
+    for split in first:
+        assert np.array_equal(again[split], first[split])
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left behind

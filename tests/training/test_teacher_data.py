@@ -82,6 +82,22 @@ def test_an_interrupted_run_continues_to_the_same_files_and_other_settings_are_r
     assert data.n == 6 and {len(r) for r in data.rows["topk_ids"]} == {8 + 5, 12 + 5}
 
 
+def test_a_build_never_touches_another_writers_temporary_files(tmp_path, tok):
+    """Every shard and the manifest are written under a unique temporary name: a second build of the same
+    folder running at the same time (its half-written files planted here) is never clobbered or renamed."""
+    m = teacher(tok.vocab_size)
+    out = tmp_path / "t"
+    out.mkdir()
+    theirs = {out / ".train-00000.npz.tmp": b"half a shard", out / ".manifest.json.tmp": b"half a manifest"}
+    for path, data in theirs.items():
+        path.write_bytes(data)
+    manifest = build_teacher_data(m, tok, {"train": TEXT}, out, sequences={"train": 2}, prompt_lengths=(8,),
+                                  new_tokens=3, batch=2, k=4, progress=False)
+    assert {path: path.read_bytes() for path in theirs} == theirs
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in theirs), "manifest.json", "train-00000.npz"])
+    assert TeacherSequences(out, "train").n == manifest["sequences"]["train"] == 2
+
+
 def test_unreadable_or_missing_data_is_named(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="attnlab data teacher"):
         TeacherSequences(tmp_path, "train")

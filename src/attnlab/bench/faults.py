@@ -59,6 +59,7 @@ def newest(out: Path) -> Path | None:
 def check_after_kill(out: Path) -> list[str]:
     """What must hold after any kill (an empty list when it all does)."""
     import attnlab
+    from attnlab.checkpoint import CONFIG_NAME
 
     problems = []
     last = newest(out)
@@ -68,7 +69,7 @@ def check_after_kill(out: Path) -> list[str]:
             attnlab.load_tokenizer(last)
         except Exception as exc:  # noqa: BLE001 - any failure to load is what the soak reports
             problems.append(f"newest checkpoint {last.name} does not load: {exc}")
-    if (out / "config.json").is_file():
+    if (out / CONFIG_NAME).is_file():
         try:
             attnlab.from_pretrained(out)
             attnlab.load_tokenizer(out)
@@ -80,7 +81,9 @@ def check_after_kill(out: Path) -> list[str]:
 def same_weights(a: Path, b: Path) -> bool:
     from safetensors.torch import load_file
 
-    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    from attnlab.checkpoint import WEIGHTS_NAME
+
+    x, y = load_file(str(a / WEIGHTS_NAME)), load_file(str(b / WEIGHTS_NAME))
     return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
 
 

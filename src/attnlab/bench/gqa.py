@@ -146,13 +146,14 @@ def load_source(name: str, settings: Settings) -> tuple[nn.Module, object, dict]
 
 def mha_source(settings: Settings) -> tuple[nn.Module, object, dict]:
     """An MHA decoder (8 query = 8 KV heads) trained here, with the shipped target's tokenizer and data."""
+    from attnlab.checkpoint import WEIGHTS_NAME
     from attnlab.config import ModelConfig
     from attnlab.hub import from_pretrained, load_tokenizer
     from attnlab.models import build_model
 
     tok = load_tokenizer("default")
     keep = Path(settings.mha_dir) if settings.mha_dir else None
-    if keep is not None and (keep / "model.safetensors").is_file():
+    if keep is not None and (keep / WEIGHTS_NAME).is_file():
         return from_pretrained(keep, dtype=torch.float32).eval(), tok, {"trained": f"loaded from {keep}"}
     budget = settings.budgets["mha"]
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=128, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=384,

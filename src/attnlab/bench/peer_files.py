@@ -15,13 +15,13 @@ from the shipped file (both dequantise it to float32 too).
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from attnlab.cachedir import cache_dir
+from attnlab.checkpoint import atomic_write_file
 
 # target format -> llama.cpp's ``llama_ftype`` (include/llama.h: LLAMA_FTYPE_ALL_F32 = 0, MOSTLY_F16 = 1,
 # MOSTLY_Q8_0 = 7, MOSTLY_BF16 = 32); the names are checked against the binding's constants when it runs.
@@ -80,14 +80,13 @@ def write_siblings(source: str | Path, formats: list[str], *, quantize: Quantize
         if not is_gguf(target):
             if progress is not None:
                 progress(f"writing {target.name} with llama.cpp's quantizer (once; cached in {directory})")
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            try:
+
+            def write(tmp: Path, fmt: str = fmt) -> None:
                 quantize(source, tmp, FTYPES[fmt])
                 if not is_gguf(tmp):
                     raise RuntimeError(f"the quantizer wrote no GGUF file at {tmp}")
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+
+            atomic_write_file(target, write)
         out[fmt] = target
     return out
 

@@ -63,6 +63,7 @@ def draw_curves(path: Path, runs: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from attnlab.checkpoint import CONFIG_NAME
     from attnlab.training.trainer import read_metrics
 
     fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -74,7 +75,8 @@ def draw_curves(path: Path, runs: list[str]) -> None:
         evals = [r for r in records if r.get("split") == "validation" and r["step"] in elapsed]
         if not evals:
             raise ValueError(f"--curves {run}: metrics.jsonl has no validation records")
-        cfg = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").is_file() else {}
+        config = Path(run) / CONFIG_NAME
+        cfg = json.loads(config.read_text()) if config.is_file() else {}
         label = f"{Path(run).name} ({cfg.get('norm_position', '?')}-norm)"
         t = [elapsed[r["step"]] / 60 for r in evals]
         ax_loss.plot(t, [r["loss"] for r in evals], "o-", ms=3, label=label)
@@ -109,6 +111,7 @@ def main(argv: list[str]) -> int:
     if not widths or widths[0] < 2:
         raise ValueError(f"--beam {args.beam}: each width must be >= 2 (greedy is always scored)")
 
+    from attnlab.checkpoint import TASK_FILE
     from attnlab.hub import from_pretrained, load_tokenizer, resolve_path
     from attnlab.tasks.translation.data import SOURCE, TARGET, load_split
     from attnlab.tasks.translation.task import evaluate
@@ -116,7 +119,7 @@ def main(argv: list[str]) -> int:
     model = from_pretrained(args.model).eval()
     tok = load_tokenizer(args.model)
     data = args.data
-    task_file = resolve_path(args.model) / "task.json"
+    task_file = resolve_path(args.model) / TASK_FILE
     if data is None and task_file.is_file():
         data = json.loads(task_file.read_text()).get("data")
     if data is None:

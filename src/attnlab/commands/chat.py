@@ -86,13 +86,6 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO, *, name: str = "ass
     return 0
 
 
-def resolve_model(name: str) -> str | Path:
-    """Shipped GGUF names (``smollm2``) to their file; anything else is passed to the hub unchanged."""
-    from attnlab.hub import SHIPPED_GGUF, find_shipped_gguf
-
-    return find_shipped_gguf(name) if name in SHIPPED_GGUF else name
-
-
 def main(argv: list[str]) -> int:
     p = parser("attnlab chat", "Chat with a model that has a chat template (e.g. smollm2). Commands: " + COMMANDS)
     p.add_argument("--model", default="smollm2", help="shipped name (smollm2), .gguf file or model directory")
@@ -130,13 +123,13 @@ def main(argv: list[str]) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    from attnlab.hub import load_for_decode, load_tokenizer
+    from attnlab.hub import load_for_decode, load_tokenizer, resolve_path
 
-    source = resolve_model(args.model)
+    source = resolve_path(args.model)  # a shipped name, a directory or a .gguf file (clear error if none)
     # this process owns the model: fused projections and attnlab's kernels unless --no-prepare
     model = load_for_decode(source, args.dtype, compile=args.compile, prepare=not args.no_prepare)
     tokenizer = load_tokenizer(source)
-    session = ChatSession(model, tokenizer, chat_template(tokenizer, source), system=args.system,
+    session = ChatSession(model, tokenizer, chat_template(tokenizer), system=args.system,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, context=args.context, prepare=not args.no_prepare)
     return run(session, lenient_stdin(), sys.stdout, name=Path(str(args.model)).stem)

@@ -1,14 +1,17 @@
 """``attnlab convert --model PATH --kv-heads K --out DIR``: a checkpoint with fewer K/V heads (MHA -> GQA
 -> MQA, by mean-pooling each group: ``attnlab.models.kv_heads``), written as a normal model directory with
-the source's tokenizer.
+the source's tokenizer (from a model directory or a GGUF file's metadata, written by ``Tokenizer.save``).
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attnlab.commands.args import add_precision, parser, torch_dtype
+
+if TYPE_CHECKING:
+    from attnlab.tokenizer import Tokenizer
 
 
 def check_out(out: Path, source: Path | None, model_name: str) -> None:
@@ -28,6 +31,17 @@ def check_out(out: Path, source: Path | None, model_name: str) -> None:
                          f"overwrite the weights being read; give another directory")
     if target.is_file():
         raise ValueError(f"--out {out} is a file; give a directory name for the converted model")
+
+
+def source_tokenizer(source: Path) -> Tokenizer | None:
+    """The tokenizer of the model at ``source`` (a resolved path): a GGUF file's, or a directory's; None for
+    a directory that has no tokenizer file (a model used with token ids only)."""
+    from attnlab.hub import load_tokenizer
+    from attnlab.tokenizer import TOKENIZER_FILE
+
+    if source.is_dir() and not (source / TOKENIZER_FILE).is_file():
+        return None
+    return load_tokenizer(source)
 
 
 def main(argv: list[str]) -> int:
@@ -50,20 +64,16 @@ def main(argv: list[str]) -> int:
     from attnlab.hub import from_pretrained, resolve_path
     from attnlab.models.kv_heads import to_kv_heads
 
-    check_out(Path(args.out), resolve_path(args.model), args.model)  # a shipped name, resolved
-    model = from_pretrained(args.model)
+    source = resolve_path(args.model)
+    check_out(Path(args.out), source, args.model)  # a shipped name, resolved
+    model = from_pretrained(source)
+    tokenizer = source_tokenizer(source)
     before = model.config.n_kv_heads
     new = to_kv_heads(model, args.kv_heads)
     out = Path(args.out)
-    src = resolve_path(args.model)
-
-    def tokenizer_files(tmp: Path) -> None:  # the model's own tokenizer goes along, in the same atomic write
-        for extra in ("tokenizer.json", "special_tokens.json", "tokenizer_config.json"):
-            if src.is_dir() and (src / extra).is_file():
-                shutil.copy(src / extra, tmp / extra)
-
-    save_model(new, out, dtype=torch_dtype(args.dtype) if args.dtype else None, extra_files=tokenizer_files,
-               overwrite=args.overwrite)
+    # the model's own tokenizer goes along, in the same atomic write
+    save_model(new, out, dtype=torch_dtype(args.dtype) if args.dtype else None,
+               extra_files=tokenizer.save if tokenizer is not None else None, overwrite=args.overwrite)
     kv_old = model.config.kv_cache_bytes_per_token(4)
     kv_new = new.config.kv_cache_bytes_per_token(4)
     print(f"converted {args.model}: {before} -> {args.kv_heads} KV heads; KV cache {kv_old:,} -> {kv_new:,} "

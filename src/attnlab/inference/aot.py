@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from torch import Tensor, nn
 
 from attnlab import version
 from attnlab.cachedir import cache_dir as attnlab_cache_dir
+from attnlab.checkpoint import atomic_write_file
 from attnlab.layers import cpu_kernels
 
 FORMAT = "attnlab-aot-1"  # bump when the layout of a package or its inputs changes
@@ -116,12 +116,6 @@ def key_parts(signature: str, shape: tuple, options: dict) -> list[str]:
 def graph_key(signature: str, shape: tuple, options: dict) -> str:
     """The cache key of one graph (a hash of ``key_parts``)."""
     return hashlib.sha256("\n".join(key_parts(signature, shape, options)).encode()).hexdigest()[:32]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _Step(nn.Module):
@@ -207,16 +201,10 @@ def build(path: Path, step: Callable, model: nn.Module, inputs: list[Tensor], ro
     lifted = [name for name in exported.constants if name not in named]
     if lifted:  # a tensor the graph would bake in without it being part of the key
         raise ValueError(f"the decode step lifts tensors that are not parameters or buffers: {lifted[:3]}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.pt2")
-    os.close(fd)
-    try:
-        configs = {**options, "aot_inductor.package_constants_in_so": False}
-        aoti_compile_and_package(exported, package_path=tmp, inductor_configs=configs)
-        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp made it private; a cache file is as readable as any other
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    configs = {**options, "aot_inductor.package_constants_in_so": False}
+    # AOTInductor wants a package path ending in .pt2
+    atomic_write_file(path, lambda tmp: aoti_compile_and_package(exported, package_path=str(tmp),
+                                                                 inductor_configs=configs), suffix=".pt2")
 
 
 class AotGraphs:

@@ -4,7 +4,8 @@ streamed. ``attention/infini.py`` reads and writes the layer states; this module
 
 ``crop(n)`` rolls back within the current segment, or across one segment boundary (the state before the
 last memory write is kept for that); further back raises. ``save``/``load`` write the state as
-safetensors so a stream can resume exactly after a restart.
+safetensors so a stream can resume exactly after a restart
+(written atomically: a temporary file renamed over the old one).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from attnlab.checkpoint import atomic_write_file
 
 
 class InfiniLayerState:
@@ -81,7 +84,8 @@ class InfiniState:
     def save(self, path: str | Path) -> None:
         tensors = {f"{i}.{name}": t.contiguous() for i, st in enumerate(self.layers) for name, t in st.tensors().items()}
         meta = {"length": str(self.length), "fill": str(self.layers[0].fill), "seg_len": str(self.seg_len)}
-        save_file(tensors, str(path), metadata=meta)
+        # atomically: a crash mid-save leaves the previous state file, never a truncated one
+        atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load(self, path: str | Path) -> None:
         from safetensors import safe_open

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import jinja2
 
 from attnlab.bench.common import markdown_table
+from attnlab.checkpoint import atomic_write_text
 
 VERDICTS = ("confirmed", "refuted", "inconclusive", "failed", "not available")
 
@@ -49,13 +49,6 @@ def columns(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for r in rows for k in r))
 
 
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
 def write_markdown(sections: list[Section], out: Path, header: dict) -> Path:
     lines = ["# attnlab tour", "", "The field guide's claims, measured on this machine in this run.", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()] + [""]
@@ -72,7 +65,7 @@ def write_markdown(sections: list[Section], out: Path, header: dict) -> Path:
         if s.threshold:
             lines += [f"**Threshold.** {s.threshold}", ""]
         lines += [f"**Verdict: {s.verdict}.** {s.because}", f"*({s.seconds:.1f} s)*"]
-    return _write(out / "report.md", "\n".join(lines) + "\n")
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 PAGE = jinja2.Template("""<!doctype html><html><head><meta charset='utf-8'><title>attnlab tour</title><style>
@@ -108,9 +101,9 @@ def write_html(sections: list[Section], out: Path, header: dict) -> Path:
     for s in sections:
         image = base64.b64encode((out / s.figure).read_bytes()).decode() if s.figure else None
         views.append({**asdict(s), "css": s.verdict.replace(" ", "-"), "columns": columns(s.rows), "image": image})
-    return _write(out / "report.html", PAGE.render(sections=views, header=header, cell=_cell))
+    return atomic_write_text(out / "report.html", PAGE.render(sections=views, header=header, cell=_cell))
 
 
 def write_json(sections: list[Section], out: Path, header: dict) -> Path:
     payload = {"header": header, "sections": [asdict(s) for s in sections]}
-    return _write(out / "report.json", json.dumps(payload, indent=2, default=str))
+    return atomic_write_text(out / "report.json", json.dumps(payload, indent=2, default=str))

@@ -13,7 +13,6 @@ Shape legend: B batch, T window length.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from attnlab.cachedir import cache_dir
+from attnlab.checkpoint import atomic_write_file, atomic_write_text
 from attnlab.tokenizer import EOS, Tokenizer
 from attnlab.training.corpus import SPLITS, Corpus
 
@@ -64,12 +64,11 @@ def build_shards(corpus: Corpus, tok: Tokenizer, cache_dir: str | Path | None = 
         sizes = {}
         for split in SPLITS:
             arr = _encode_split(tok, corpus.documents.get(split, []), dtype)
-            tmp = folder / f".{split}.bin.tmp"
-            arr.tofile(tmp)
-            os.replace(tmp, folder / f"{split}.bin")
+            # a unique temporary name: several processes may build the same shared cache at once
+            atomic_write_file(folder / f"{split}.bin", arr.tofile)
             sizes[split] = int(arr.size)
-        (folder / MANIFEST).write_text(json.dumps({"key": key, "dtype": np.dtype(dtype).name, "tokens": sizes,
-                                                    "corpus": corpus.name}, indent=1))
+        atomic_write_text(manifest, json.dumps({"key": key, "dtype": np.dtype(dtype).name, "tokens": sizes,
+                                                "corpus": corpus.name}, indent=1))
     meta = json.loads(manifest.read_text())
     out = {}
     for split in SPLITS:

@@ -14,11 +14,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from attnlab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_file, read_json, read_weights
+from attnlab.checkpoint import (
+    CONFIG_NAME,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    STATE_FILE,
+    WEIGHTS_NAME,
+    atomic_write_file,
+    read_json,
+    read_weights,
+)
 
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
-STATE_FILE = "trainer_state.json"
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
 STATE_KEYS = ("step", "best", "train_config", "world", "optimizer")
 

@@ -24,12 +24,13 @@ Shape legend: N sequences, B batch, L label positions (prompt + new tokens), K t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from attnlab.checkpoint import atomic_write_file, atomic_write_text
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -76,10 +77,11 @@ def label_batch(teacher, prompts: Tensor, new_tokens: int, k: int, stop_ids: set
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a path
+            np.savez(fh, **arrays)
+
+    atomic_write_file(path, write)
 
 
 def build_teacher_data(teacher, tokenizer, docs: dict[str, list[str]], out: str | Path, *, sequences: dict[str, int],
@@ -118,9 +120,7 @@ def build_teacher_data(teacher, tokenizer, docs: dict[str, list[str]], out: str 
             _write_npz(path, label_batch(teacher, _prompt_batch(encoded, batch, length, g), new_tokens, k, stop_ids))
         counts[split] = shards * batch
     manifest = {"settings": settings, "sequences": counts}
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
