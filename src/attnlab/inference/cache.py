@@ -101,6 +101,8 @@ class KVCache:
         self.max_len = max_len
         self.slots = slots
         self.batch_size = batch
+        # (k, v, per-layer views of k, of v): built by ``layer_views`` and rebuilt when the buffers change
+        self._layer_views: tuple[Tensor, Tensor, list[Tensor], list[Tensor]] | None = None
 
     # ---------------------------------------------------------------- protocol
     def nbytes(self) -> int:
@@ -163,6 +165,15 @@ class KVCache:
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, index)
         self.batch_size = int(index.numel())
+
+    def layer_views(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-layer views of the K and V buffers, L each of (B, K, S, D); kept until the buffers are
+        replaced (``reorder``), so a compiled decode step is handed the same view objects every call."""
+        views = self._layer_views
+        if views is None or views[0] is not self.k or views[1] is not self.v:
+            views = (self.k, self.v, list(self.k.unbind(0)), list(self.v.unbind(0)))
+            self._layer_views = views
+        return views[2], views[3]
 
     # ---------------------------------------------------------------- used by the model
     def begin(self, n_new: int, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:

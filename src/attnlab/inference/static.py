@@ -244,7 +244,7 @@ class StaticDecoder:
         start = time.perf_counter()
         rotary = getattr(self.model, "rope", None)
         rope = None if rotary is None else rotary(positions, self.model.dtype)
-        args = (self.model, tokens, positions, slots, key_mask, rope, *self._layers(cache))
+        args = (self.model, tokens, positions, slots, key_mask, rope, *cache.layer_views())
         try:
             logits = None
             if self.aot is not None:
@@ -297,15 +297,6 @@ class StaticDecoder:
         if key not in self._ones:
             self._ones[key] = torch.ones(B, cache.slots, dtype=torch.bool, device=cache.k.device)
         return self._ones[key]
-
-    @staticmethod
-    def _layers(cache: KVCache) -> tuple[list[Tensor], list[Tensor]]:
-        """Per-layer views of the cache buffers, kept on the cache until its buffers change (reorder)."""
-        views = getattr(cache, "_static_views", None)
-        if views is None or views[0] is not cache.k or views[1] is not cache.v:
-            views = (cache.k, cache.v, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
-            cache._static_views = views
-        return views[2], views[3]
 
     def _slot_range(self, n: int, device: torch.device) -> Tensor:
         key = (n, device)

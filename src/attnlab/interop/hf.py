@@ -251,7 +251,7 @@ def read_hf_weights(directory: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{directory}: no model.safetensors (or sharded index) found")
 
 
-def _expand(hf_pattern: str, ours_pattern: str, cfg: ModelConfig) -> list[tuple[str, str]]:
+def expand_pattern(hf_pattern: str, ours_pattern: str, cfg: ModelConfig) -> list[tuple[str, str]]:
     """Instantiate a table row for every layer: ``{i}`` decoder (or only) layers, ``{e}`` encoder layers."""
     for key, count in (("{i}", cfg.n_layers), ("{e}", cfg.encoder_layers)):
         if key in hf_pattern:
@@ -275,7 +275,7 @@ def convert_state(hf_state: dict[str, Tensor], cfg: ModelConfig, names: dict[str
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for hf_pattern, ours_pattern in names.items():
-        for hf_name, ours in _expand(hf_pattern, ours_pattern, cfg):
+        for hf_name, ours in expand_pattern(hf_pattern, ours_pattern, cfg):
             if hf_name not in hf_state:
                 continue
             used.add(hf_name)

@@ -127,11 +127,11 @@ def _small(mode: str, vocab: int, **changes):
 
 def _train_val(cfg, mode: str, steps: int, seed: int, warmup: int | None = None) -> tuple[float, list]:
     """Validation loss and train-loss curve of ``cfg`` after ``steps`` steps (diverged runs count as +inf)."""
-    from attnlab.bench.norms import _train
+    from attnlab.bench.norms import train_run
 
     task, _ = _corpus_task(mode)
     warmup = steps // 10 if warmup is None else warmup
-    _, val, curve, diverged = _train(cfg, task, steps, 3e-3, warmup, pick(mode, tiny=4, quick=16, full=16), seed)
+    _, val, curve, diverged = train_run(cfg, task, steps, 3e-3, warmup, pick(mode, tiny=4, quick=16, full=16), seed)
     return (float("inf") if diverged else val), curve
 
 
