@@ -130,11 +130,6 @@ def seq2seq_config(hf: dict, model_type: str, keys: set[str]) -> ModelConfig:
     )
 
 
-def bert_keys(state_keys: set[str]) -> dict[str, str]:
-    """BertForMaskedLM prefixes the encoder with ``bert.``; BertModel does not."""
-    return {k: k[len("bert."):] if k.startswith("bert.") else k for k in state_keys}
-
-
 FAMILIES = {
     "bert": (bert_config, BERT_NAMES),
     "bart": (seq2seq_config, BART_NAMES),
