@@ -283,7 +283,7 @@ def convert_state(hf_state: dict[str, Tensor], cfg: ModelConfig, names: dict[str
                 tensor, ours = tensor[2:], ours[5:]
             elif ours.startswith("ROW:"):
                 tensor, ours = tensor.reshape(-1), ours[4:]
-            if ours.startswith("decoder_embed.") and getattr(cfg, "share_embeddings", True):
+            if ours.startswith("decoder_embed.") and cfg.share_embeddings:
                 continue  # the decoder's copy of a shared table
             if "{q,k,v}" in ours:  # a fused QKV tensor: split along the output dimension
                 sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
