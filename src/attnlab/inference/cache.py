@@ -10,6 +10,11 @@ The protocols (``typing.Protocol``: a cache implements them by having the member
 - ``SlotCache``: rows that accept different numbers of speculative tokens: ``drop_slots`` and ``compact``.
   ``KVCache``, ``RWKVState`` (batch size 1). Runtime-checkable: a drafter asks whether its cache is one.
 - ``ReorderCache``: ``reorder(index)`` selects batch rows (beam search). ``KVCache``, ``Seq2SeqCache``.
+- ``AttentionCache``: what a softmax attention layer (attention/mha.py) asks of the cache it is handed:
+  ``update`` joins the new K/V to the cached ones, ``attention_kernel`` names a kernel for the cache's layout
+  (None: the layer's own). ``KVCache``, ``Seq2SeqCache``, ``StaticSlots`` (inference/static.py).
+- ``CrossAttentionCache``: also ``cross_kv``, the encoder output's K/V computed once per layer and kept:
+  what a cross-attention layer is handed. ``Seq2SeqCache``.
 
 Shape legend: L layers, B batch, K kv heads, S cache slots (max_len, or more: ``slots``), T new tokens, D head dim.
 
@@ -21,6 +26,7 @@ slots that hold no real token; it is allocated only then, so a padding-free cach
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -68,6 +74,22 @@ class ReorderCache(Cache, Protocol):
 
     def reorder(self, index: Tensor) -> None:
         """Keep the rows ``index`` (B',), in that order."""
+
+
+class AttentionCache(Protocol):
+    """The per-call cache a self-attention layer writes its new K/V into and reads every cached K/V from."""
+
+    attention_kernel: str | None  # a kernel-registry key for this cache's layout; None: the layer's own kernel
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store layer ``layer``'s new (B, K, T, D) keys/values; return all of them so far, (B, K, S, D)."""
+
+
+class CrossAttentionCache(AttentionCache, Protocol):
+    """An encoder-decoder's cache: cross-attention's K/V over the encoder output, computed on first use."""
+
+    def cross_kv(self, layer: int, compute: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s cross K/V (B, K, S, D): ``compute()`` the first time, the kept pair after."""
 
 
 class KVCache:

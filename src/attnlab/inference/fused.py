@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.attention.mha import MultiHeadAttention
+from attnlab.inference.cache import AttentionCache
 from attnlab.layers.ffn import FFN
 from attnlab.layers.kernel_linear import KernelLinear
 from attnlab.layers.qblocks import BlockLinear
@@ -67,7 +68,7 @@ class FusedSelfAttention(nn.Module):
         self.attn = attn  # its attend(): positions, cache, kernel, output projection
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, key_mask: Tensor | None = None,
-                cache=None, layer: int = 0, memory: Tensor | None = None) -> Tensor:
+                cache: AttentionCache | None = None, layer: int = 0, memory: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)  # (B, T, H*D), (B, T, K*D) x 2

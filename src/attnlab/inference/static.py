@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.inference import aot as aot_module
-from attnlab.inference.cache import KVCache
+from attnlab.inference.cache import Cache, KVCache
 from attnlab.models.decoder import DecoderLM
 
 MIN_SLOTS = 256  # cache slots are rounded up to a power of two at least this large (see slots_for)
@@ -223,7 +223,7 @@ class StaticDecoder:
             w = self._widths[key] = min(fits, default=T)
         return w if cache.length + w <= cache.slots else T
 
-    def forward(self, input_ids: Tensor, cache=None, attention_mask: Tensor | None = None,
+    def forward(self, input_ids: Tensor, cache: Cache | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> Tensor:
         B, T = input_ids.shape
         if position_ids is not None or not self.covers(cache, T):
