@@ -36,7 +36,6 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.kernel_name = cfg.attention_kernel
         self.kernel = get_kernel(cfg.attention_kernel)
         if cfg.attention_kernel == "ring":  # the layout the sequence was sharded with
             self.kernel = functools.partial(self.kernel, layout=cfg.ring_layout)
