@@ -105,7 +105,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if not isinstance(model, DecoderLM):
         return "static-shape decoding covers decoder-only models"
     cfg = model.config
-    if cfg.attention_mechanism != "softmax":
+    if cfg.unbounded_context:  # its cache is a streaming state, not the KVCache the static graphs write
         return f"static-shape decoding does not cover attention_mechanism={cfg.attention_mechanism!r}"
     if cfg.attention_kernel == "ring":
         return "static-shape decoding does not cover the ring kernel (it shards the sequence over processes)"
