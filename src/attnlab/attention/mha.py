@@ -40,6 +40,10 @@ class MultiHeadAttention(nn.Module):
         if cfg.attention_kernel == "ring":  # the layout the sequence was sharded with
             self.kernel = functools.partial(self.kernel, layout=cfg.ring_layout)
 
+    def project_q(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, S, _ = x.shape
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, S, D)
@@ -56,8 +60,7 @@ class MultiHeadAttention(nn.Module):
         layer: int = 0,
         memory: Tensor | None = None,
     ) -> Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q = self.project_q(x)  # (B, H, T, D)
         if self.cross:
             if cache is not None:  # computed on the first decode step, reused by every later one
                 # a cross-attention layer sits in an encoder-decoder's decoder, handed its Seq2SeqCache
