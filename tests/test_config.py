@@ -85,6 +85,10 @@ def test_bad_json(tmp_path):
     (dict(family="seq2seq", type_vocab_size=2), "type_vocab_size=2"),
     (dict(family="decoder", pooler=True), "pooler=True"),
     (dict(family="decoder", share_embeddings=False), "share_embeddings=False"),
+    (dict(family="rwkv", norm_bias=False), "norm_bias=False"),
+    (dict(norm="rms", norm_bias=False), "norm_bias=False"),
+    (dict(family="encoder", mlm_head=False, lm_head_bias=True), "lm_head_bias=True"),
+    (dict(family="encoder", mlm_head=False, tie_embeddings=False), "tie_embeddings=False"),
 ])
 def test_a_field_the_model_would_ignore_is_refused_by_name(fields, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
@@ -98,3 +102,5 @@ def test_the_fields_a_family_reads_are_accepted():
     ModelConfig(attention_kernel="ring", ring_layout="contiguous")
     ModelConfig(family="seq2seq", n_encoder_layers=1, decoder_start_token_id=1, share_embeddings=False)
     ModelConfig(family="encoder", type_vocab_size=2, pooler=True, mlm_head=False)
+    ModelConfig(norm="layer", norm_bias=False)
+    ModelConfig(family="encoder", lm_head_bias=True, tie_embeddings=False)

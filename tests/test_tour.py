@@ -142,8 +142,8 @@ def test_report_escapes_text_and_lists_every_column(tmp_path):
 
 
 def test_rwkv_time_verdict_needs_the_transformer_to_slow_down():
-    from attnlab.tour.rwkv import _time_growth
+    from attnlab.tour.rwkv import time_growth_verdict
 
-    assert _time_growth(1.0, 3.0, 256, 4096).verdict == "confirmed"
-    assert _time_growth(3.0, 3.0, 256, 4096).verdict == "refuted"
-    assert _time_growth(0.3, 0.6, 256, 4096).verdict == "inconclusive"  # both sped up: load noise, not evidence
+    assert time_growth_verdict(1.0, 3.0, 256, 4096).verdict == "confirmed"
+    assert time_growth_verdict(3.0, 3.0, 256, 4096).verdict == "refuted"
+    assert time_growth_verdict(0.3, 0.6, 256, 4096).verdict == "inconclusive"  # both sped up: load noise, not evidence

@@ -248,7 +248,7 @@ def clean_leftovers(directory: str | Path) -> list[Path]:
 def model_state(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors stored once (safetensors refuses shared storage)."""
     state = model.state_dict()
-    if getattr(model.config, "tie_embeddings", False):
+    if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     out = {}
     for name, t in state.items():
@@ -370,7 +370,7 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
     mapped, in their own dtype); parameters shared under several names (tied embeddings) stay shared.
     """
     own = model.state_dict()
-    tied = getattr(model.config, "tie_embeddings", False)
+    tied = model.config.tie_embeddings
     expected = [k for k in own if not (tied and k == "lm_head.weight")]  # in module order
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -14,10 +14,17 @@ from typing import Any
 TRANSFORMER = "the Transformer families (decoder, encoder, seq2seq), not RWKV (its own time and channel mixing)"
 # fields only the Transformer families read (RWKV keeps them at their defaults)
 TRANSFORMER_FIELDS = ("ffn", "norm_position", "residual", "attn_qkv_bias", "attn_out_bias", "ffn_bias",
-                      "attention_kernel", "attention_mechanism", "dropout", "embed_norm", "embed_scale", "lm_head_bias")
+                      "attention_kernel", "attention_mechanism", "dropout", "embed_norm", "embed_scale")
 # field -> (who reads it, a test on the config's values); the field must keep its default when the test fails
 READERS: dict[str, tuple[str, Any]] = {
     **{name: (TRANSFORMER, lambda c: c["family"] != "rwkv") for name in TRANSFORMER_FIELDS},
+    # RWKV's LayerNorms always have a bias; RMSNorm and the batch norms have none to switch off
+    "norm_bias": ("norm='layer' in the Transformer families", lambda c: c["family"] != "rwkv" and c["norm"] == "layer"),
+    # an encoder without its masked-LM head has no LM head at all
+    "lm_head_bias": ("the LM head of the Transformer families (an encoder's only with mlm_head=True)",
+                     lambda c: c["family"] != "rwkv" and (c["family"] != "encoder" or c["mlm_head"])),
+    "tie_embeddings": ("an LM head (an encoder's only with mlm_head=True)",
+                       lambda c: c["family"] != "encoder" or c["mlm_head"]),
     "rope_theta": ("position='rope'", lambda c: c["family"] != "rwkv" and c["position"] == "rope"),
     "ring_layout": ("attention_kernel='ring'", lambda c: c["attention_kernel"] == "ring"),
     "segment_len": ("attention_mechanism='infini'", lambda c: c["attention_mechanism"] == "infini"),

@@ -73,7 +73,7 @@ def main(precision: str, path: str) -> dict:
     assert ids.shape[1] > cpu_kernels.MAX_ROWS, ids.shape
     runs = {path: RUNS[path]}  # one path per process: its first decode step is the process's first trace
     models = {name: attnlab.from_pretrained(name) for name in RUNS[path] if name is not None}
-    fresh = cpu_kernels._state["loaded"] is None
+    fresh = not cpu_kernels.load_attempted()
     fast = {name: prepare_for_decode(copy.deepcopy(m), precision=precision, compile="static")
             for name, m in models.items()}
     result: dict = {"precision": precision, "fresh": fresh, "prompt_len": ids.shape[1], "seconds": {}}

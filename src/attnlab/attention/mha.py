@@ -16,11 +16,13 @@ K kv heads, D head dim.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 from torch import Tensor, nn
 
 from attnlab.attention.kernels import get_kernel
 from attnlab.config import ModelConfig
+from attnlab.inference.cache import AttentionCache, CrossAttentionCache
 from attnlab.layers.position import apply_rope
 
 
@@ -34,10 +36,13 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.kernel_name = cfg.attention_kernel
         self.kernel = get_kernel(cfg.attention_kernel)
         if cfg.attention_kernel == "ring":  # the layout the sequence was sharded with
             self.kernel = functools.partial(self.kernel, layout=cfg.ring_layout)
+
+    def project_q(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, S, _ = x.shape
@@ -51,15 +56,15 @@ class MultiHeadAttention(nn.Module):
         *,
         rope: tuple[Tensor, Tensor] | None = None,
         key_mask: Tensor | None = None,
-        cache=None,
+        cache: AttentionCache | None = None,
         layer: int = 0,
         memory: Tensor | None = None,
     ) -> Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q = self.project_q(x)  # (B, H, T, D)
         if self.cross:
             if cache is not None:  # computed on the first decode step, reused by every later one
-                k, v = cache.cross_kv(layer, lambda: self.project_kv(memory))
+                # a cross-attention layer sits in an encoder-decoder's decoder, handed its Seq2SeqCache
+                k, v = cast(CrossAttentionCache, cache).cross_kv(layer, lambda: self.project_kv(memory))
             else:
                 k, v = self.project_kv(memory)  # (B, K, S, D) from the encoder output
             return self.attend(q, k, v, key_mask=key_mask)
@@ -67,7 +72,7 @@ class MultiHeadAttention(nn.Module):
         return self.attend(q, k, v, rope=rope, key_mask=key_mask, cache=cache, layer=layer)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
-               key_mask: Tensor | None = None, cache=None, layer: int = 0) -> Tensor:
+               key_mask: Tensor | None = None, cache: AttentionCache | None = None, layer: int = 0) -> Tensor:
         """Positions, cache and kernel for projected q (B, H, T, D), k/v (B, K, T, D) -> (B, T, C).
 
         With a cache, the new K/V join everything cached so far; a cache whose layout needs its own kernel

@@ -103,7 +103,7 @@ def hf_llama_from_attnlab(model, directory: Path) -> None:
     """Write an attnlab Llama-shaped decoder as a HF ``LlamaForCausalLM`` directory (same weights)."""
     import transformers
 
-    from attnlab.interop.hf import LLAMA_NAMES, _expand
+    from attnlab.interop.hf import LLAMA_NAMES, expand_pattern
 
     cfg = model.config
     if cfg.family != "decoder" or cfg.norm != "rms" or cfg.ffn != "swiglu" or cfg.position != "rope":
@@ -115,7 +115,7 @@ def hf_llama_from_attnlab(model, directory: Path) -> None:
         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.attn_qkv_bias)
     ours = model.state_dict()
     state = {hf_name: ours[name] for pattern, target in LLAMA_NAMES.items()
-             for hf_name, name in _expand(pattern, target, cfg) if name in ours}
+             for hf_name, name in expand_pattern(pattern, target, cfg) if name in ours}
     hf = transformers.LlamaForCausalLM(hf_cfg)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]

@@ -100,7 +100,7 @@ def _paths(precision: str, weights: list, against: dict | None = None) -> dict:
     paths = {}
     if precision == "fp32":
         paths["pytorch"] = [(F.linear, (w,)) for w in weights]
-        paths["fallback"] = [(L._skinny_rows, (w,)) for w in weights]
+        paths["fallback"] = [(L.skinny_rows, (w,)) for w in weights]
         if kernel:
             paths["kernel"] = [(cpu_kernels.rows_matmul, (w,)) for w in weights]
         for rev, op in (against or {}).items():

@@ -59,7 +59,9 @@ class VariableLengthTask:
         return {}
 
 
-def _train(cfg, task, steps: int, lr: float, warmup: int, batch: int, seed: int = 0):
+def train_run(cfg, task, steps: int, lr: float, warmup: int, batch: int, seed: int = 0):
+    """Train a fresh ``cfg`` model on ``task``: (model, final validation loss, [(step, train loss)], diverged),
+    where diverged means a non-finite loss or a train loss above 20."""
     from attnlab.models import build_model
     from attnlab.training.trainer import TrainConfig, Trainer
 
@@ -107,7 +109,7 @@ def experiment_batchnorm(task, base, steps: int, seed: int = 0) -> tuple[list[di
     rows, curves = [], {}
     for norm in ("layer", "batch", "batch_naive"):
         cfg = base.replace(norm=norm, norm_position="pre")
-        model, val, curve, diverged = _train(cfg, task, steps, 3e-3, steps // 10, 16, seed)
+        model, val, curve, diverged = train_run(cfg, task, steps, 3e-3, steps // 10, 16, seed)
         curves[f"norm={norm}"] = curve
         row = {"norm": norm, "val_loss_eval_mode": val, "diverged": diverged}
         g = torch.Generator().manual_seed(7)
@@ -133,7 +135,7 @@ def experiment_placement(task, base, steps: int, depths: list[int], seed: int = 
             cfg = base.replace(norm="layer", norm_position=place, n_layers=depth)
             norms = grad_norms_at_init(cfg, task, seed)
             for warmup in (0, steps // 5):
-                _, val, curve, diverged = _train(cfg, task, steps, 3e-3, warmup, 16, seed)
+                _, val, curve, diverged = train_run(cfg, task, steps, 3e-3, warmup, 16, seed)
                 curves[f"{place} L={depth} warmup={warmup}"] = curve
                 rows.append({"placement": place, "depth": depth, "warmup": warmup, "diverged": diverged,
                              "val_loss": val, "grad_norm_first_block": norms[0], "grad_norm_last_block": norms[-1],

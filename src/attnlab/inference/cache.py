@@ -10,6 +10,11 @@ The protocols (``typing.Protocol``: a cache implements them by having the member
 - ``SlotCache``: rows that accept different numbers of speculative tokens: ``drop_slots`` and ``compact``.
   ``KVCache``, ``RWKVState`` (batch size 1). Runtime-checkable: a drafter asks whether its cache is one.
 - ``ReorderCache``: ``reorder(index)`` selects batch rows (beam search). ``KVCache``, ``Seq2SeqCache``.
+- ``AttentionCache``: what a softmax attention layer (attention/mha.py) asks of the cache it is handed:
+  ``update`` joins the new K/V to the cached ones, ``attention_kernel`` names a kernel for the cache's layout
+  (None: the layer's own). ``KVCache``, ``Seq2SeqCache``, ``StaticSlots`` (inference/static.py).
+- ``CrossAttentionCache``: also ``cross_kv``, the encoder output's K/V computed once per layer and kept:
+  what a cross-attention layer is handed. ``Seq2SeqCache``.
 
 Shape legend: L layers, B batch, K kv heads, S cache slots (max_len, or more: ``slots``), T new tokens, D head dim.
 
@@ -21,6 +26,7 @@ slots that hold no real token; it is allocated only then, so a padding-free cach
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -70,6 +76,22 @@ class ReorderCache(Cache, Protocol):
         """Keep the rows ``index`` (B',), in that order."""
 
 
+class AttentionCache(Protocol):
+    """The per-call cache a self-attention layer writes its new K/V into and reads every cached K/V from."""
+
+    attention_kernel: str | None  # a kernel-registry key for this cache's layout; None: the layer's own kernel
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store layer ``layer``'s new (B, K, T, D) keys/values; return all of them so far, (B, K, S, D)."""
+
+
+class CrossAttentionCache(AttentionCache, Protocol):
+    """An encoder-decoder's cache: cross-attention's K/V over the encoder output, computed on first use."""
+
+    def cross_kv(self, layer: int, compute: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s cross K/V (B, K, S, D): ``compute()`` the first time, the kept pair after."""
+
+
 class KVCache:
     attention_kernel: str | None = None  # None: attention runs the layer's own kernel over ``update``'s K/V
 
@@ -101,6 +123,8 @@ class KVCache:
         self.max_len = max_len
         self.slots = slots
         self.batch_size = batch
+        # (k, v, per-layer views of k, of v): built by ``layer_views`` and rebuilt when the buffers change
+        self._layer_views: tuple[Tensor, Tensor, list[Tensor], list[Tensor]] | None = None
 
     # ---------------------------------------------------------------- protocol
     def nbytes(self) -> int:
@@ -163,6 +187,15 @@ class KVCache:
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, index)
         self.batch_size = int(index.numel())
+
+    def layer_views(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-layer views of the K and V buffers, L each of (B, K, S, D); kept until the buffers are
+        replaced (``reorder``), so a compiled decode step is handed the same view objects every call."""
+        views = self._layer_views
+        if views is None or views[0] is not self.k or views[1] is not self.v:
+            views = (self.k, self.v, list(self.k.unbind(0)), list(self.v.unbind(0)))
+            self._layer_views = views
+        return views[2], views[3]
 
     # ---------------------------------------------------------------- used by the model
     def begin(self, n_new: int, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -80,6 +80,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -92,6 +93,9 @@ from attnlab.layers.kernel_linear import KernelLinear
 from attnlab.layers.qblocks import FORMATS, BlockEmbedding, BlockLinear, format_for, quantize_linear
 from attnlab.layers.quant import Int8Linear, PackedLinear
 from attnlab.memstats import release_freed_memory
+
+if TYPE_CHECKING:
+    from attnlab.models.base import AttnlabModel
 
 PRECISIONS = ("fp32", "bf16", "int8", *FORMATS)  # what prepare_for_decode converts a float model to
 NATIVE = "native"  # a GGUF loaded with from_pretrained(..., precision="native"): its formats kept as stored
@@ -130,12 +134,12 @@ def _replace_linears(model: nn.Module, make, *, only_plain: bool = False) -> int
 HEAD_FORMAT = "q8_0"  # the LM head (and a table tied to it) under every block precision, as llama.cpp does
 
 
-def quantize_head_and_table(model: nn.Module, precision: str) -> None:
+def quantize_head_and_table(model: AttnlabModel, precision: str) -> None:
     """The block precisions' rule for the LM head, as llama.cpp's quantiser applies it: the head is kept at
     8 bits (Q8_0) whatever the layers' format — measured on SmolLM2, a 4-bit head alone cost +4.3% of
     perplexity against the file's Q8_0 one. A token table tied to the head becomes a ``BlockEmbedding`` over
     the same blocks (one table, as stored in a GGUF, instead of a float32 copy: 108 MiB -> 30 MiB)."""
-    head, embed = getattr(model, "lm_head", None), getattr(model, "embed", None)
+    head, embed = model.output_embeddings(), model.input_embeddings()
     if type(head) is not nn.Linear or format_for(HEAD_FORMAT, head.in_features) is None:
         return
     tied = isinstance(embed, nn.Embedding) and embed.weight is head.weight
@@ -268,21 +272,20 @@ class CompiledForward:
             return self.eager_forward(*args, **kwargs)
 
 
-def weight_bytes(model: nn.Module) -> int:
+def weight_bytes(model: AttnlabModel) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer except the token embedding
     (a lookup reads one row) — the numerator of the roofline fraction."""
     total = 0
     seen: set[int] = set()
-    embed = getattr(model, "embed", None)
+    embed, lm_head = model.input_embeddings(), model.output_embeddings()
     skip = {id(embed.weight)} if isinstance(embed, nn.Embedding) else set()
-    if isinstance(embed, BlockEmbedding) and getattr(getattr(model, "lm_head", None), "blocks", None) is not embed.blocks:
+    if isinstance(embed, BlockEmbedding) and not (isinstance(lm_head, BlockLinear) and lm_head.blocks is embed.blocks):
         skip.add(id(embed.blocks))  # an untied table in blocks: one row read (a tied one is the head's read)
     for t in list(model.parameters()) + list(model.buffers()):
         if t is None or id(t) in seen or id(t) in skip:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
-    lm_head = getattr(model, "lm_head", None)
     if isinstance(lm_head, nn.Linear) and id(lm_head.weight) in skip:  # tied: the head reads the table
         total += lm_head.weight.numel() * lm_head.weight.element_size()
     return total

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.attention.mha import MultiHeadAttention
+from attnlab.inference.cache import AttentionCache
 from attnlab.layers.ffn import FFN
 from attnlab.layers.kernel_linear import KernelLinear
 from attnlab.layers.qblocks import BlockLinear
@@ -65,9 +66,22 @@ class FusedSelfAttention(nn.Module):
         self.qkv_proj = concat_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         del attn.q_proj, attn.k_proj, attn.v_proj
         self.attn = attn  # its attend(): positions, cache, kernel, output projection
+        self.causal = attn.causal
+
+    def project_q(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, H, T, D): the query rows of the fused product (attention_probabilities uses it)."""
+        B, T, _ = x.shape
+        return self.qkv_proj(x)[..., :self.n_heads * self.head_dim].view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, S, C) -> k, v (B, K, S, D) from the fused product."""
+        B, S, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        _, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)
+        return k.view(B, S, K, D).transpose(1, 2), v.view(B, S, K, D).transpose(1, 2)
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, key_mask: Tensor | None = None,
-                cache=None, layer: int = 0, memory: Tensor | None = None) -> Tensor:
+                cache: AttentionCache | None = None, layer: int = 0, memory: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * D, K * D, K * D], dim=-1)  # (B, T, H*D), (B, T, K*D) x 2

@@ -6,8 +6,13 @@ Shape legend: B batch, T prompt length.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from attnlab.models.base import AttnlabModel
 
 
 def as_batch(input_ids, device: torch.device) -> Tensor:
@@ -22,7 +27,7 @@ def as_batch(input_ids, device: torch.device) -> Tensor:
     return ids.to(device=device, dtype=torch.long)
 
 
-def check_padding(model, ids: Tensor, attention_mask) -> Tensor | None:
+def check_padding(model: AttnlabModel, ids: Tensor, attention_mask) -> Tensor | None:
     """The ``attention_mask`` as a tensor on the ids' device, after checking it pads the side the model reads.
 
     A decoder continues each row from its *last* position, so padding must come first (left padding:
@@ -41,7 +46,7 @@ def check_padding(model, ids: Tensor, attention_mask) -> Tensor | None:
     if not bool(real.any(dim=1).all()):
         row = int((~real.any(dim=1)).nonzero()[0, 0])
         raise ValueError(f"attention_mask row {row} has no real token (all padding); drop that row")
-    seq2seq = getattr(model.config, "family", "decoder") == "seq2seq"
+    seq2seq = model.config.family == "seq2seq"
     # left padding: the mask never goes from 1 back to 0 along a row; right padding: never from 0 to 1
     wrong = (real[:, :-1] & ~real[:, 1:]) if not seq2seq else (~real[:, :-1] & real[:, 1:])
     if bool(wrong.any()):
@@ -54,7 +59,7 @@ def check_padding(model, ids: Tensor, attention_mask) -> Tensor | None:
     return mask
 
 
-def check_context(model, prompt_len: int, max_new_tokens: int) -> None:
+def check_context(model: AttnlabModel, prompt_len: int, max_new_tokens: int) -> None:
     if model.config.unbounded_context:
         return  # a stream: memory does not grow with the input
     ctx = model.config.max_seq_len

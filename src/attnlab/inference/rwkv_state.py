@@ -17,7 +17,6 @@ from torch import Tensor
 STEP_MAX = 16  # calls with at most this many tokens run token by token (and keep snapshots)
 SNAPSHOTS = 32
 FIELDS = ("att_x", "ffn_x", "num", "den", "p")  # RWKV-4
-FIELDS_V7 = ("att_x", "ffn_x", "S")
 
 
 def layer_shapes(version: int, d_model: int, n_heads: int = 1) -> dict[str, tuple[int, ...]]:

@@ -46,7 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.inference import aot as aot_module
-from attnlab.inference.cache import KVCache
+from attnlab.inference.cache import Cache, KVCache
+from attnlab.models.decoder import DecoderLM
 
 MIN_SLOTS = 256  # cache slots are rounded up to a power of two at least this large (see slots_for)
 MAX_TOKENS = 16  # calls with more new tokens than this (prompts) run eagerly
@@ -74,7 +75,7 @@ class StaticSlots:
         return ck, cv
 
 
-def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, slots: Tensor, key_mask: Tensor,
+def decode_step(model: DecoderLM, tokens: Tensor, positions: Tensor, slots: Tensor, key_mask: Tensor,
                 rope: tuple[Tensor, Tensor] | None, k: list[Tensor], v: list[Tensor]) -> Tensor:
     """One decode call with static shapes: tokens/positions (B, n), slots (n,), key_mask (B, S) real
     slots, rope the (cos, sin) of the positions (or None), k/v the cache's per-layer (B, K, S, D)
@@ -101,10 +102,10 @@ class CompileStats:
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the static path cannot run ``model`` (None when it can)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or cfg.family != "decoder" or not hasattr(model, "run_stack"):
+    if not isinstance(model, DecoderLM):
         return "static-shape decoding covers decoder-only models"
-    if cfg.attention_mechanism != "softmax":
+    cfg = model.config
+    if cfg.unbounded_context:  # its cache is a streaming state, not the KVCache the static graphs write
         return f"static-shape decoding does not cover attention_mechanism={cfg.attention_mechanism!r}"
     if cfg.attention_kernel == "ring":
         return "static-shape decoding does not cover the ring kernel (it shards the sequence over processes)"
@@ -150,7 +151,7 @@ class StaticDecoder:
     graph that cannot be exported or built that way is compiled with ``torch.compile`` (one warning).
     """
 
-    def __init__(self, model: nn.Module, *, mode: str | None = None, max_tokens: int = MAX_TOKENS,
+    def __init__(self, model: DecoderLM, *, mode: str | None = None, max_tokens: int = MAX_TOKENS,
                  min_slots: int = MIN_SLOTS, skip_guards: bool = True, compiler=None, aot: bool | None = None,
                  aot_dir=None) -> None:
         self.model = model
@@ -222,7 +223,7 @@ class StaticDecoder:
             w = self._widths[key] = min(fits, default=T)
         return w if cache.length + w <= cache.slots else T
 
-    def forward(self, input_ids: Tensor, cache=None, attention_mask: Tensor | None = None,
+    def forward(self, input_ids: Tensor, cache: Cache | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> Tensor:
         B, T = input_ids.shape
         if position_ids is not None or not self.covers(cache, T):
@@ -242,9 +243,8 @@ class StaticDecoder:
         key = (B, n, cache.slots, cache.k.dtype, str(cache.k.device))
         known = key in self.stats.graphs
         start = time.perf_counter()
-        rotary = getattr(self.model, "rope", None)
-        rope = None if rotary is None else rotary(positions, self.model.dtype)
-        args = (self.model, tokens, positions, slots, key_mask, rope, *self._layers(cache))
+        rope = None if self.model.rope is None else self.model.rope(positions, self.model.dtype)
+        args = (self.model, tokens, positions, slots, key_mask, rope, *cache.layer_views())
         try:
             logits = None
             if self.aot is not None:
@@ -297,15 +297,6 @@ class StaticDecoder:
         if key not in self._ones:
             self._ones[key] = torch.ones(B, cache.slots, dtype=torch.bool, device=cache.k.device)
         return self._ones[key]
-
-    @staticmethod
-    def _layers(cache: KVCache) -> tuple[list[Tensor], list[Tensor]]:
-        """Per-layer views of the cache buffers, kept on the cache until its buffers change (reorder)."""
-        views = getattr(cache, "_static_views", None)
-        if views is None or views[0] is not cache.k or views[1] is not cache.v:
-            views = (cache.k, cache.v, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
-            cache._static_views = views
-        return views[2], views[3]
 
     def _slot_range(self, n: int, device: torch.device) -> Tensor:
         key = (n, device)

@@ -7,7 +7,6 @@ a directory holding only ``pytorch_model.bin`` gets an error saying how to conve
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from attnlab.checkpoint import load_state_checked, read_weights
 from attnlab.config import ModelConfig
+from attnlab.interop import hf_encdec, hf_rwkv
 
 # ----------------------------------------------------------------------------- name tables
 LLAMA_NAMES: dict[str, str] = {
@@ -161,18 +161,13 @@ FAMILIES: dict[str, tuple[Callable[[dict, str, set[str]], ModelConfig], dict[str
     "qwen2": (_llama_config, LLAMA_NAMES),
     "mistral": (_llama_config, LLAMA_NAMES),
     "gpt2": (_gpt2_config, GPT2_NAMES),
-}
-# model_type -> module with its own FAMILIES table (same shape) or a ``load_hf(directory, dtype)`` function
-OTHER_MODULES = {
-    "bert": "attnlab.interop.hf_encdec",
-    "bart": "attnlab.interop.hf_encdec",
-    "marian": "attnlab.interop.hf_encdec",
-    "rwkv": "attnlab.interop.hf_rwkv",
+    **hf_encdec.FAMILIES,
+    **hf_rwkv.FAMILIES,
 }
 
 
 def supported() -> list[str]:
-    return sorted(set(FAMILIES) | set(OTHER_MODULES))
+    return sorted(FAMILIES)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -185,7 +180,7 @@ def read_hf_config(directory: Path) -> dict:
     if not isinstance(hf, dict):
         raise ValueError(f"{path} must hold a JSON object (a Hugging Face model config), not a {type(hf).__name__}")
     model_type = hf.get("model_type")
-    if model_type not in FAMILIES and model_type not in OTHER_MODULES:
+    if model_type not in FAMILIES:
         arch = hf.get("architectures")
         raise ValueError(
             f"{directory}: unsupported architecture model_type={model_type!r} (architectures={arch}); "
@@ -251,7 +246,7 @@ def read_hf_weights(directory: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{directory}: no model.safetensors (or sharded index) found")
 
 
-def _expand(hf_pattern: str, ours_pattern: str, cfg: ModelConfig) -> list[tuple[str, str]]:
+def expand_pattern(hf_pattern: str, ours_pattern: str, cfg: ModelConfig) -> list[tuple[str, str]]:
     """Instantiate a table row for every layer: ``{i}`` decoder (or only) layers, ``{e}`` encoder layers."""
     for key, count in (("{i}", cfg.n_layers), ("{e}", cfg.encoder_layers)):
         if key in hf_pattern:
@@ -275,7 +270,7 @@ def convert_state(hf_state: dict[str, Tensor], cfg: ModelConfig, names: dict[str
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for hf_pattern, ours_pattern in names.items():
-        for hf_name, ours in _expand(hf_pattern, ours_pattern, cfg):
+        for hf_name, ours in expand_pattern(hf_pattern, ours_pattern, cfg):
             if hf_name not in hf_state:
                 continue
             used.add(hf_name)
@@ -288,7 +283,7 @@ def convert_state(hf_state: dict[str, Tensor], cfg: ModelConfig, names: dict[str
                 tensor, ours = tensor[2:], ours[5:]
             elif ours.startswith("ROW:"):
                 tensor, ours = tensor.reshape(-1), ours[4:]
-            if ours.startswith("decoder_embed.") and getattr(cfg, "share_embeddings", True):
+            if ours.startswith("decoder_embed.") and cfg.share_embeddings:
                 continue  # the decoder's copy of a shared table
             if "{q,k,v}" in ours:  # a fused QKV tensor: split along the output dimension
                 sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
@@ -311,13 +306,7 @@ def load_hf(directory: str | Path, *, dtype: torch.dtype | None = None) -> torch
     directory = Path(directory)
     hf = read_hf_config(directory)
     model_type = hf["model_type"]
-    if model_type in FAMILIES:
-        make_config, names = FAMILIES[model_type]
-    else:
-        module = importlib.import_module(OTHER_MODULES[model_type])
-        if hasattr(module, "load_hf"):
-            return module.load_hf(directory, dtype=dtype)
-        make_config, names = module.FAMILIES[model_type]
+    make_config, names = FAMILIES[model_type]
     hf_state = read_hf_weights(directory)
     cfg = hf_model_config(make_config, hf, model_type, set(normalise_names(hf_state, names)), directory / "config.json")
     state = convert_state(hf_state, cfg, names)

@@ -56,14 +56,15 @@ def bert_config(hf: dict, model_type: str, keys: set[str]) -> ModelConfig:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"position_embedding_type={hf['position_embedding_type']!r} is not supported (only absolute)")
     heads = hf["num_attention_heads"]
+    mlm = "cls.predictions.transform.dense.weight" in keys
     return ModelConfig(
         family="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=heads, n_kv_heads=heads, d_ff=hf["intermediate_size"], ffn=_act(hf, "hidden_act"),
         norm="layer", norm_eps=float(hf.get("layer_norm_eps", 1e-12)), norm_position="post", position="learned",
         max_seq_len=hf.get("max_position_embeddings", 512), attn_qkv_bias=True, attn_out_bias=True, ffn_bias=True,
         type_vocab_size=hf.get("type_vocab_size", 2), embed_norm=True,
-        pooler="pooler.dense.weight" in keys, mlm_head="cls.predictions.transform.dense.weight" in keys,
-        lm_head_bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)), attention_kernel="sdpa",
+        pooler="pooler.dense.weight" in keys, mlm_head=mlm,  # without an MLM head, no LM head to bias or tie
+        lm_head_bias=mlm, tie_embeddings=bool(hf.get("tie_word_embeddings", True)) or not mlm, attention_kernel="sdpa",
         pad_token_id=_tok(hf, "pad_token_id", hf["vocab_size"]),
     )
 
@@ -128,11 +129,6 @@ def seq2seq_config(hf: dict, model_type: str, keys: set[str]) -> ModelConfig:
         eos_token_id=_tok(hf, "eos_token_id", vocab),
         decoder_start_token_id=_tok(hf, "decoder_start_token_id", vocab),
     )
-
-
-def bert_keys(state_keys: set[str]) -> dict[str, str]:
-    """BertForMaskedLM prefixes the encoder with ``bert.``; BertModel does not."""
-    return {k: k[len("bert."):] if k.startswith("bert.") else k for k in state_keys}
 
 
 FAMILIES = {

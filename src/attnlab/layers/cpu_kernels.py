@@ -172,6 +172,11 @@ def _fake_q(x: Tensor, blocks: Tensor, qtype: int, bias: Tensor | None) -> Tenso
     return x.new_empty(x.shape[0], blocks.shape[0])
 
 
+def load_attempted() -> bool:
+    """Whether this process has already tried to build/load the kernels (successfully or not)."""
+    return _state["loaded"] is not None
+
+
 def available() -> bool:
     """True when the kernels are built and loaded (building them on the first call) and not switched off."""
     return _state["enabled"] and _load()

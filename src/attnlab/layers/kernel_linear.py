@@ -61,7 +61,7 @@ def skinny_applies(x: Tensor, weight: Tensor) -> bool:
     return 0 < rows <= SKINNY_MAX_ROWS
 
 
-def _skinny_rows(rows: Tensor, weight: Tensor) -> Tensor:
+def skinny_rows(rows: Tensor, weight: Tensor) -> Tensor:
     """(N, C) contiguous rows, N <= SKINNY_MAX_ROWS -> (N, F) row-major: ``W @ chunk.T`` for chunks of
     ``SKINNY_CHUNK`` rows, each padded to a multiple of ``SKINNY_BLOCK`` rows (see the module docstring).
     Each chunk is a contiguous (n, C) block passed transposed: MKL streams W fast with that layout (a
@@ -82,7 +82,7 @@ def skinny_linear(rows: Tensor, weight: Tensor) -> Tensor:
     would fuse the transpose of ``W @ x.T`` into the next kernel, which then reads a strided buffer whose
     layout depends on the number of rows and is vectorised differently for each (a SiLU through scalar
     ``exp`` for one width, vector ``exp`` for another: a token's output would depend on the call's width)."""
-    return _skinny_rows(rows, weight)
+    return skinny_rows(rows, weight)
 
 
 @skinny_linear.register_fake
@@ -101,7 +101,7 @@ def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     if cpu_kernels.available():  # streams W once; width-invariant by construction
         return cpu_kernels.rows_matmul(x, weight, None, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # a transposed layout here would hit the slow path
-    y = skinny_linear(rows, weight) if torch.compiler.is_compiling() else _skinny_rows(rows, weight)
+    y = skinny_linear(rows, weight) if torch.compiler.is_compiling() else skinny_rows(rows, weight)
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -58,10 +58,6 @@ class BlockFormat:
     block: int
     block_bytes: int
 
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.block_bytes / self.block
-
     def row_bytes(self, in_features: int) -> int:
         self.check(in_features)
         return in_features // self.block * self.block_bytes

@@ -28,9 +28,9 @@ class Stack(nn.Module):
         self.cfg_position = cfg.position
         self.embed_multiplier = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
-        # (Infini-attention applies RoPE itself, within each segment)
+        # (a streaming mechanism, Infini-attention, applies RoPE itself within each segment: see unbounded_context)
         self.rope = (RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-                     if cfg.position == "rope" and cfg.attention_mechanism == "softmax" else None)
+                     if cfg.position == "rope" and not cfg.unbounded_context else None)
         self.embed_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, causal=causal, cross=cross) for _ in range(n_layers))

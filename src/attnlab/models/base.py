@@ -49,6 +49,16 @@ class AttnlabModel(nn.Module):
             total += p.numel()
         return total
 
+    def input_embeddings(self) -> nn.Module:
+        """The token table every family has as ``embed`` (an ``nn.Embedding``, or a ``BlockEmbedding`` once
+        ``prepare_for_decode`` stored it in blocks); a seq2seq model's encoder table (shared, by default)."""
+        return self.embed
+
+    def output_embeddings(self) -> nn.Module | None:
+        """The LM head ``lm_head`` (V rows over d_model; tied models share it with a token table), or None for a
+        family built without one (an encoder with ``mlm_head=False`` overrides this)."""
+        return self.lm_head
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

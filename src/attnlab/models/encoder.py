@@ -42,6 +42,9 @@ class EncoderModel(Stack, AttnlabModel):
         if cfg.mlm_head and cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def output_embeddings(self) -> nn.Module | None:
+        return self.lm_head if self.config.mlm_head else None
+
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                token_type_ids: Tensor | None = None) -> Tensor:
         B, T = input_ids.shape

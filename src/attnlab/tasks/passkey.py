@@ -137,5 +137,5 @@ class PasskeyTask:
 
     def evaluate_extra(self, model) -> dict[str, float]:
         return {"retrieval": retrieval_accuracy(model, self.length, self.eval_examples, seed=self.seed,
-                                                n_digits=self.n_digits, window=model.config.max_seq_len
-                                                if model.config.attention_mechanism == "softmax" else None)}
+                                                n_digits=self.n_digits, window=None
+                                                if model.config.unbounded_context else model.config.max_seq_len)}

@@ -127,16 +127,13 @@ def test_split(task: str, tok=None) -> list[tuple[list[int], list[int]]]:
 
 def cross_attention(model, src_ids: list[int], tgt_ids: list[int]) -> Tensor:
     """Mean over heads of the last decoder layer's cross-attention probabilities, (T, S) for ``<s> tgt``."""
+    from attnlab.attention.probabilities import attention_probabilities
+
     attn = model.decoder.blocks[-1].cross_attn
     got = {}
 
     def hook(mod, args, kwargs, output):
-        x, memory = args[0], kwargs["memory"]
-        B, T, _ = x.shape
-        q = mod.q_proj(x).view(B, T, mod.n_heads, mod.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k, _ = mod.project_kv(memory)  # (B, K, S, D)
-        k = k.repeat_interleave(mod.n_heads // mod.n_kv_heads, 1)  # (B, H, S, D)
-        got["p"] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(mod.head_dim), -1)[0].mean(0)  # (T, S)
+        got["p"] = attention_probabilities(mod, args[0], memory=kwargs["memory"])[0].mean(0)  # (T, S)
 
     handle = attn.register_forward_hook(hook, with_kwargs=True)
     was = model.training

@@ -9,7 +9,6 @@ only when it is larger than the spread between those seeds.
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 
 import torch
@@ -24,21 +23,12 @@ from attnlab.tour.verdict import combine, compare, exact
 def _head_maps(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """Each layer's causal attention probabilities for batch row 0, recomputed from the layer's inputs
     with the model's own projections and RoPE: a list of (H, T, T)."""
-    from attnlab.layers.position import apply_rope
+    from attnlab.attention.probabilities import attention_probabilities
 
     captured = []
 
     def hook(mod, args, kwargs, output):
-        x = args[0]
-        B, T, _ = x.shape
-        q = mod.q_proj(x).view(B, T, mod.n_heads, mod.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = mod.k_proj(x).view(B, T, mod.n_kv_heads, mod.head_dim).transpose(1, 2)  # (B, K, T, D)
-        cos, sin = kwargs["rope"]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        G = mod.n_heads // mod.n_kv_heads
-        scores = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(G, 1)) / math.sqrt(mod.head_dim)
-        scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
-        captured.append(torch.softmax(scores, -1)[0])
+        captured.append(attention_probabilities(mod, args[0], rope=kwargs["rope"], key_mask=kwargs.get("key_mask"))[0])
 
     handles = [b.attn.register_forward_hook(hook, with_kwargs=True) for b in model.blocks]
     try:
@@ -127,11 +117,11 @@ def _small(mode: str, vocab: int, **changes):
 
 def _train_val(cfg, mode: str, steps: int, seed: int, warmup: int | None = None) -> tuple[float, list]:
     """Validation loss and train-loss curve of ``cfg`` after ``steps`` steps (diverged runs count as +inf)."""
-    from attnlab.bench.norms import _train
+    from attnlab.bench.norms import train_run
 
     task, _ = _corpus_task(mode)
     warmup = steps // 10 if warmup is None else warmup
-    _, val, curve, diverged = _train(cfg, task, steps, 3e-3, warmup, pick(mode, tiny=4, quick=16, full=16), seed)
+    _, val, curve, diverged = train_run(cfg, task, steps, 3e-3, warmup, pick(mode, tiny=4, quick=16, full=16), seed)
     return (float("inf") if diverged else val), curve
 
 

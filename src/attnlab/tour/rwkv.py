@@ -9,7 +9,7 @@ from attnlab.tour.report import Section
 from attnlab.tour.verdict import Verdict, check, combine, exact
 
 
-def _time_growth(t_rwkv: float, t_tf: float, lo: int, hi: int) -> Verdict:
+def time_growth_verdict(t_rwkv: float, t_tf: float, lo: int, hi: int) -> Verdict:
     """RWKV's per-token time must grow less than the Transformer's; judged only when the Transformer's grew
     measurably (x1.15 or more), since on a busy machine both can move by that much either way."""
     v = check(t_rwkv / t_tf, below=1 / 1.15, refuted_at=1.0,
@@ -47,6 +47,6 @@ def rwkv(out: Path, mode: str, seed: int) -> Section:
         exact(state_flat and kv_grows, what=f"RWKV state bytes equal at {lo} and {hi} tokens and the KV cache "
               f"{hi // lo}x larger", detail=f"RWKV state {r['rwkv', hi]['cache_bytes']:,} B at both; KV cache "
               f"{r['transformer', lo]['cache_bytes'] / 2**20:.1f} -> {r['transformer', hi]['cache_bytes'] / 2**20:.1f} MiB"),
-        _time_growth(t_rwkv, t_tf, lo, hi)))
+        time_growth_verdict(t_rwkv, t_tf, lo, hi)))
     s.because += f" (RWKV x{t_rwkv:.2f}, Transformer x{t_tf:.2f})"
     return s

@@ -95,7 +95,7 @@ def init_embeddings_from_teacher(student: torch.nn.Module, teacher: torch.nn.Mod
     e_s.copy_(proj.to(e_s.dtype))
     head = student.lm_head.weight
     if head is not e_s and teacher.lm_head.weight is teacher.embed.weight:  # a tied teacher: its head is its table
-        rows = getattr(student, "head_token_ids", None)
+        rows = student.head_token_ids if student.config.head_vocab_size else None
         head.copy_((proj if rows is None else proj[rows]).to(head.dtype))
     return float((s[:k] ** 2).sum() / (s ** 2).sum())
 
@@ -138,7 +138,7 @@ class TeacherDataTask:
             raise ValueError("--teacher-data does not combine with --context-parallel")
         tau = self.temperature
         mask, ids, t_logp = batch["mask"], batch["topk_ids"], batch["topk_logp"]  # (B, L), (B, L, K), (B, L, K)
-        head = getattr(model, "head_token_ids", None)
+        head = model.head_token_ids if model.config.head_vocab_size else None
         if head is None:
             s_logits = model(batch["x"])  # (B, L, V)
         else:  # a head over N tokens: score in its own index space, the teacher's labels mapped into it

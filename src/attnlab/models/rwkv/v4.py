@@ -37,7 +37,7 @@ from attnlab.models.base import AttnlabModel
 from attnlab.models.rwkv.wkv4 import wkv_chunked, wkv_step
 
 
-def _shift(x: Tensor, prev: Tensor | None) -> Tensor:
+def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
     """x_{t-1} for every t: the previous call's last input (or zeros) for t = 0.  (B, T, C) -> (B, T, C)"""
     first = torch.zeros_like(x[:, :1]) if prev is None else prev[:, None].to(x.dtype)
     return torch.cat([first, x[:, :-1]], dim=1)
@@ -59,7 +59,7 @@ class TimeMix(nn.Module):
 
     def forward(self, x: Tensor, layer_state: dict[str, Tensor] | None) -> Tensor:  # (B, T, C) -> (B, T, C)
         prev = None if layer_state is None else layer_state["att_x"]
-        xx = _shift(x, prev)
+        xx = token_shift(x, prev)
         k = self.key(x * self.time_mix_key + xx * (1 - self.time_mix_key))
         v = self.value(x * self.time_mix_value + xx * (1 - self.time_mix_value))
         r = torch.sigmoid(self.receptance(x * self.time_mix_receptance + xx * (1 - self.time_mix_receptance)))
@@ -90,7 +90,7 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(Fd, C, bias=False)
 
     def forward(self, x: Tensor, layer_state: dict[str, Tensor] | None) -> Tensor:  # (B, T, C) -> (B, T, C)
-        xx = _shift(x, None if layer_state is None else layer_state["ffn_x"])
+        xx = token_shift(x, None if layer_state is None else layer_state["ffn_x"])
         k = torch.square(F.relu(self.key(x * self.time_mix_key + xx * (1 - self.time_mix_key))))  # (B, T, F)
         r = torch.sigmoid(self.receptance(x * self.time_mix_receptance + xx * (1 - self.time_mix_receptance)))
         if layer_state is not None:

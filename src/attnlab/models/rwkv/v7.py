@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
 from attnlab.inference.rwkv_state import RWKVState
-from attnlab.models.rwkv.v4 import RWKVLM, _shift
+from attnlab.models.rwkv.v4 import RWKVLM, token_shift
 from attnlab.models.rwkv.wkv7 import wkv7_chunked, wkv7_step
 
 LOG_DECAY_SCALE = math.exp(-0.5)  # log w = -e^{-1/2} σ(·): the decay never drops below e^{-0.607} per step
@@ -77,7 +77,7 @@ class TimeMix7(nn.Module):
                 layer_state: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:  # (B, T, C) -> (B, T, C)
         B, T, C = x.shape
         H, N = self.n_heads, self.head_size
-        xx = _shift(x, None if layer_state is None else layer_state["att_x"]) - x  # x_{t-1} - x_t
+        xx = token_shift(x, None if layer_state is None else layer_state["att_x"]) - x  # x_{t-1} - x_t
         xr, xw, xk, xv, xa, xg = (x + xx * mu for mu in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
         r = self.receptance(xr)
         k = self.key(xk)
@@ -123,7 +123,7 @@ class ChannelMix7(nn.Module):
         self.value = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, layer_state: dict[str, Tensor] | None) -> Tensor:  # (B, T, C) -> (B, T, C)
-        xx = _shift(x, None if layer_state is None else layer_state["ffn_x"]) - x
+        xx = token_shift(x, None if layer_state is None else layer_state["ffn_x"]) - x
         if layer_state is not None:
             layer_state["ffn_x"] = x[:, -1].float()
         return self.value(torch.square(F.relu(self.key(x + xx * self.x_k))))  # (B, T, F) in between
