@@ -72,7 +72,7 @@ def test_atomic_file_write_uses_a_private_temporary_name_and_keeps_the_old_file_
     leaves the target and no temporary file; the result is as readable as the umask allows."""
     import os
 
-    from attnlab.checkpoint import atomic_write_file
+    from attnlab.atomic import atomic_write_file
 
     target = tmp_path / "graph.pt2"
     seen = []

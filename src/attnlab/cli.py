@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from attnlab.commands.args import run_command
+
 # command -> (module with ``main(argv: list[str]) -> int``, what it does)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("attnlab.commands.info", "parameters and KV-cache bytes of a model or config, with its MHA/GQA/MQA "
@@ -41,15 +43,7 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return _dispatch(argv)
-    except (ValueError, FileNotFoundError, NotImplementedError, PermissionError, IsADirectoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(_dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from attnlab.atomic import atomic_write_text
 from attnlab.config_rules import check_fields_in_use
 
 FAMILIES = ("decoder", "encoder", "seq2seq", "rwkv")
@@ -210,7 +211,7 @@ class ModelConfig:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod

@@ -1,5 +1,5 @@
 """Writing figures: every PNG the package makes (benchmarks, the tour, the trainer's loss curve) is rendered
-in memory and written through ``checkpoint``'s atomic writer, so a crash while saving never leaves half an
+in memory and written through the atomic writer (``atomic.py``), so a crash while saving never leaves half an
 image in place of the previous one."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from attnlab.checkpoint import atomic_write_file
+from attnlab.atomic import atomic_write_file
 
 
 def save_figure(fig: Any, path: str | Path, *, dpi: int = 110, close: bool = True) -> Path:

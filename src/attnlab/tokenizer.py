@@ -21,14 +21,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from attnlab.checkpoint import (
-    HF_TOKENIZER_CONFIG,
-    SPECIALS_FILE,
-    TOKENIZER_FILE,
-    atomic_write_file,
-    atomic_write_text,
-    read_json,
-)
+from attnlab.atomic import atomic_write_file, atomic_write_text
+from attnlab.checkpoint import HF_TOKENIZER_CONFIG, SPECIALS_FILE, TOKENIZER_FILE, read_json
 from attnlab.textio import check_text
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where recent Hugging Face versions keep the chat template

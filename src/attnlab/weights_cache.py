@@ -19,7 +19,7 @@ Trust. An entry is used only when its header parses and matches its own CRC-32 (
 config once read back as another, valid-looking config: ``tie_embeddings`` became ``t3e_embeddings``), its key
 and the file's length match, and every tensor's CRC-32 matches (checked in two threads; the pages are read once, and would be by the first
 forward pass anyway). Anything else — truncated, bytes flipped, another version — is reported in one warning
-and rebuilt. Writes go to a temporary name and are renamed into place (``checkpoint.atomic_write_file``):
+and rebuilt. Writes go to a temporary name and are renamed into place (``atomic.atomic_write_file``):
 two processes filling the same entry each write their own temporary file and the second rename wins, so a
 reader sees one whole file or none; a process that mapped the old file keeps reading its (unlinked) inode.
 
@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 
 from attnlab import version
+from attnlab.atomic import TMP_MARK, atomic_write_file, atomic_write_text
 from attnlab.cachedir import cache_dir
-from attnlab.checkpoint import TMP_MARK, atomic_write_file, atomic_write_text
 
 FORMAT = "2"  # 2: the header carries a CRC-32 of its own contents
 RACY_SECONDS = 2.0  # a file changed this recently is hashed again on every load

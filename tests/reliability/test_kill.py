@@ -1,7 +1,7 @@
 """``kill -9`` at chosen moments of a training run's saves: the run always loads, restarts or resumes, and
 ends bit-identical to an uninterrupted run.
 
-The moments are chosen with the ``ATTNLAB_TEST_PAUSE`` hook of ``attnlab.checkpoint.pause_point``: the
+The moments are chosen with the ``ATTNLAB_TEST_PAUSE`` hook of ``attnlab.atomic.pause_point``: the
 process stops right after a temporary copy is complete and before its rename, says so on stdout, and the
 test kills it there — no random sleeps.
 """

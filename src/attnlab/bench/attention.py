@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab.atomic import atomic_write_text
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import markdown_table
-from attnlab.checkpoint import atomic_write_text
-from attnlab.commands.args import add_precision, parser, torch_dtype
+from attnlab.commands.args import add_precision, parser, run_command, torch_dtype
 from attnlab.figures import save_figure
 
 KERNEL_NAMES = ("naive", "sdpa", "flash")
@@ -322,6 +322,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # as `attnlab bench attention` (the memory probes run this way): one error line
-    from attnlab.cli import main as cli
-
-    raise SystemExit(cli(["bench", "attention", *sys.argv[1:]]))
+    raise SystemExit(run_command(main, sys.argv[1:]))

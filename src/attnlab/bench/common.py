@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from attnlab.checkpoint import atomic_write_text
+from attnlab.atomic import atomic_write_text
 from attnlab.layers import cpu_kernels
 from attnlab.layers.quant import native_bf16
 

@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from attnlab.checkpoint import atomic_write_text
-from attnlab.commands.args import COMPILE_MODES, DECODE, add_precision, parser
+from attnlab.atomic import atomic_write_text
+from attnlab.commands.args import COMPILE_MODES, DECODE, add_precision, parser, run_command
 
 PRECISIONS = tuple(p for p in DECODE if p != "native")  # what a float model loaded by name is prepared at
 
@@ -124,6 +124,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":  # flag mistakes as `attnlab bench compiled-start` reports them: one error line
-    from attnlab.cli import main as cli
-
-    sys.exit(cli(["bench", "compiled-start", *sys.argv[1:]]))
+    sys.exit(run_command(main, sys.argv[1:]))

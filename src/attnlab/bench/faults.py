@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from attnlab.atomic import atomic_write_text
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import machine, write_json
 from attnlab.commands.args import parser
@@ -35,7 +36,7 @@ def make_corpus(root: Path) -> Path:
     corpus = root / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     for i in range(12):
-        (corpus / f"mod{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(40)))
+        atomic_write_text(corpus / f"mod{i}.py", "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(40)))
     return corpus
 
 

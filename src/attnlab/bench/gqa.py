@@ -34,6 +34,7 @@ from torch import nn
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import parser
+from attnlab.figures import save_figure
 
 SOURCES = ("default", "smollm2", "mha")
 
@@ -321,9 +322,7 @@ def plot(rows: list[dict], curves: dict, path: str) -> None:
     ax_s.legend(fontsize=7)
     ax_s.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str]) -> int:

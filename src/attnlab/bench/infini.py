@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from attnlab.atomic import atomic_write_text
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import (
     machine,
@@ -38,7 +39,6 @@ from attnlab.bench.common import (
     reset_peak_rss,
     write_json,
 )
-from attnlab.checkpoint import atomic_write_text
 from attnlab.commands.args import parser
 from attnlab.figures import save_figure
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import parser
+from attnlab.figures import save_figure
 
 
 class VariableLengthTask:
@@ -159,8 +160,7 @@ def plot(curves: dict, path: str, title: str) -> None:
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build_task(seq_len: int, max_files: int | None):

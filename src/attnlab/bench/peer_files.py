@@ -20,8 +20,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from attnlab.atomic import atomic_write_file
 from attnlab.cachedir import cache_dir
-from attnlab.checkpoint import atomic_write_file
 
 # target format -> llama.cpp's ``llama_ftype`` (include/llama.h: LLAMA_FTYPE_ALL_F32 = 0, MOSTLY_F16 = 1,
 # MOSTLY_Q8_0 = 7, MOSTLY_BF16 = 32); the names are checked against the binding's constants when it runs.

@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from attnlab.checkpoint import atomic_write_file, atomic_write_text
+from attnlab.atomic import atomic_write_file, atomic_write_text
 from attnlab.figures import save_figure
 
 BUSY_LIMIT = 0.05  # a run during which other processes used more than this share of the machine is flagged
@@ -89,7 +89,7 @@ def median(values: Sequence[float]) -> float | None:
 
 # ----------------------------------------------------------------------------- output
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through checkpoint's atomic writer (a temporary name beside it, then a
+    """Write ``data`` to ``path`` through the atomic writer (a temporary name beside it, then a
     rename): a reader or a crash never sees half a file; the directory is made if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attnlab.atomic import atomic_write_text
 from attnlab.bench.clock import Stopwatch, now
 
 
@@ -195,8 +196,6 @@ def run(spec: dict) -> dict:
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     result = run(spec)
-    from attnlab.checkpoint import atomic_write_text  # after every measurement: it imports torch
-
     atomic_write_text(argv[1], json.dumps(result))
     return 0
 

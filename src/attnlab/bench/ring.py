@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from attnlab.atomic import atomic_write_text
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.bench.common import peak_rss_bytes as _rss_bytes
 from attnlab.bench.common import reset_peak_rss as _reset_peak
-from attnlab.checkpoint import atomic_write_text
 from attnlab.commands.args import parser
 from attnlab.figures import save_figure
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from attnlab.bench.clock import Stopwatch
 from attnlab.bench.common import machine, markdown_table, write_json
 from attnlab.commands.args import parser
+from attnlab.figures import save_figure
 
 
 def _label(tokenizer, i: int) -> str:
@@ -51,8 +52,7 @@ def draw_alignments(path: Path, model, tokenizer, sources: list[str]) -> None:
         ax.set_ylabel("Spanish output (decoder input)")
     axes[0, 0].set_title("cross-attention, last decoder layer (mean of heads)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def draw_curves(path: Path, runs: list[str]) -> None:
@@ -88,8 +88,7 @@ def draw_curves(path: Path, runs: list[str]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str]) -> int:

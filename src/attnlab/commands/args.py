@@ -15,6 +15,7 @@ torch import.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -120,3 +121,16 @@ def add_no_prepare(p: argparse.ArgumentParser) -> None:
     attnlab's kernels (commands prepare their model by default)."""
     p.add_argument("--no-prepare", action="store_true",
                    help="run the model as loaded: no fused projections, no attnlab kernels (for comparisons)")
+
+
+def run_command(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Run a command's ``main(argv)`` as the CLI does: a user error (bad config, bad file, prompt too long, ...)
+    is one ``error: ...`` line on stderr and exit status 2, never a traceback; Ctrl-C is 130."""
+    try:
+        return int(main(argv) or 0)
+    except (ValueError, FileNotFoundError, NotImplementedError, PermissionError, IsADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -48,8 +48,8 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import version
+from attnlab.atomic import atomic_write_file
 from attnlab.cachedir import cache_dir as attnlab_cache_dir
-from attnlab.checkpoint import atomic_write_file
 from attnlab.layers import cpu_kernels
 
 FORMAT = "attnlab-aot-1"  # bump when the layout of a package or its inputs changes

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from attnlab.checkpoint import atomic_write_file
+from attnlab.atomic import atomic_write_file
 
 
 class InfiniLayerState:

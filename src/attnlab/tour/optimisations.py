@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from attnlab.atomic import atomic_write_file
 from attnlab.bench.clock import Stopwatch
-from attnlab.checkpoint import atomic_write_file
 from attnlab.tour.common import pick, plt, save
 from attnlab.tour.report import Section
 from attnlab.tour.verdict import check, combine, compare, exact

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import jinja2
 
+from attnlab.atomic import atomic_write_text
 from attnlab.bench.common import markdown_table
-from attnlab.checkpoint import atomic_write_text
 
 VERDICTS = ("confirmed", "refuted", "inconclusive", "failed", "not available")
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attnlab.atomic import atomic_write_file, atomic_write_text
 from attnlab.cachedir import cache_dir
-from attnlab.checkpoint import atomic_write_file, atomic_write_text
 from attnlab.tokenizer import EOS, Tokenizer
 from attnlab.training.corpus import SPLITS, Corpus
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attnlab.checkpoint import TMP_MARK, entries_in_the_way, read_json
+from attnlab.atomic import TMP_MARK
+from attnlab.checkpoint import entries_in_the_way, read_json
 from attnlab.commands.args import ALIASES
 from attnlab.training.state import STATE_FILE
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from attnlab.atomic import atomic_write_file
 from attnlab.checkpoint import (
     CONFIG_NAME,
     OPTIMIZER_FILE,
     RNG_FILE,
     STATE_FILE,
     WEIGHTS_NAME,
-    atomic_write_file,
     read_json,
     read_weights,
 )

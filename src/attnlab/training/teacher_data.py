@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnlab.checkpoint import atomic_write_file, atomic_write_text
+from attnlab.atomic import atomic_write_file, atomic_write_text
 
 MANIFEST = "manifest.json"
 VERSION = 1

@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from attnlab.atomic import TMP_MARK, atomic_write_text
 from attnlab.checkpoint import (
-    TMP_MARK,
     WEIGHTS_NAME,
     atomic_write_dir,
-    atomic_write_text,
     clean_leftovers,
     load_state_checked,
     read_config,

@@ -25,7 +25,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from attnlab.checkpoint import atomic_write_text
+from attnlab.atomic import atomic_write_text
 from attnlab.tasks.translation.sword import PACKAGES, Verses
 from attnlab.tokenizer import Tokenizer, train_bpe
 

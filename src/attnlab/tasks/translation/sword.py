@@ -15,8 +15,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from attnlab.atomic import atomic_write_text
 from attnlab.cachedir import cache_dir
-from attnlab.checkpoint import atomic_write_text
 
 # language -> (Debian package, SWORD module inside it)
 PACKAGES: dict[str, tuple[str, str]] = {"en": ("sword-text-web", "engWEB2015eb"),
