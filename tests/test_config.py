@@ -72,6 +72,8 @@ def test_bad_json(tmp_path):
     (dict(family="rwkv", attention_kernel="ring"), "attention_kernel='ring'"),
     (dict(family="rwkv", ffn="gelu"), "ffn='gelu'"),
     (dict(family="rwkv", n_heads=4, n_kv_heads=1), "n_kv_heads=1"),
+    (dict(family="rwkv", rwkv_version=4, n_heads=8), "n_heads=8"),
+    (dict(family="rwkv", rwkv_version=4, head_dim=16), "head_dim=16"),
     (dict(family="rwkv", dropout=0.1), "dropout=0.1"),
     (dict(family="rwkv", position="learned"), "position='learned'"),
     (dict(attention_mechanism="infini", segment_len=8, attention_kernel="ring"), "attention_kernel='ring'"),

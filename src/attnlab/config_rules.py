@@ -58,6 +58,12 @@ def check_fields_in_use(values: dict[str, Any], defaults: dict[str, Any]) -> Non
             if values[name] not in (defaults[name], *truthful):
                 raise ValueError(f"{name}={values[name]!r} would be ignored: family='rwkv' always uses "
                                  f"{name}={truthful[0]!r} (set that, or leave {name} at its default)")
+        derived = values["d_model"] // values["n_heads"]  # what head_dim is when not given
+        if values["rwkv_version"] == 4 and (values["n_heads"] not in (defaults["n_heads"], 1)
+                                            or values["head_dim"] not in (defaults["head_dim"], derived)):
+            name = "head_dim" if values["head_dim"] not in (defaults["head_dim"], derived) else "n_heads"
+            raise ValueError(f"{name}={values[name]!r} would be ignored: RWKV-4 mixes every channel on its own (no "
+                             f"heads; RWKV-7 reads n_heads and head_dim); leave {name} at its default")
         if values["n_kv_heads"] != values["n_heads"]:
             raise ValueError(f"n_kv_heads={values['n_kv_heads']!r} would be ignored: RWKV has no key/value heads "
                              f"to share (leave n_kv_heads unset)")

@@ -267,14 +267,16 @@ def test_a_long_sequence_stays_finite_and_consistent():
 
 # ---------------------------------------------------------------- config and CLI
 def test_config_builds_v7_and_rejects_bad_versions_and_head_splits():
-    cfg = attnlab.ModelConfig(family="rwkv", rwkv_version=7, vocab_size=64, d_model=32, n_layers=1, n_heads=2,
-                              norm="layer", position="none")
+    cfg = attnlab.ModelConfig(family="rwkv", rwkv_version=7, vocab_size=64, d_model=32, n_layers=1,
+                              norm="layer", position="none")  # the default 4 heads of 8
     assert isinstance(attnlab.build_model(cfg), RWKV7LM)
     assert type(attnlab.build_model(cfg.replace(rwkv_version=4))).__name__ == "RWKVLM"
     with pytest.raises(ValueError, match="rwkv_version=5 is not valid; choose one of: 4, 7"):
         cfg.replace(rwkv_version=5)
     with pytest.raises(ValueError, match="n_heads=2 x head_dim=8 must equal d_model=32"):
-        attnlab.build_model(cfg.replace(head_dim=8))
+        attnlab.build_model(cfg.replace(n_heads=2, n_kv_heads=2, head_dim=8))
+    with pytest.raises(ValueError, match="would be ignored: RWKV-4 mixes every channel"):  # v4 has no heads
+        cfg.replace(n_heads=2, n_kv_heads=2, rwkv_version=4)
 
 
 def test_attnlab_train_trains_an_rwkv7_model_from_a_config_file(tmp_path):
