@@ -21,15 +21,19 @@ Shape legend: B batch, T time, S source length, C d_model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from attnlab.attention.infini import InfiniAttention
 from attnlab.attention.mha import MultiHeadAttention
 from attnlab.config import ModelConfig
-from attnlab.inference.cache import SequenceCache
+from attnlab.inference.cache import AttentionCache
 from attnlab.layers.ffn import FFN
 from attnlab.layers.norm import build_norm
+
+if TYPE_CHECKING:
+    from attnlab.inference.infini_state import InfiniState
 
 # ModelConfig.attention_mechanism -> the self-attention module (both take (cfg, causal=...) and share the forward)
 ATTENTION: dict[str, type[nn.Module]] = {"softmax": MultiHeadAttention, "infini": InfiniAttention}
@@ -71,7 +75,7 @@ class Block(nn.Module):
         rope=None,
         key_mask: Tensor | None = None,
         token_mask: Tensor | None = None,
-        cache: SequenceCache | None = None,
+        cache: AttentionCache | InfiniState | None = None,  # what the layers' attention takes (static: StaticSlots)
         layer: int = 0,
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,

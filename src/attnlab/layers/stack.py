@@ -9,15 +9,19 @@ Shape legend: B batch, T time, S source length, C d_model.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from attnlab.config import ModelConfig
-from attnlab.inference.cache import SequenceCache
+from attnlab.inference.cache import AttentionCache
 from attnlab.layers.block import Block
 from attnlab.layers.norm import build_norm
 from attnlab.layers.position import RotaryEmbedding, sinusoidal_table
+
+if TYPE_CHECKING:
+    from attnlab.inference.infini_state import InfiniState
 
 
 class Stack(nn.Module):
@@ -45,7 +49,7 @@ class Stack(nn.Module):
         *,
         key_mask: Tensor | None = None,
         token_mask: Tensor | None = None,
-        cache: SequenceCache | None = None,
+        cache: AttentionCache | InfiniState | None = None,  # what the layers' attention takes (static: StaticSlots)
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
         extra: Tensor | None = None,
